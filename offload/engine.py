@@ -1,0 +1,510 @@
+"""The streaming engine: train a causal LM whose training state is larger than memory.
+
+One training step, for each micro-batch:
+
+    forward:  for each block i: hold i (waits for its prefetch) -> run -> release i; prefetch i+1 .. i+k
+    backward: for each layer i, last first: hold i with its gradient chunk -> recompute (checkpointing) ->
+              backward -> release; on the last micro-batch its optimizer update starts on a worker thread,
+              overlapped with the backward of layer i-1 (Fuyou)
+
+The embedding and head blocks run under ordinary autograd: they are held again, just before their backward,
+by a hook on their output's gradient. With exact clipping every update waits for the whole-model gradient
+norm, so the updates run after backward instead of inside it.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from offload.blocks import Block, BlockPlan, find_blocks
+from offload.budget import Budget, format_bytes
+from offload.checkpointing import StreamedCheckpoint
+from offload.chunks import Chunk, ChunkLayout, Tier
+from offload.device import make_transport
+from offload.export import write_safetensors_shards
+from offload.nvme import open_backend
+from offload.store import ChunkStore
+from offload.weights import load_block_weights
+from optim.base import ChunkOptimizer
+
+__all__ = ["ClipMode", "Engine"]
+
+
+class ClipMode(str, enum.Enum):
+    """How `max_grad_norm` is applied.
+
+    EXACT: the norm of the whole model's gradient, as torch.nn.utils.clip_grad_norm_; every update waits for the
+    end of backward (gradient chunks are kept, on NVMe if need be, and read again for the update).
+    PER_BLOCK: each block's gradient is clipped to its share of `max_grad_norm` (max_grad_norm * sqrt(block
+    numel / model numel)) as soon as the block's backward ends, so updates overlap backward. If every block
+    sits at its threshold the global norm is exactly max_grad_norm; a spike in one block is clipped there.
+    """
+
+    EXACT = "exact"
+    PER_BLOCK = "per-block"
+
+
+@dataclass
+class _Streamed:
+    """One block's chunks and the parameters that view into them."""
+
+    block: Block
+    layout: ChunkLayout
+    params: list[nn.Parameter]
+    weights: Chunk
+    master: Chunk | None
+    grads: Chunk
+    states: dict[str, Chunk]
+    holds: int = 0
+    grad_holds: int = 0
+    norms: list[torch.Tensor] | None = None
+
+
+class Engine:
+    """Trains `model` with `optimizer`, keeping at most `budget` bytes in each memory tier.
+
+    Args:
+        model: a Hugging Face causal LM (its decoder layers must support gradient checkpointing). Its
+            parameters are moved into the engine's chunks; the module keeps only empty placeholders.
+        optimizer: a chunk-wise optimizer from `optim`.
+        budget: bytes per tier and the NVMe swap directory.
+        prefetch: how many blocks ahead to start loading.
+        accumulation_steps: micro-batches per optimizer step; `train_step` splits its batch into this many.
+        max_grad_norm: clip gradients to this norm (None: no clipping).
+        clip_mode: see `ClipMode`.
+        device: where to compute; default CUDA when available, else CPU.
+        compute_dtype: dtype of weights in compute; default bfloat16 on CUDA, float32 on CPU (bf16 matrix
+            products are far slower than fp32 on most CPUs). Master weights and optimizer math are fp32.
+        weights: a Hugging Face model directory to read the weights from, for a model built on the meta device.
+        keep_swap: keep the swap files when the engine closes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: ChunkOptimizer,
+        budget: Budget | None = None,
+        *,
+        prefetch: int = 2,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        clip_mode: ClipMode | str = ClipMode.EXACT,
+        device: torch.device | str | None = None,
+        compute_dtype: torch.dtype | None = None,
+        weights: str | Path | None = None,
+        keep_swap: bool = False,
+    ) -> None:
+        errors = []
+        if prefetch < 0:
+            errors.append(f"prefetch={prefetch} must be >= 0")
+        if accumulation_steps < 1:
+            errors.append(f"accumulation_steps={accumulation_steps} must be >= 1")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            errors.append(f"max_grad_norm={max_grad_norm} must be > 0, or None for no clipping")
+        if errors:
+            raise ValueError("Engine: " + "; ".join(errors))
+        self.model, self.optimizer = model, optimizer
+        self.budget = budget or Budget()
+        self.prefetch_depth, self.accumulation_steps = prefetch, accumulation_steps
+        self.max_grad_norm, self.clip_mode = max_grad_norm, ClipMode(clip_mode)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.compute_dtype = compute_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.step_count = 0
+        self.plan: BlockPlan = find_blocks(model)
+        self._blocks = self._layouts()
+        device_bytes, host_bytes = self.budget.resolved(self.device)
+        self._check_budget(device_bytes, host_bytes)
+        backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
+        self.store = ChunkStore(device_bytes, host_bytes, make_transport(self.device), backend)
+        self._create_chunks()
+        self._load_weights(weights)
+        model.to(self.device)  # buffers only: every parameter is an empty placeholder by now
+        self._install_hooks()
+        self._updater = ThreadPoolExecutor(1, thread_name_prefix="optimizer")
+        self._updates: list[Future] = []
+        self._outer_held: list[int] = []
+        self._last_micro = True
+        self._training = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, optimizer: ChunkOptimizer, budget: Budget | None = None, **options: Any
+    ) -> Engine:
+        """Build the model on the meta device and stream its weights from `path`'s safetensors, block by block,
+        so a model larger than RAM never has to be whole in memory."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+        return cls(model, optimizer, budget, weights=path, **options)
+
+    # ------------------------------------------------------------------------------------ construction
+
+    def _layouts(self) -> list[_Streamed]:
+        streamed = []
+        for block in self.plan.blocks:
+            layout = ChunkLayout.from_shapes({name: p.shape for name, p in block.params.items()})
+            streamed.append(_Streamed(block, layout, list(block.params.values()), None, None, None, {}))  # type: ignore[arg-type]
+        return streamed
+
+    def _roles(self, layout: ChunkLayout) -> dict[str, torch.dtype]:
+        roles = {"weights": self.compute_dtype, "grads": self.compute_dtype}
+        if self.compute_dtype != torch.float32:
+            roles["master"] = torch.float32
+        roles.update(self.optimizer.state_dtypes())
+        return roles
+
+    def _check_budget(self, device_bytes: int, host_bytes: int) -> None:
+        """Refuse now, with the numbers, rather than fail mid-step."""
+
+        def compute_set(s: _Streamed) -> int:
+            return 2 * s.layout.nbytes(self.compute_dtype)  # weights and gradients
+
+        def update_set(s: _Streamed) -> int:
+            return sum(s.layout.nbytes(dtype) for dtype in self._roles(s.layout).values())
+
+        outer = sum(compute_set(s) for s in self._blocks if not s.block.is_layer)
+        layers = [s for s in self._blocks if s.block.is_layer]
+        largest = max(layers, key=compute_set)
+        need_device = outer + compute_set(largest)
+        need_host = max(update_set(s) for s in self._blocks)
+        problems = []
+        if device_bytes < need_device:
+            problems.append(
+                f"Budget.device={format_bytes(device_bytes)} is below the minimum {format_bytes(need_device)} "
+                f"(the largest layer, {largest.block.name}, with its gradients, plus the embedding and head "
+                f"blocks held through backward); raise it to at least {format_bytes(need_device)}"
+            )
+        if host_bytes < need_host:
+            problems.append(
+                f"Budget.host={format_bytes(host_bytes)} is below the minimum {format_bytes(need_host)} "
+                f"(one block's weights, gradients and optimizer state at once); raise it to at least "
+                f"{format_bytes(need_host)}"
+            )
+        total = sum(update_set(s) for s in self._blocks)
+        if self.budget.nvme is None and device_bytes + host_bytes < total:
+            problems.append(
+                f"the training state needs {format_bytes(total)} but Budget.device + Budget.host is "
+                f"{format_bytes(device_bytes + host_bytes)} and no NVMe directory was given; set Budget.nvme "
+                f"to a directory on a fast disk, or raise the budgets"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def _create_chunks(self) -> None:
+        for s in self._blocks:
+            chunks = {
+                role: self.store.create(f"{s.block.name}/{role}", s.layout.numel, dtype, s.layout.nbytes(dtype))
+                for role, dtype in self._roles(s.layout).items()
+            }
+            s.weights, s.grads, s.master = chunks.pop("weights"), chunks.pop("grads"), chunks.pop("master", None)
+            s.states = chunks
+
+    def _load_weights(self, directory: str | Path | None) -> None:
+        """Copy each block's weights into its chunks, then leave the module only empty placeholders."""
+        for s in self._blocks:
+            sources = load_block_weights(s.block, self.plan.aliases, directory)
+            for chunk in [c for c in (s.weights, s.master) if c is not None]:
+                flat = self.store.acquire(chunk, Tier.HOST)
+                for view, source in zip(s.layout.views(flat), sources):
+                    view.copy_(source)
+                self.store.release(chunk, Tier.HOST, dirty=True)
+            del sources
+            for p in s.params:
+                p.data = self._placeholder()
+                p.requires_grad_(True)
+
+    def _placeholder(self) -> torch.Tensor:
+        return torch.empty(0, dtype=self.compute_dtype, device=self.device)
+
+    def _install_hooks(self) -> None:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for point in self.plan.hook_points:
+            blocks = point.blocks
+            point.module.register_forward_pre_hook(partial(self._before_forward, blocks))
+            point.module.register_forward_hook(partial(self._after_forward, blocks))
+            if len(blocks) == 1 and self._blocks[blocks[0]].block.is_layer:
+                if not isinstance(point.module, GradientCheckpointingLayer):
+                    raise ValueError(
+                        f"{type(point.module).__name__} ({point.name}) does not support gradient checkpointing, "
+                        "which streaming needs; this architecture is not supported yet"
+                    )
+                point.module.gradient_checkpointing = True
+                point.module._gradient_checkpointing_func = partial(
+                    StreamedCheckpoint.apply, self, blocks[0], self.device
+                )
+
+    # -------------------------------------------------------------------------------- holding blocks
+
+    def _hold(self, index: int, *, grads: bool = False) -> None:
+        s = self._blocks[index]
+        flat = self.store.acquire(s.weights, Tier.DEVICE)
+        if s.holds == 0:
+            for p, view in zip(s.params, s.layout.views(flat)):
+                p.data = view
+        s.holds += 1
+        if grads:
+            flat = self.store.acquire(s.grads, Tier.DEVICE)
+            if s.grad_holds == 0:
+                for p, view in zip(s.params, s.layout.views(flat)):
+                    p.grad = view  # autograd accumulates into the chunk in place
+            s.grad_holds += 1
+
+    def _release(self, index: int, *, grads: bool = False) -> None:
+        s = self._blocks[index]
+        if grads:
+            s.grad_holds -= 1
+            if s.grad_holds == 0:
+                for p in s.params:
+                    p.grad = None
+            self.store.release(s.grads, Tier.DEVICE, dirty=True)
+        s.holds -= 1
+        if s.holds == 0:
+            for p in s.params:
+                p.data = self._placeholder()
+        self.store.release(s.weights, Tier.DEVICE)
+
+    def _prefetch(self, indices: range) -> None:
+        for index in indices:
+            if 0 <= index < len(self._blocks):
+                s = self._blocks[index]
+                self.store.prefetch(s.weights, Tier.DEVICE)
+                if self._training and not s.grads.zero:
+                    self.store.prefetch(s.grads, Tier.DEVICE)
+
+    def _before_forward(self, blocks: tuple[int, ...], module: nn.Module, args: Any) -> None:
+        for index in blocks:
+            self._hold(index)
+        self._prefetch(range(blocks[-1] + 1, blocks[-1] + 1 + self.prefetch_depth))
+
+    def _after_forward(self, blocks: tuple[int, ...], module: nn.Module, args: Any, output: Any) -> None:
+        is_layer = len(blocks) == 1 and self._blocks[blocks[0]].block.is_layer
+        if self._training and torch.is_grad_enabled() and not is_layer:
+            tensor = next((t for t in _tensors(output) if t.requires_grad), None)
+            if tensor is not None:
+                tensor.register_hook(partial(self._before_outer_backward, blocks))
+        for index in blocks:
+            self._release(index)
+
+    def _before_outer_backward(self, blocks: tuple[int, ...], grad: torch.Tensor) -> None:
+        """Runs when the gradient of an outer module's output is ready, just before that module's backward."""
+        for index in blocks:
+            self._hold(index, grads=True)
+            self._outer_held.append(index)
+
+    # ------------------------------------------------------------------- called by StreamedCheckpoint
+
+    def begin_layer_backward(self, index: int) -> None:
+        self._hold(index, grads=True)
+        self._prefetch(range(index - 1, index - 1 - self.prefetch_depth, -1))
+        if self._last_micro:
+            for chunk in self._blocks[index].states.values():
+                self.store.prefetch(chunk, Tier.HOST)
+
+    def end_layer_backward(self, index: int) -> None:
+        if self._last_micro:
+            self._finish_block(index)
+        self._release(index, grads=True)
+        if self._last_micro and self._updates_in_backward():
+            self._submit_update(index)
+
+    # ----------------------------------------------------------------------------------- the step
+
+    def train_step(self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> float:
+        """One optimizer step over `batch` (split into `accumulation_steps` micro-batches); returns the mean loss."""
+        micro_batches = self._split(batch)
+        self.model.train()
+        self._training = True
+        self.step_count += 1
+        losses = []
+        try:
+            for k, micro in enumerate(micro_batches):
+                self._last_micro = k == len(micro_batches) - 1
+                loss = self.model(**micro, use_cache=False).loss
+                (loss / len(micro_batches)).backward()
+                self._end_backward()
+                losses.append(loss.detach())
+            if not self._updates_in_backward():
+                coefficient = self._global_clip_coefficient()
+                for index in range(len(self._blocks)):
+                    self._submit_update(index, coefficient)
+            self._wait_for_updates()
+        finally:
+            self._training = False
+        self._prefetch(range(self.prefetch_depth))
+        return float(torch.stack(losses).mean())  # host sync: the loss value
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
+        """Loss of the current weights on `batch`, without gradients or updates."""
+        self._wait_for_updates()
+        self.model.eval()
+        loss = self.model(**self._to_device(batch), use_cache=False).loss
+        return float(loss)  # host sync: the loss value
+
+    def _split(self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        if isinstance(batch, list):
+            return [self._to_device(micro) for micro in batch]
+        size = len(next(iter(batch.values())))
+        if size % self.accumulation_steps:
+            raise ValueError(
+                f"batch size {size} is not divisible by accumulation_steps={self.accumulation_steps}; "
+                "use a batch size that is a multiple of it"
+            )
+        parts = [dict(zip(batch, values)) for values in zip(*(v.chunk(self.accumulation_steps) for v in batch.values()))]
+        return [self._to_device(micro) for micro in parts]
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
+    def _end_backward(self) -> None:
+        """Release the embedding and head blocks held through backward; their updates start now."""
+        held, self._outer_held = self._outer_held, []
+        finished = []
+        for index in held:
+            if self._last_micro and index not in finished:
+                self._finish_block(index)
+                finished.append(index)
+            self._release(index, grads=True)
+        if self._last_micro and self._updates_in_backward():
+            for index in finished:
+                self._submit_update(index)
+
+    def _updates_in_backward(self) -> bool:
+        return self.max_grad_norm is None or self.clip_mode is ClipMode.PER_BLOCK
+
+    def _finish_block(self, index: int) -> None:
+        """The block's gradient is final: keep the per-tensor norms clipping needs (cheap, data is hot)."""
+        s = self._blocks[index]
+        if self.max_grad_norm is not None:
+            s.norms = [torch.linalg.vector_norm(p.grad, 2) for p in s.params]
+
+    def _global_clip_coefficient(self) -> torch.Tensor | None:
+        if self.max_grad_norm is None:
+            return None
+        norms = [norm for s in self._blocks for norm in s.norms]  # model.parameters() order, as torch stacks them
+        total = torch.linalg.vector_norm(torch.stack(norms), 2)
+        return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+
+    def _block_clip_coefficient(self, s: _Streamed) -> torch.Tensor | None:
+        if self.max_grad_norm is None or self.clip_mode is ClipMode.EXACT:
+            return None
+        total_numel = sum(b.block.numel for b in self._blocks)
+        threshold = self.max_grad_norm * (s.block.numel / total_numel) ** 0.5
+        norm = torch.linalg.vector_norm(torch.stack(s.norms), 2)
+        return torch.clamp(threshold / (norm + 1e-6), max=1.0)
+
+    def _submit_update(self, index: int, coefficient: torch.Tensor | None = None) -> None:
+        # The worker owns the block's chunks from here; train_step waits for every update before returning, so
+        # the next forward never sees half-updated weights.
+        self._updates.append(self._updater.submit(self._update, index, coefficient, self.step_count))
+
+    def _update(self, index: int, coefficient: torch.Tensor | None, step: int) -> None:
+        """Optimizer step of one block, on the worker thread, in host memory."""
+        s = self._blocks[index]
+        if coefficient is None:
+            coefficient = self._block_clip_coefficient(s)
+        weights = self.store.acquire(s.weights, Tier.HOST)
+        master = self.store.acquire(s.master, Tier.HOST) if s.master is not None else weights
+        grads = self.store.acquire(s.grads, Tier.HOST)
+        states = {name: self.store.acquire(chunk, Tier.HOST) for name, chunk in s.states.items()}
+        grads = grads if grads.dtype == torch.float32 else grads.float()
+        if coefficient is not None:
+            grads.mul_(coefficient)
+        self.optimizer.step(master, grads, states, step=step, layout=s.layout)
+        if s.master is not None:
+            weights.copy_(master)
+            self.store.release(s.master, Tier.HOST, dirty=True)
+        self.store.release(s.weights, Tier.HOST, dirty=True)
+        for chunk in s.states.values():
+            self.store.release(chunk, Tier.HOST, dirty=True)
+        self.store.release(s.grads, Tier.HOST)
+        self.store.discard(s.grads)  # used up: the next step starts from zeros without reading anything
+        s.norms = None
+
+    def _wait_for_updates(self) -> None:
+        updates, self._updates = self._updates, []
+        for future in updates:
+            future.result()
+
+    # ---------------------------------------------------------------------------------------- output
+
+    def export(self, path: str | Path, dtype: torch.dtype | None = None, *, max_shard_size: int = 2 << 30) -> Path:
+        """Write a Hugging Face model directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+        Weights stream from the chunks one block at a time (fp32 masters where they exist), cast to `dtype`
+        (default: the dtype of the master weights, float32).
+        """
+        self._wait_for_updates()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        dtype = dtype or torch.float32
+        buffers = {
+            name: buffer
+            for name, buffer in self.model.state_dict(keep_vars=True).items()
+            if not isinstance(buffer, nn.Parameter) and name not in self.plan.aliases
+        }
+        specs = [(slot.name, slot.shape, dtype) for s in self._blocks for slot in s.layout.slots]
+        specs += [(name, buffer.shape, buffer.dtype) for name, buffer in buffers.items()]
+        write_safetensors_shards(path, specs, self._export_stream(dtype, buffers), max_shard_bytes=max_shard_size)
+        self.model.config.save_pretrained(path)
+        generation_config = getattr(self.model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(path)
+        return path
+
+    def _export_stream(self, dtype: torch.dtype, buffers: dict[str, torch.Tensor]) -> Any:
+        for s in self._blocks:
+            chunk = s.master or s.weights
+            flat = self.store.acquire(chunk, Tier.HOST)
+            try:
+                for slot in s.layout.slots:
+                    yield slot.name, slot.view(flat).to(dtype)
+            finally:
+                self.store.release(chunk, Tier.HOST)
+        for name, buffer in buffers.items():
+            yield name, buffer
+
+    def stats(self) -> dict[str, int]:
+        """Bytes moved and peak bytes per tier so far."""
+        return {
+            "bytes_read": self.store.bytes_read,
+            "bytes_written": self.store.bytes_written,
+            "peak_device": self.store.peak[Tier.DEVICE],
+            "peak_host": self.store.peak[Tier.HOST],
+        }
+
+    def close(self) -> None:
+        """Wait for pending work and remove the swap files (unless keep_swap)."""
+        self._wait_for_updates()
+        self._updater.shutdown(wait=True)
+        self.store.close()
+        if self.store.backend is not None:
+            self.store.backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(output):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    return []

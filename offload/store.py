@@ -1,0 +1,337 @@
+"""ChunkStore: where every chunk lives, and the only code that moves chunk bytes.
+
+Rules it keeps:
+- A tier's bytes in use never exceed its budget. Making room evicts the least recently used chunk that
+  nobody holds (device -> host -> NVMe), or waits for a write in flight to finish.
+- A chunk is never dropped from the last tier holding its newest bytes: a dirty host chunk is written to its
+  NVMe file first, and its memory is counted until that write completes.
+- Loads and writes are asynchronous (the NVMe backend's thread pool); `prefetch` starts a load on a staging
+  thread so that the compute thread never waits for eviction work it did not need.
+
+All bookkeeping happens under one lock (a Condition); I/O and copies happen outside it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from offload.budget import format_bytes
+from offload.chunks import Chunk, Tier
+from offload.device import Transport
+from offload.nvme import SwapFile, ThreadPoolBackend
+
+__all__ = ["BudgetExceeded", "ChunkStore"]
+
+_WAIT_LIMIT_S = 60.0  # a demand load waiting this long for others to release memory is a deadlock, not load
+
+
+class BudgetExceeded(MemoryError):
+    """A tier cannot make room: everything in it is in use. The message says which tier and how much."""
+
+
+def _done(value: object = None) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+class ChunkStore:
+    """Holds chunks in the device and host tiers within their budgets, spilling to NVMe files."""
+
+    def __init__(
+        self,
+        device_bytes: int,
+        host_bytes: int,
+        transport: Transport,
+        backend: ThreadPoolBackend | None,
+    ) -> None:
+        self.limits = {Tier.DEVICE: device_bytes, Tier.HOST: host_bytes}
+        self.used = {Tier.DEVICE: 0, Tier.HOST: 0}
+        self.peak = {Tier.DEVICE: 0, Tier.HOST: 0}
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.transport = transport
+        self.backend = backend
+        self._chunks: list[Chunk] = []
+        self._files: dict[str, SwapFile] = {}
+        self._writing: dict[int, Future] = {}  # id(chunk) -> write in flight
+        self._moving: set[int] = set()  # id(chunk) of chunks being re-charged from one tier to another
+        self._lock = threading.Condition()
+        self._clock = 0
+        # One staging thread: prefetches run in order, and their eviction waits never block compute.
+        self._stager = ThreadPoolExecutor(1, thread_name_prefix="chunk-stage")
+
+    # ----------------------------------------------------------------------------------------- public API
+
+    def create(self, key: str, numel: int, dtype: torch.dtype, nbytes: int) -> Chunk:
+        """Register a chunk whose contents start as zeros (materialised only when first acquired)."""
+        chunk = Chunk(key=key, numel=numel, dtype=dtype, nbytes=nbytes)
+        with self._lock:
+            self._chunks.append(chunk)
+        return chunk
+
+    def acquire(self, chunk: Chunk, tier: Tier) -> torch.Tensor:
+        """Make `chunk` resident in `tier`, hold it there, and return it as a flat typed tensor.
+
+        Blocks until the bytes are there. Every acquire is paired with one `release`.
+        """
+        with self._lock:
+            chunk.pins[tier] = chunk.pins.get(tier, 0) + 1  # held from now on: never chosen for eviction
+        try:
+            token = self._ensure(chunk, tier, best_effort=False).result()
+            with self._lock:  # a read's future resolves before its done-callback has published the buffer
+                while tier not in chunk.buffers:
+                    self._lock.wait(timeout=1.0)
+        except BaseException:
+            self.release(chunk, tier)
+            raise
+        if tier is Tier.DEVICE:
+            self.transport.ready(token)
+        else:
+            self.transport.ready_on_host(token)
+        return chunk.typed(tier)
+
+    def prefetch(self, chunk: Chunk, tier: Tier) -> None:
+        """Start making `chunk` resident in `tier` without holding it; skipped if there is no room."""
+        if tier in chunk.buffers or tier in chunk.loading:
+            return
+        self._stager.submit(self._ensure, chunk, tier, best_effort=True)
+
+    def release(self, chunk: Chunk, tier: Tier, *, dirty: bool = False) -> None:
+        """Stop holding `chunk` in `tier`; `dirty` says its bytes there were changed (other copies are stale)."""
+        with self._lock:
+            chunk.pins[tier] -= 1
+            if dirty:
+                self._mark_dirty(chunk, tier)
+            self._lock.notify_all()
+
+    def discard(self, chunk: Chunk) -> None:
+        """Forget the contents (they become zeros) and free the memory: a used gradient chunk needs no write."""
+        self._wait_for_write(chunk)
+        with self._lock:
+            if any(chunk.pins.values()):
+                raise RuntimeError(f"chunk {chunk.key} is discarded while still held")
+            for tier in list(chunk.buffers):
+                self._drop(chunk, tier)
+            chunk.zero, chunk.dirty, chunk.on_nvme = True, None, False
+            self._lock.notify_all()
+
+    def flush(self) -> None:
+        """Write every chunk whose newest bytes are only in memory to its NVMe file, and fsync."""
+        if self.backend is None:
+            return
+        futures = []
+        with self._lock:
+            for chunk in self._chunks:
+                tier = self._newest_tier(chunk)
+                if tier is not None and not chunk.on_nvme and not chunk.zero:
+                    futures.append((chunk, self._file(chunk).write_from(chunk.buffers[tier])))
+        for chunk, future in futures:
+            future.result()
+            with self._lock:
+                self.bytes_written += chunk.nbytes
+                chunk.on_nvme, chunk.dirty = True, None
+        for file in self._files.values():
+            file.sync()
+
+    def close(self) -> None:
+        self._stager.shutdown(wait=True)
+        for future in list(self._writing.values()):
+            future.result()
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes in use per tier, for progress displays and tests."""
+        with self._lock:
+            return {tier.value: used for tier, used in self.used.items()}
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    def _ensure(self, chunk: Chunk, tier: Tier, *, best_effort: bool) -> Future:
+        """A future that completes (with a transport token) once `chunk` is present in `tier`."""
+        self._wait_for_write(chunk)
+        with self._lock:
+            self._clock += 1
+            chunk.last_use = self._clock
+            if tier in chunk.buffers:
+                return _done(chunk.ready.get(tier))
+            if tier in chunk.loading:
+                return chunk.loading[tier]
+            other = Tier.HOST if tier is Tier.DEVICE else Tier.DEVICE
+            if other in chunk.buffers and self.transport.shares_memory:
+                return self._move(chunk, other, tier, best_effort)
+            if tier is Tier.DEVICE and not self.transport.shares_memory and Tier.HOST not in chunk.buffers:
+                source_needed = True
+            else:
+                source_needed = False
+        if source_needed:  # CUDA, chunk only on NVMe: stage through host memory first
+            self.acquire(chunk, Tier.HOST)
+            try:
+                return self._ensure(chunk, tier, best_effort=best_effort)
+            finally:
+                self.release(chunk, Tier.HOST)
+        with self._lock:
+            if tier in chunk.buffers or tier in chunk.loading:  # another thread got there first
+                return chunk.loading.get(tier) or _done()
+            if not self._reserve(tier, chunk.nbytes, best_effort):
+                return _done()
+            buffer = self.transport.allocate(chunk.nbytes, on_device=tier is Tier.DEVICE)
+            if Tier.HOST in chunk.buffers and tier is Tier.DEVICE:  # CUDA host -> device copy
+                chunk.ready[tier] = self.transport.copy(buffer, chunk.buffers[Tier.HOST])
+                self._set_present(chunk, tier, buffer)
+                return _done(chunk.ready[tier])
+            if chunk.zero:
+                buffer.zero_()
+                self._set_present(chunk, tier, buffer)
+                return _done()
+            future = self._file(chunk).read_into(buffer)
+            chunk.loading[tier] = future
+        # The read completes on an I/O thread; only then is the buffer published as present, so a reader that
+        # finds it in `buffers` never sees half-read bytes.
+        future.add_done_callback(lambda f: self._loaded(chunk, tier, buffer, f))
+        return future
+
+    def _loaded(self, chunk: Chunk, tier: Tier, buffer: torch.Tensor, future: Future) -> None:
+        with self._lock:
+            del chunk.loading[tier]
+            if future.exception() is None:
+                self.bytes_read += chunk.nbytes
+                self._set_present(chunk, tier, buffer)
+            else:
+                self.used[tier] -= chunk.nbytes
+            self._lock.notify_all()
+
+    def _move(self, chunk: Chunk, source: Tier, target: Tier, best_effort: bool) -> Future:
+        """CPU only: device and host are one RAM, so a move re-charges the bytes to the other budget."""
+        while chunk.pinned(source):  # held in the other tier by another thread: wait for its release
+            self._lock.wait(timeout=1.0)
+            if target in chunk.buffers:
+                return _done()
+        self._moving.add(id(chunk))  # making room below must not evict the very chunk being moved
+        try:
+            if not self._reserve(target, chunk.nbytes, best_effort, exclude=chunk):
+                return _done()
+        finally:
+            self._moving.discard(id(chunk))
+        buffer = chunk.buffers.pop(source)
+        self.used[source] -= chunk.nbytes
+        self._set_present(chunk, target, buffer)
+        if chunk.dirty is source:
+            chunk.dirty = target
+        self._lock.notify_all()
+        return _done()
+
+    def _set_present(self, chunk: Chunk, tier: Tier, buffer: torch.Tensor) -> None:
+        chunk.buffers[tier] = buffer
+        self.peak[tier] = max(self.peak[tier], self.used[tier])
+
+    # ------------------------------------------------------------------------------------------ eviction
+
+    def _reserve(self, tier: Tier, nbytes: int, best_effort: bool, exclude: Chunk | None = None) -> bool:
+        """Count `nbytes` against `tier`, evicting or waiting until they fit. Called with the lock held."""
+        deadline = time.monotonic() + _WAIT_LIMIT_S
+        while self.used[tier] + nbytes > self.limits[tier]:
+            victim = self._victim(tier, exclude)
+            if victim is not None:
+                self._evict(victim, tier)
+                continue
+            if best_effort and not self._writing:
+                return False
+            if time.monotonic() > deadline or not (self._writing or self._others_hold(tier)):
+                if best_effort:
+                    return False
+                raise BudgetExceeded(
+                    f"the {tier.value} tier cannot make room for {format_bytes(nbytes)}: "
+                    f"{format_bytes(self.used[tier])} of {format_bytes(self.limits[tier])} are held; "
+                    f"raise the {tier.value} budget or lower the prefetch depth"
+                )
+            self._lock.wait(timeout=1.0)  # a write finishing or a release elsewhere frees room
+        self.used[tier] += nbytes
+        self.peak[tier] = max(self.peak[tier], self.used[tier])
+        return True
+
+    def _others_hold(self, tier: Tier) -> bool:
+        """Whether memory in `tier` may still be freed by someone else: a held chunk, or a load in flight."""
+        return any(chunk.loading or chunk.pinned(tier) for chunk in self._chunks)
+
+    def _victim(self, tier: Tier, exclude: Chunk | None) -> Chunk | None:
+        candidates = [
+            chunk
+            for chunk in self._chunks
+            if tier in chunk.buffers
+            and chunk is not exclude
+            and not chunk.pinned(tier)
+            and id(chunk) not in self._writing
+            and id(chunk) not in self._moving
+            and (tier is Tier.DEVICE or self._can_leave_host(chunk))
+        ]
+        return min(candidates, key=lambda chunk: chunk.last_use, default=None)
+
+    def _can_leave_host(self, chunk: Chunk) -> bool:
+        needs_save = not chunk.zero and not chunk.on_nvme and self._newest_tier(chunk) is Tier.HOST
+        return self.backend is not None or not needs_save
+
+    def _evict(self, chunk: Chunk, tier: Tier) -> None:
+        """Free `chunk`'s bytes in `tier`, saving them one tier down first when they are the newest copy."""
+        if tier is Tier.DEVICE:
+            if Tier.HOST in chunk.buffers and chunk.dirty is not Tier.DEVICE:
+                self._drop(chunk, tier)  # CUDA: the host copy is as new, the device copy was a cache
+            elif self.transport.shares_memory:
+                self._move(chunk, Tier.DEVICE, Tier.HOST, best_effort=False)
+            else:
+                self._reserve(Tier.HOST, chunk.nbytes, best_effort=False, exclude=chunk)
+                host = self.transport.allocate(chunk.nbytes, on_device=False)
+                self.transport.ready_on_host(self.transport.copy(host, chunk.buffers[tier]))  # host sync
+                self._set_present(chunk, Tier.HOST, host)
+                chunk.dirty = Tier.HOST if chunk.dirty is Tier.DEVICE else chunk.dirty
+                self._drop(chunk, tier)
+            return
+        if chunk.zero or chunk.on_nvme or self._newest_tier(chunk) is not Tier.HOST:
+            self._drop(chunk, tier)
+            return
+        # Dirty host bytes go to NVMe first; the memory stays counted until the write completes.
+        future = self._file(chunk).write_from(chunk.buffers[tier])
+        self._writing[id(chunk)] = future
+        future.add_done_callback(lambda f: self._written(chunk, f))
+
+    def _written(self, chunk: Chunk, future: Future) -> None:
+        with self._lock:
+            del self._writing[id(chunk)]
+            future.result()  # a failed write (disk full) must surface, never silently drop the bytes
+            self.bytes_written += chunk.nbytes
+            chunk.on_nvme = True
+            if chunk.dirty is Tier.HOST:
+                chunk.dirty = None
+            self._drop(chunk, Tier.HOST)
+            self._lock.notify_all()
+
+    def _wait_for_write(self, chunk: Chunk) -> None:
+        future = self._writing.get(id(chunk))
+        if future is not None:
+            future.result()
+            with self._lock:  # the done-callback may still be running; wait until it has dropped the buffer
+                while id(chunk) in self._writing:
+                    self._lock.wait(timeout=0.1)
+
+    def _drop(self, chunk: Chunk, tier: Tier) -> None:
+        del chunk.buffers[tier]
+        self.used[tier] -= chunk.nbytes
+
+    def _mark_dirty(self, chunk: Chunk, tier: Tier) -> None:
+        chunk.zero, chunk.on_nvme, chunk.dirty = False, False, tier
+        for other in [t for t in chunk.buffers if t is not tier and not chunk.pinned(t)]:
+            self._drop(chunk, other)  # a stale copy is worse than none
+
+    def _newest_tier(self, chunk: Chunk) -> Tier | None:
+        if chunk.dirty is not None:
+            return chunk.dirty
+        return next(iter(chunk.buffers), None)
+
+    def _file(self, chunk: Chunk) -> SwapFile:
+        file = self._files.get(chunk.key)
+        if file is None:
+            file = self._files[chunk.key] = self.backend.open(chunk.key.replace("/", "."), chunk.nbytes)
+        return file
