@@ -148,6 +148,7 @@ class Engine:
         config = AutoConfig.from_pretrained(path)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config)
+        model.tie_weights()  # meta parameters are not tied by construction: tie them so they are owned once
         return cls(model, optimizer, budget, weights=path, **options)
 
     # ------------------------------------------------------------------------------------ construction
@@ -159,32 +160,27 @@ class Engine:
             streamed.append(_Streamed(block, layout, list(block.params.values()), None, None, None, {}))  # type: ignore[arg-type]
         return streamed
 
-    def _roles(self, layout: ChunkLayout) -> dict[str, torch.dtype]:
-        roles = {"weights": self.compute_dtype, "grads": self.compute_dtype}
-        if self.compute_dtype != torch.float32:
-            roles["master"] = torch.float32
-        roles.update(self.optimizer.state_dtypes())
-        return roles
+    @staticmethod
+    def minimum_budget(
+        model: nn.Module, optimizer: ChunkOptimizer, *, compute_dtype: torch.dtype = torch.float32
+    ) -> tuple[int, int]:
+        """(device bytes, host bytes) below which `Engine(model, optimizer, ...)` refuses to start."""
+        blocks = find_blocks(model).blocks
+        layouts = [(b, ChunkLayout.from_shapes({n: p.shape for n, p in b.params.items()})) for b in blocks]
+        need_device, need_host, _, _ = _minimums(layouts, _roles(compute_dtype, optimizer), compute_dtype)
+        return need_device, need_host
 
     def _check_budget(self, device_bytes: int, host_bytes: int) -> None:
         """Refuse now, with the numbers, rather than fail mid-step."""
-
-        def compute_set(s: _Streamed) -> int:
-            return 2 * s.layout.nbytes(self.compute_dtype)  # weights and gradients
-
-        def update_set(s: _Streamed) -> int:
-            return sum(s.layout.nbytes(dtype) for dtype in self._roles(s.layout).values())
-
-        outer = sum(compute_set(s) for s in self._blocks if not s.block.is_layer)
-        layers = [s for s in self._blocks if s.block.is_layer]
-        largest = max(layers, key=compute_set)
-        need_device = outer + compute_set(largest)
-        need_host = max(update_set(s) for s in self._blocks)
+        layouts = [(s.block, s.layout) for s in self._blocks]
+        need_device, need_host, largest, total = _minimums(
+            layouts, _roles(self.compute_dtype, self.optimizer), self.compute_dtype
+        )
         problems = []
         if device_bytes < need_device:
             problems.append(
                 f"Budget.device={format_bytes(device_bytes)} is below the minimum {format_bytes(need_device)} "
-                f"(the largest layer, {largest.block.name}, with its gradients, plus the embedding and head "
+                f"(the largest layer, {largest}, with its gradients, plus the embedding and head "
                 f"blocks held through backward); raise it to at least {format_bytes(need_device)}"
             )
         if host_bytes < need_host:
@@ -193,7 +189,6 @@ class Engine:
                 f"(one block's weights, gradients and optimizer state at once); raise it to at least "
                 f"{format_bytes(need_host)}"
             )
-        total = sum(update_set(s) for s in self._blocks)
         if self.budget.nvme is None and device_bytes + host_bytes < total:
             problems.append(
                 f"the training state needs {format_bytes(total)} but Budget.device + Budget.host is "
@@ -207,7 +202,7 @@ class Engine:
         for s in self._blocks:
             chunks = {
                 role: self.store.create(f"{s.block.name}/{role}", s.layout.numel, dtype, s.layout.nbytes(dtype))
-                for role, dtype in self._roles(s.layout).items()
+                for role, dtype in _roles(self.compute_dtype, self.optimizer).items()
             }
             s.weights, s.grads, s.master = chunks.pop("weights"), chunks.pop("grads"), chunks.pop("master", None)
             s.states = chunks
@@ -222,7 +217,13 @@ class Engine:
                     view.copy_(source)
                 self.store.release(chunk, Tier.HOST, dirty=True)
             del sources
-            for p in s.params:
+            for i, (name, p) in enumerate(list(s.block.params.items())):
+                if p.is_meta:  # a meta tensor cannot take CPU data in place: give the module a real Parameter
+                    p = nn.Parameter(self._placeholder(), requires_grad=True)
+                    for alias in [name] + [a for a, owner in self.plan.aliases.items() if owner == name]:
+                        module_name, _, leaf = alias.rpartition(".")
+                        setattr(self.model.get_submodule(module_name), leaf, p)
+                    s.block.params[name] = s.params[i] = p
                 p.data = self._placeholder()
                 p.requires_grad_(True)
 
@@ -402,8 +403,10 @@ class Engine:
     def _block_clip_coefficient(self, s: _Streamed) -> torch.Tensor | None:
         if self.max_grad_norm is None or self.clip_mode is ClipMode.EXACT:
             return None
-        total_numel = sum(b.block.numel for b in self._blocks)
-        threshold = self.max_grad_norm * (s.block.numel / total_numel) ** 0.5
+        # Layout sizes, not Block.numel: parameters of blocks not resident have empty placeholders.
+        total_numel = sum(slot.numel for b in self._blocks for slot in b.layout.slots)
+        block_numel = sum(slot.numel for slot in s.layout.slots)
+        threshold = self.max_grad_norm * (block_numel / total_numel) ** 0.5
         norm = torch.linalg.vector_norm(torch.stack(s.norms), 2)
         return torch.clamp(threshold / (norm + 1e-6), max=1.0)
 
@@ -500,6 +503,30 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _roles(compute_dtype: torch.dtype, optimizer: ChunkOptimizer) -> dict[str, torch.dtype]:
+    """The chunks every block has: compute weights, gradients, fp32 masters if compute is not fp32, states."""
+    roles = {"weights": compute_dtype, "grads": compute_dtype}
+    if compute_dtype != torch.float32:
+        roles["master"] = torch.float32
+    roles.update(optimizer.state_dtypes())
+    return roles
+
+
+def _minimums(
+    layouts: list[tuple[Block, ChunkLayout]], roles: dict[str, torch.dtype], compute_dtype: torch.dtype
+) -> tuple[int, int, str, int]:
+    """(device minimum, host minimum, largest layer's name, total state bytes) for a model's blocks.
+
+    Device: the embedding and head blocks are held from their backward hook to the end of backward, while one
+    layer computes with its gradients. Host: one block's whole update (weights, gradients, states) at once.
+    """
+    compute = {b.name: 2 * layout.nbytes(compute_dtype) for b, layout in layouts}
+    update = {b.name: sum(layout.nbytes(dtype) for dtype in roles.values()) for b, layout in layouts}
+    outer = sum(compute[b.name] for b, _ in layouts if not b.is_layer)
+    largest = max((b.name for b, _ in layouts if b.is_layer), key=compute.__getitem__)
+    return outer + compute[largest], max(update.values()), largest, sum(update.values())
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:

@@ -111,8 +111,9 @@ class ChunkStore:
 
     def discard(self, chunk: Chunk) -> None:
         """Forget the contents (they become zeros) and free the memory: a used gradient chunk needs no write."""
-        self._wait_for_write(chunk)
         with self._lock:
+            while id(chunk) in self._writing or id(chunk) in self._moving or chunk.loading:
+                self._lock.wait(timeout=1.0)
             if any(chunk.pins.values()):
                 raise RuntimeError(f"chunk {chunk.key} is discarded while still held")
             for tier in list(chunk.buffers):
@@ -151,44 +152,69 @@ class ChunkStore:
     # ------------------------------------------------------------------------------------------- loading
 
     def _ensure(self, chunk: Chunk, tier: Tier, *, best_effort: bool) -> Future:
-        """A future that completes (with a transport token) once `chunk` is present in `tier`."""
-        self._wait_for_write(chunk)
+        """A future that completes (with a transport token) once `chunk` is present in `tier`.
+
+        Every decision is re-checked after any wait (making room releases the lock), so two threads asking
+        for the same chunk never both load it, and a chunk is never moved while it is written or loaded.
+        """
         with self._lock:
-            self._clock += 1
-            chunk.last_use = self._clock
-            if tier in chunk.buffers:
-                return _done(chunk.ready.get(tier))
-            if tier in chunk.loading:
-                return chunk.loading[tier]
-            other = Tier.HOST if tier is Tier.DEVICE else Tier.DEVICE
-            if other in chunk.buffers and self.transport.shares_memory:
-                return self._move(chunk, other, tier, best_effort)
-            if tier is Tier.DEVICE and not self.transport.shares_memory and Tier.HOST not in chunk.buffers:
-                source_needed = True
-            else:
-                source_needed = False
-        if source_needed:  # CUDA, chunk only on NVMe: stage through host memory first
-            self.acquire(chunk, Tier.HOST)
-            try:
-                return self._ensure(chunk, tier, best_effort=best_effort)
-            finally:
-                self.release(chunk, Tier.HOST)
-        with self._lock:
-            if tier in chunk.buffers or tier in chunk.loading:  # another thread got there first
-                return chunk.loading.get(tier) or _done()
-            if not self._reserve(tier, chunk.nbytes, best_effort):
-                return _done()
-            buffer = self.transport.allocate(chunk.nbytes, on_device=tier is Tier.DEVICE)
-            if Tier.HOST in chunk.buffers and tier is Tier.DEVICE:  # CUDA host -> device copy
-                chunk.ready[tier] = self.transport.copy(buffer, chunk.buffers[Tier.HOST])
-                self._set_present(chunk, tier, buffer)
-                return _done(chunk.ready[tier])
-            if chunk.zero:
-                buffer.zero_()
-                self._set_present(chunk, tier, buffer)
-                return _done()
-            future = self._file(chunk).read_into(buffer)
-            chunk.loading[tier] = future
+            while True:
+                # A chunk being written, moved, or loaded into another tier is left alone until that finishes.
+                while id(chunk) in self._writing or id(chunk) in self._moving or any(
+                    loading is not tier for loading in chunk.loading
+                ):
+                    self._lock.wait(timeout=1.0)
+                self._clock += 1
+                chunk.last_use = self._clock
+                if tier in chunk.buffers:
+                    return _done(chunk.ready.get(tier))
+                if tier in chunk.loading:
+                    return chunk.loading[tier]
+                other = Tier.HOST if tier is Tier.DEVICE else Tier.DEVICE
+                moving = other in chunk.buffers and self.transport.shares_memory
+                if moving and chunk.pinned(other):  # held there by another thread: wait for its release
+                    self._lock.wait(timeout=1.0)
+                    continue
+                if tier is Tier.DEVICE and not self.transport.shares_memory and Tier.HOST not in chunk.buffers:
+                    break  # CUDA, chunk only on NVMe: stage it through host memory first (below)
+                self._moving.add(id(chunk))  # making room must not evict or move this very chunk
+                try:
+                    reserved = self._reserve(tier, chunk.nbytes, best_effort, exclude=chunk)
+                finally:
+                    self._moving.discard(id(chunk))
+                    self._lock.notify_all()
+                if not reserved:
+                    return _done()
+                if tier in chunk.buffers or tier in chunk.loading or (other in chunk.buffers) != moving:
+                    self.used[tier] -= chunk.nbytes  # the chunk changed while we made room: decide again
+                    continue
+                return self._fill(chunk, tier, other if moving else None)
+        self.acquire(chunk, Tier.HOST)
+        try:
+            return self._ensure(chunk, tier, best_effort=best_effort)
+        finally:
+            self.release(chunk, Tier.HOST)
+
+    def _fill(self, chunk: Chunk, tier: Tier, move_from: Tier | None) -> Future:
+        """Put the chunk's bytes into `tier`, whose room is already reserved. Called with the lock held."""
+        if move_from is not None:  # CPU: the same buffer, re-charged from one budget to the other
+            self._set_present(chunk, tier, chunk.buffers.pop(move_from))
+            self.used[move_from] -= chunk.nbytes
+            if chunk.dirty is move_from:
+                chunk.dirty = tier
+            self._lock.notify_all()
+            return _done()
+        buffer = self.transport.allocate(chunk.nbytes, on_device=tier is Tier.DEVICE)
+        if Tier.HOST in chunk.buffers and tier is Tier.DEVICE:  # CUDA host -> device copy
+            chunk.ready[tier] = self.transport.copy(buffer, chunk.buffers[Tier.HOST])
+            self._set_present(chunk, tier, buffer)
+            return _done(chunk.ready[tier])
+        if chunk.zero:
+            buffer.zero_()
+            self._set_present(chunk, tier, buffer)
+            return _done()
+        future = self._file(chunk).read_into(buffer)
+        chunk.loading[tier] = future
         # The read completes on an I/O thread; only then is the buffer published as present, so a reader that
         # finds it in `buffers` never sees half-read bytes.
         future.add_done_callback(lambda f: self._loaded(chunk, tier, buffer, f))
@@ -204,25 +230,15 @@ class ChunkStore:
                 self.used[tier] -= chunk.nbytes
             self._lock.notify_all()
 
-    def _move(self, chunk: Chunk, source: Tier, target: Tier, best_effort: bool) -> Future:
-        """CPU only: device and host are one RAM, so a move re-charges the bytes to the other budget."""
-        while chunk.pinned(source):  # held in the other tier by another thread: wait for its release
-            self._lock.wait(timeout=1.0)
-            if target in chunk.buffers:
-                return _done()
-        self._moving.add(id(chunk))  # making room below must not evict the very chunk being moved
+    def _move_down(self, chunk: Chunk) -> None:
+        """CPU eviction from device: re-charge an unheld chunk's bytes to the host budget (lock held)."""
+        self._moving.add(id(chunk))
         try:
-            if not self._reserve(target, chunk.nbytes, best_effort, exclude=chunk):
-                return _done()
+            self._reserve(Tier.HOST, chunk.nbytes, best_effort=False, exclude=chunk)
         finally:
             self._moving.discard(id(chunk))
-        buffer = chunk.buffers.pop(source)
-        self.used[source] -= chunk.nbytes
-        self._set_present(chunk, target, buffer)
-        if chunk.dirty is source:
-            chunk.dirty = target
-        self._lock.notify_all()
-        return _done()
+            self._lock.notify_all()
+        self._fill(chunk, Tier.HOST, Tier.DEVICE)
 
     def _set_present(self, chunk: Chunk, tier: Tier, buffer: torch.Tensor) -> None:
         chunk.buffers[tier] = buffer
@@ -246,12 +262,19 @@ class ChunkStore:
                 raise BudgetExceeded(
                     f"the {tier.value} tier cannot make room for {format_bytes(nbytes)}: "
                     f"{format_bytes(self.used[tier])} of {format_bytes(self.limits[tier])} are held; "
-                    f"raise the {tier.value} budget or lower the prefetch depth"
+                    f"raise the {tier.value} budget or lower the prefetch depth (held: {self._holders(tier)})"
                 )
             self._lock.wait(timeout=1.0)  # a write finishing or a release elsewhere frees room
         self.used[tier] += nbytes
         self.peak[tier] = max(self.peak[tier], self.used[tier])
         return True
+
+    def _holders(self, tier: Tier) -> str:
+        return ", ".join(
+            f"{c.key}{'' if tier in c.buffers else ' (loading)'}"
+            for c in self._chunks
+            if tier in c.buffers or tier in c.loading
+        )
 
     def _others_hold(self, tier: Tier) -> bool:
         """Whether memory in `tier` may still be freed by someone else: a held chunk, or a load in flight."""
@@ -280,7 +303,9 @@ class ChunkStore:
             if Tier.HOST in chunk.buffers and chunk.dirty is not Tier.DEVICE:
                 self._drop(chunk, tier)  # CUDA: the host copy is as new, the device copy was a cache
             elif self.transport.shares_memory:
-                self._move(chunk, Tier.DEVICE, Tier.HOST, best_effort=False)
+                if Tier.HOST in chunk.buffers:  # a stale host copy (the device one is newer): replace it
+                    self._drop(chunk, Tier.HOST)
+                self._move_down(chunk)
             else:
                 self._reserve(Tier.HOST, chunk.nbytes, best_effort=False, exclude=chunk)
                 host = self.transport.allocate(chunk.nbytes, on_device=False)
@@ -307,14 +332,6 @@ class ChunkStore:
                 chunk.dirty = None
             self._drop(chunk, Tier.HOST)
             self._lock.notify_all()
-
-    def _wait_for_write(self, chunk: Chunk) -> None:
-        future = self._writing.get(id(chunk))
-        if future is not None:
-            future.result()
-            with self._lock:  # the done-callback may still be running; wait until it has dropped the buffer
-                while id(chunk) in self._writing:
-                    self._lock.wait(timeout=0.1)
 
     def _drop(self, chunk: Chunk, tier: Tier) -> None:
         del chunk.buffers[tier]

@@ -1,0 +1,467 @@
+"""What streaming all training state through NVMe costs, against plain in-memory PyTorch, in one run.
+
+    python benchmarks/stream_overhead.py            # full: ~110M-param Llama, batch 4 x 256 (several minutes)
+    python benchmarks/stream_overhead.py --quick    # small sanity run (< 1 minute)
+
+Rows, trained one after another in this process from the same initial weights on the same batches (fp32):
+  a) plain PyTorch in RAM: model.train(), loss.backward(), torch.optim.AdamW (default, single-tensor on CPU)
+  b) the same with activation checkpointing per layer (use_reentrant=False): the same math as the engine,
+     which recomputes each layer in its backward
+  c) the finetune engine with a RAM budget (--device-budget + --host-budget) far below the training state,
+     so the state lives on NVMe (--nvme-dir) and streams through RAM every step
+  d) the finetune engine with budgets large enough for everything in RAM, no NVMe
+
+Each row: --warmup untimed steps, then --steps timed ones; the table gives the median step time, its ratio to
+(a) and to (b), NVMe bytes moved per step, the achieved I/O rate, the peak RSS while the row ran, and the
+losses (which must agree across rows). Before the rows, the raw O_DIRECT bandwidth of the NVMe directory is
+measured with the engine's own backend (offload.nvme.ThreadPoolBackend, same workers and request size) on a
+--disk-size file, so the engine's I/O can be stated as a fraction of what the disk does.
+
+For the engine rows the main thread's time blocked in ChunkStore.acquire (waiting for a load, i.e. I/O not
+hidden by prefetch), the time train_step waits at its end for optimizer updates, and the optimizer worker's busy
+time are measured by wrapping those methods on the instance (nothing in offload/ is changed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import offload  # noqa: E402
+import optim  # noqa: E402
+from common import GiB, MiB, fmt_bytes  # noqa: E402
+
+LR = 1e-4
+WEIGHT_DECAY = 0.0
+LOSS_TOLERANCE = 1e-4
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small model and batch, for a fast sanity run")
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--intermediate", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--untied", action="store_true", help="separate LM head (default: tied to the embedding)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    parser.add_argument("--device-budget", default="384MB", help="row (c) Budget.device (MB = MiB)")
+    parser.add_argument("--host-budget", default="512MB", help="row (c) Budget.host")
+    parser.add_argument("--prefetch", type=int, default=2, help="engine prefetch depth (rows c and d)")
+    parser.add_argument("--nvme-dir", default="/tmp", help="directory for the swap files and the disk test")
+    parser.add_argument("--disk-size", default="1GB", help="file size for the raw bandwidth test")
+    parser.add_argument("--disk-passes", type=int, default=2, help="write+read passes; the best is reported")
+    parser.add_argument("--rows", default="abcd", help="which rows to run, e.g. 'ac'")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.quick:
+        args.hidden, args.intermediate, args.layers, args.heads, args.vocab = 256, 704, 4, 4, 8000
+        args.batch, args.seq, args.warmup, args.steps = 2, 64, 1, 2
+        args.device_budget, args.host_budget, args.disk_size, args.disk_passes = "24MB", "40MB", "128MB", 1
+    return args
+
+
+# ------------------------------------------------------------------------------------------- raw disk
+
+
+def disk_bandwidth(directory: Path, nbytes: int, passes: int) -> dict[str, Any]:
+    """O_DIRECT write then read of one `nbytes` file through the engine's backend; best pass of each."""
+    writes, reads = [], []
+    buffer = offload.nvme.aligned_empty(nbytes)
+    buffer.view(torch.float32).uniform_()  # incompressible bytes
+    with offload.nvme.ThreadPoolBackend(directory / "disk-test") as backend:
+        file = backend.open("bandwidth", nbytes)
+        for _ in range(passes):
+            start = time.perf_counter()
+            file.write_from(buffer).result()
+            writes.append(nbytes / (time.perf_counter() - start))
+            start = time.perf_counter()
+            file.read_into(buffer).result()
+            reads.append(nbytes / (time.perf_counter() - start))
+        direct = backend.direct
+    del buffer
+    common.free_memory()
+    return {
+        "bytes": nbytes,
+        "o_direct": direct,
+        "write_Bps_passes": writes,
+        "read_Bps_passes": reads,
+        "write_Bps": max(writes),
+        "read_Bps": max(reads),
+    }
+
+
+# ------------------------------------------------------------------------------------------ the rows
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    step_times: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    warmup_losses: list[float] = field(default_factory=list)
+    bytes_read: float = 0.0  # per measured step
+    bytes_written: float = 0.0
+    cpu_own: list[float] = field(default_factory=list)  # CPU seconds of this process, per measured step
+    cpu_others: list[float] = field(default_factory=list)  # CPU seconds of other processes meanwhile
+    peak_rss: int = 0  # during the measured steps
+    peak_rss_setup: int = 0  # while loading the model and warming up
+    rss_before: int = 0
+    probe: dict[str, float] = field(default_factory=dict)  # engine rows: seconds per measured step
+    engine_peaks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return common.median(self.step_times)
+
+    @property
+    def fastest(self) -> float:
+        return min(self.step_times)
+
+    @property
+    def all_losses(self) -> list[float]:
+        return self.warmup_losses + self.losses
+
+
+class EngineProbe:
+    """Times, per step, where an engine's step goes, by wrapping methods on the instance."""
+
+    def __init__(self, engine: offload.Engine) -> None:
+        self.seconds = {"acquire_wait": 0.0, "update_wait": 0.0, "update_busy": 0.0, "optimizer_math": 0.0}
+        self._lock = threading.Lock()
+        main = threading.get_ident()
+        store = engine.store
+        store.acquire = self._timed(store.acquire, "acquire_wait", only_thread=main)
+        engine._wait_for_updates = self._timed(engine._wait_for_updates, "update_wait")
+        engine._update = self._timed(engine._update, "update_busy")  # what the optimizer worker runs per block
+        engine.optimizer.step = self._timed(engine.optimizer.step, "optimizer_math")
+
+    def _timed(self, function: Callable[..., Any], name: str, only_thread: int | None = None) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if only_thread is not None and threading.get_ident() != only_thread:
+                return function(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.seconds[name] += time.perf_counter() - start
+
+        return wrapper
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self.seconds)
+
+
+def plain_rows(model_dir: Path, checkpointing: bool) -> tuple[Callable[[dict[str, torch.Tensor]], float], Callable[[], None]]:
+    """Rows (a)/(b): the model in RAM, torch.optim.AdamW. Returns (step, close)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def close() -> None:
+        nonlocal model, optimizer
+        del model, optimizer
+
+    return step, close
+
+
+def run_plain(key: str, label: str, model_dir: Path, batches: list[dict[str, torch.Tensor]], warmup: int,
+              sampler: common.RssSampler, checkpointing: bool) -> Row:
+    row = Row(key, label, rss_before=common.rss())
+    sampler.reset()
+    step, close = plain_rows(model_dir, checkpointing)
+    measure_steps(row, step, batches, warmup, sampler)
+    row.peak_rss = sampler.peak
+    close()
+    return row
+
+
+def run_engine(key: str, label: str, model_dir: Path, batches: list[dict[str, torch.Tensor]], warmup: int,
+               sampler: common.RssSampler, budget: offload.Budget, prefetch: int) -> Row:
+    from transformers import AutoModelForCausalLM
+
+    row = Row(key, label, rss_before=common.rss())
+    sampler.reset()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    engine = offload.Engine(model, optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY), budget, prefetch=prefetch)
+    del model  # the engine holds the weights in its chunks now
+    probe = EngineProbe(engine)
+    before: dict[str, Any] = {}
+
+    def on_measure_start() -> None:
+        before.update(engine.stats(), **probe.snapshot())
+
+    try:
+        measure_steps(row, engine.train_step, batches, warmup, sampler, on_measure_start)
+        after = {**engine.stats(), **probe.snapshot()}
+        steps = max(len(row.step_times), 1)
+        row.bytes_read = (after["bytes_read"] - before["bytes_read"]) / steps
+        row.bytes_written = (after["bytes_written"] - before["bytes_written"]) / steps
+        row.probe = {name: (after[name] - before[name]) / steps for name in probe.seconds}
+        row.engine_peaks = {"device": after["peak_device"], "host": after["peak_host"]}
+        row.peak_rss = sampler.peak
+    finally:
+        engine.close()
+    del engine, probe
+    return row
+
+
+def measure_steps(row: Row, step: Callable[[dict[str, torch.Tensor]], float], batches: list[dict[str, torch.Tensor]],
+                  warmup: int, sampler: common.RssSampler, on_measure_start: Callable[[], None] | None = None) -> None:
+    """Warm-up steps, then timed ones; the RSS peak is split at the first timed step (setup vs steps)."""
+    clock = common.CpuClock()
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            row.peak_rss_setup = sampler.peak
+            sampler.reset()
+            if on_measure_start is not None:
+                on_measure_start()
+        clock.lap()
+        start = time.perf_counter()
+        loss = step(batch)
+        seconds = time.perf_counter() - start
+        cpu = clock.lap()
+        if i < warmup:
+            row.warmup_losses.append(loss)
+        else:
+            row.step_times.append(seconds)
+            row.losses.append(loss)
+            row.cpu_own.append(cpu["own"])
+            row.cpu_others.append(cpu["others"])
+        phase = "warm-up" if i < warmup else "step"
+        print(f"  ({row.key}) {phase} {i + 1}: {seconds:.2f} s, loss {loss:.6f}, CPU {cpu['own']:.1f} s "
+              f"(other processes {cpu['others']:.1f} s), RSS {fmt_bytes(common.rss())}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def loss_agreement(rows: list[Row]) -> dict[str, float]:
+    """Largest |loss - loss of the first row| over all steps (warm-up included), per row."""
+    reference = rows[0].all_losses
+    return {row.key: max(abs(a - b) for a, b in zip(row.all_losses, reference)) for row in rows}
+
+
+def disk_seconds(row: Row, disk: dict[str, Any]) -> float:
+    """Seconds the disk would need for one step's bytes at its raw rates, read and write one after the other."""
+    return row.bytes_read / disk["read_Bps"] + row.bytes_written / disk["write_Bps"]
+
+
+def print_report(args: argparse.Namespace, info: dict[str, Any], params: int, disk: dict[str, Any],
+                 rows: list[Row], budget_c: int) -> dict[str, Any]:
+    by_key = {row.key: row for row in rows}
+    base_a, base_b = by_key.get("a"), by_key.get("b")
+    state = 16 * params
+    print()
+    print(f"Machine: {common.hardware_line(info)}")
+    print(f"Model:   Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+          f"heads {args.heads}, vocab {args.vocab}, {'untied' if args.untied else 'tied'} embeddings, "
+          f"{params / 1e6:.1f}M params, training state {fmt_bytes(state)} (16 B/param); batch {args.batch} x "
+          f"{args.seq} tokens; fp32; AdamW lr {LR}; {args.warmup} warm-up + {args.steps} timed steps per row")
+    print(f"Row (c) RAM budget: {args.device_budget} device + {args.host_budget} host = {fmt_bytes(budget_c)} "
+          f"(state / budget = {state / budget_c:.2f}x); NVMe dir {args.nvme_dir}")
+    print()
+    print(f"Raw disk, O_DIRECT={disk['o_direct']}, {fmt_bytes(disk['bytes'])} file, engine backend "
+          f"(4 workers, 8 MiB requests), best of {len(disk['write_Bps_passes'])}: "
+          f"write {disk['write_Bps'] / 1e9:.2f} GB/s, read {disk['read_Bps'] / 1e9:.2f} GB/s "
+          f"(passes: write {', '.join(f'{x / 1e9:.2f}' for x in disk['write_Bps_passes'])}; "
+          f"read {', '.join(f'{x / 1e9:.2f}' for x in disk['read_Bps_passes'])} GB/s)")
+    print()
+    headers = ["row", "median step", "vs (a)", "vs (b)", "fastest", "vs (a)", "vs (b)", "NVMe read + written/step",
+               "I/O GB/s", "disk busy", "CPU busy", "others' CPU", "peak RSS setup / steps"]
+    table_rows = []
+    cores = info["cores_logical"] or 1
+    for row in rows:
+        moved = row.bytes_read + row.bytes_written
+        table_rows.append([
+            f"({row.key}) {row.label}",
+            f"{row.median:.2f} s",
+            f"{row.median / base_a.median:.3f}" if base_a else "-",
+            f"{row.median / base_b.median:.3f}" if base_b else "-",
+            f"{row.fastest:.2f} s",
+            f"{row.fastest / base_a.fastest:.3f}" if base_a else "-",
+            f"{row.fastest / base_b.fastest:.3f}" if base_b else "-",
+            f"{fmt_bytes(row.bytes_read)} + {fmt_bytes(row.bytes_written)}" if moved else "0",
+            f"{moved / row.median / 1e9:.2f}" if moved else "-",
+            f"{disk_seconds(row, disk) / row.median:.0%}" if moved else "-",
+            f"{sum(row.cpu_own) / sum(row.step_times) / cores:.0%}",
+            f"{sum(row.cpu_others):.1f} s",
+            f"{fmt_bytes(row.peak_rss_setup)} / {fmt_bytes(row.peak_rss)}",
+        ])
+    print(common.table(headers, table_rows))
+    print(f"  I/O GB/s = NVMe bytes read + written per step / median step time; disk busy = time the disk needs "
+          f"for those bytes at its raw O_DIRECT rates / median step time; CPU busy = this process's CPU time / "
+          f"(step time x {cores} cores); others' CPU = CPU seconds other processes used during the timed steps "
+          f"(noise, but kernel threads doing our I/O count too); peak RSS setup = while loading and warming up")
+    print()
+    print(common.table(
+        ["row", "step times (s)", "CPU s / step", "losses (warm-up included)"],
+        [[f"({row.key})", " ".join(f"{t:.2f}" for t in row.step_times), " ".join(f"{t:.1f}" for t in row.cpu_own),
+          " ".join(f"{x:.6f}" for x in row.all_losses)] for row in rows],
+    ))
+    agreement = loss_agreement(rows)
+    worst = max(agreement.values())
+    verdict = "agree" if worst <= LOSS_TOLERANCE else "DISAGREE"
+    print(f"  losses (warm-up steps included) {verdict} with row ({rows[0].key}) to {worst:.2e} "
+          f"(tolerance {LOSS_TOLERANCE:g}): " + ", ".join(f"({k}) {v:.1e}" for k, v in agreement.items()))
+    engine_rows = [row for row in rows if row.probe]
+    if engine_rows:
+        print()
+        print(common.table(
+            ["engine row", "main thread waiting in acquire", "waiting for updates at end", "optimizer worker busy",
+             "of which AdamW math", "engine peak device / host"],
+            [[f"({row.key})", f"{row.probe['acquire_wait']:.2f} s", f"{row.probe['update_wait']:.2f} s",
+              f"{row.probe['update_busy']:.2f} s", f"{row.probe['optimizer_math']:.2f} s",
+              f"{fmt_bytes(row.engine_peaks['device'])} / {fmt_bytes(row.engine_peaks['host'])}"]
+             for row in engine_rows],
+        ))
+        print("  seconds per measured step; the optimizer worker runs concurrently with backward, so its busy "
+              "time overlaps the step time")
+    summary: dict[str, Any] = {"loss_max_abs_diff": agreement, "losses_agree": worst <= LOSS_TOLERANCE}
+    if "c" in by_key and base_a:
+        c = by_key["c"]
+        ratio = c.median / base_a.median
+        summary["ratio_c_over_a"] = ratio
+        summary["ratio_c_over_a_fastest"] = c.fastest / base_a.fastest
+        summary["target_c_over_a_le_1.10"] = ratio <= 1.10
+        print()
+        print(f"{'PASS' if ratio <= 1.10 else 'FAIL'}: (c) NVMe / (a) plain in RAM = {ratio:.3f} by median step "
+              f"(target <= 1.10); {summary['ratio_c_over_a_fastest']:.3f} by fastest step")
+    if "c" in by_key and base_b:
+        summary["ratio_c_over_b"] = by_key["c"].median / base_b.median
+        summary["ratio_c_over_b_fastest"] = by_key["c"].fastest / base_b.fastest
+        print(f"      (c) NVMe / (b) plain with checkpointing = {summary['ratio_c_over_b']:.3f} by median, "
+              f"{summary['ratio_c_over_b_fastest']:.3f} by fastest")
+    if "c" in by_key and "d" in by_key:
+        summary["ratio_c_over_d"] = by_key["c"].median / by_key["d"].median
+        summary["ratio_c_over_d_fastest"] = by_key["c"].fastest / by_key["d"].fastest
+        print(f"      (c) NVMe / (d) engine in RAM = {summary['ratio_c_over_d']:.3f} by median, "
+              f"{summary['ratio_c_over_d_fastest']:.3f} by fastest")
+    noisy = {
+        row.key: sum(row.cpu_others)
+        for row in rows
+        if sum(row.cpu_others) > max(0.5, 0.05 * sum(row.step_times))
+    }
+    summary["noisy_rows"] = noisy
+    if noisy:
+        print("      WARNING: other processes used CPU during rows " + ", ".join(
+            f"({k}) {v:.1f} s" for k, v in noisy.items()) + "; their step times are inflated, compare with care")
+    if "c" in by_key:
+        c = by_key["c"]
+        summary["engine_io_Bps"] = (c.bytes_read + c.bytes_written) / c.median
+        summary["engine_disk_busy_fraction"] = disk_seconds(c, disk) / c.median
+        print(f"      (c) engine I/O: {summary['engine_io_Bps'] / 1e9:.2f} GB/s; the disk is busy "
+              f"{summary['engine_disk_busy_fraction']:.0%} of the step at its raw rates "
+              f"(read {disk['read_Bps'] / 1e9:.2f}, write {disk['write_Bps'] / 1e9:.2f} GB/s)")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    args = parse_args()
+    common.quiet_transformers()
+    torch.manual_seed(args.seed)
+    info = common.hardware()
+    config = common.llama_config(
+        hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
+        vocab=args.vocab, tie=not args.untied, max_positions=max(2048, args.seq),
+    )
+    nvme_root = Path(args.nvme_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="stream_overhead-", dir=nvme_root))
+    rows: list[Row] = []
+    try:
+        model_dir = workdir / "model"
+        params = common.save_random_model(config, model_dir, args.seed)
+        print(f"{params / 1e6:.1f}M-param model saved to {model_dir}", flush=True)
+        print("measuring raw disk bandwidth ...", flush=True)
+        disk = disk_bandwidth(workdir, offload.parse_size(args.disk_size), args.disk_passes)
+        print(f"  write {disk['write_Bps'] / 1e9:.2f} GB/s, read {disk['read_Bps'] / 1e9:.2f} GB/s", flush=True)
+        batches = common.random_batches(args.warmup + args.steps, args.batch, args.seq, args.vocab, args.seed + 1)
+        budget_c = offload.Budget(device=args.device_budget, host=args.host_budget, nvme=workdir / "swap")
+        budget_d = offload.Budget(device=64 * GiB, host=64 * GiB, nvme=None)  # no limit that matters, no NVMe
+        with common.RssSampler(0.02) as sampler:
+            for key in args.rows:
+                common.free_memory()
+                print(f"row ({key}) ...", flush=True)
+                if key == "a":
+                    rows.append(run_plain("a", "PyTorch in RAM", model_dir, batches, args.warmup, sampler, False))
+                elif key == "b":
+                    rows.append(run_plain("b", "PyTorch in RAM + ckpt", model_dir, batches, args.warmup, sampler, True))
+                elif key == "c":
+                    rows.append(run_engine("c", "engine, state on NVMe", model_dir, batches, args.warmup, sampler,
+                                           budget_c, args.prefetch))
+                elif key == "d":
+                    rows.append(run_engine("d", "engine, all in RAM", model_dir, batches, args.warmup, sampler,
+                                           budget_d, args.prefetch))
+                else:
+                    raise SystemExit(f"unknown row {key!r}; rows are a, b, c, d")
+        budget_c_bytes = budget_c.device + budget_c.host
+        summary = print_report(args, info, params, disk, rows, budget_c_bytes)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    payload = {
+        "benchmark": "stream_overhead",
+        "quick": args.quick,
+        "settings": vars(args),
+        "hardware": info,
+        "thread_env": common.environment_threads(),
+        "params": params,
+        "state_bytes": 16 * params,
+        "budget_c_bytes": budget_c_bytes,
+        "disk": disk,
+        "rows": [
+            {
+                "key": row.key, "label": row.label, "median_step_s": row.median, "step_times_s": row.step_times,
+                "warmup_losses": row.warmup_losses, "losses": row.losses,
+                "ratio_to_a": row.median / rows[0].median if rows[0].key == "a" else None,
+                "bytes_read_per_step": row.bytes_read, "bytes_written_per_step": row.bytes_written,
+                "io_Bps": (row.bytes_read + row.bytes_written) / row.median,
+                "fastest_step_s": row.fastest, "cpu_own_s": row.cpu_own, "cpu_others_s": row.cpu_others,
+                "peak_rss": row.peak_rss, "peak_rss_setup": row.peak_rss_setup, "rss_before": row.rss_before,
+                "engine_probe_s_per_step": row.probe, "engine_peaks": row.engine_peaks,
+            }
+            for row in rows
+        ],
+        **summary,
+    }
+    common.write_results("stream_overhead_quick" if args.quick else "stream_overhead", payload)
+
+
+if __name__ == "__main__":
+    main()

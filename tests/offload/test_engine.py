@@ -1,0 +1,205 @@
+"""The engine's guard: streamed training equals plain in-memory PyTorch training (torch.optim.AdamW, fp32).
+
+Reference: the same model loaded again with from_pretrained, trained in memory with torch.optim.AdamW,
+loss / accumulation per micro-batch, torch.nn.utils.clip_grad_norm_ before the step. Every state chunk is
+forced through the NVMe tier: the budget (device + host) is the engine's minimum, below a quarter of the state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import ARCHITECTURES, random_batch, save_tiny_model
+from transformers import AutoModelForCausalLM
+
+import offload
+import optim
+
+LR, WEIGHT_DECAY, STEPS, ACCUMULATION = 1e-2, 0.1, 5, 2
+
+
+def _batches(vocab_size: int, seed: int, steps: int = STEPS) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [random_batch(vocab_size, batch=4, seq=16, generator=generator) for _ in range(steps)]
+
+
+def _reference(path, batches, *, max_grad_norm=None) -> tuple[torch.nn.Module, list[float], list[float]]:
+    """Plain PyTorch: returns the model, the mean loss per step and the gradient norm per step."""
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    losses, norms = [], []
+    for batch in batches:
+        optimizer.zero_grad()
+        step_loss = 0.0
+        for micro in [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]:
+            loss = model(**micro, use_cache=False).loss
+            (loss / ACCUMULATION).backward()
+            step_loss += loss.item() / ACCUMULATION
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+        norms.append(float(norm))
+        optimizer.step()
+        losses.append(step_loss)
+    return model, losses, norms
+
+
+def _engine(path, tmp_path, **options) -> offload.Engine:
+    model = AutoModelForCausalLM.from_pretrained(path)
+    adamw = optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY)
+    device, host = offload.Engine.minimum_budget(model, adamw)
+    budget = offload.Budget(device=device, host=host, nvme=tmp_path / "swap")
+    return offload.Engine(model, adamw, budget, accumulation_steps=ACCUMULATION, **options)
+
+
+def _max_difference(engine_dir, reference: torch.nn.Module) -> float:
+    exported = AutoModelForCausalLM.from_pretrained(engine_dir)
+    expected = dict(reference.named_parameters())
+    return max((p - expected[name]).abs().max().item() for name, p in exported.named_parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_streamed_through_nvme_equals_in_memory_adamw(arch, tmp_path):
+    path = save_tiny_model(arch, tmp_path / "model", seed=0, num_hidden_layers=12)
+    batches = _batches(vocab_size=128, seed=hash(arch) % 1000)
+    reference, ref_losses, norms = _reference(path, batches, max_grad_norm=0.5)
+    assert max(norms) > 0.5, "clipping must be active for this test to mean anything"
+
+    torch.manual_seed(1234)
+    engine = _engine(path, tmp_path, max_grad_norm=0.5)
+    state_bytes = sum(p.numel() for p in reference.parameters()) * 16
+    assert sum(engine.store.limits.values()) < state_bytes / 4
+    losses = [engine.train_step(batch) for batch in batches]
+    engine.export(tmp_path / "out")
+    assert engine.stats()["bytes_written"] > state_bytes, "the state must have gone through the NVMe tier"
+    engine.close()
+
+    assert _max_difference(tmp_path / "out", reference) <= 1e-6
+    torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unclipped_updates_overlap_backward_and_stay_exact(arch, tmp_path):
+    """Without clipping each layer's update runs on the worker during backward (the Fuyou path)."""
+    path = save_tiny_model(arch, tmp_path / "model", seed=3, num_hidden_layers=4)
+    batches = _batches(vocab_size=128, seed=7)
+    reference, _, _ = _reference(path, batches)
+    engine = _engine(path, tmp_path)
+    for batch in batches:
+        engine.train_step(batch)
+    engine.export(tmp_path / "out")
+    engine.close()
+    assert _max_difference(tmp_path / "out", reference) <= 1e-6
+
+
+def test_dropout_is_replayed_exactly_in_recompute(tmp_path):
+    """GPT-2 with dropout: the recomputed layer must draw the same masks as the forward did."""
+    path = save_tiny_model("gpt2", tmp_path / "model", seed=0, resid_pdrop=0.2, attn_pdrop=0.2, embd_pdrop=0.2)
+    batches = _batches(vocab_size=128, seed=11, steps=3)
+    reference, ref_losses, _ = _reference(path, batches)
+    torch.manual_seed(1234)
+    engine = _engine(path, tmp_path)
+    losses = [engine.train_step(batch) for batch in batches]
+    engine.export(tmp_path / "out")
+    engine.close()
+    torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-5)
+    assert _max_difference(tmp_path / "out", reference) <= 1e-6
+
+
+def test_per_block_clipping_matches_written_out_reference(tmp_path):
+    """PER_BLOCK mode: each block clipped to max_norm * sqrt(block numel / model numel), then AdamW."""
+    path = save_tiny_model("llama", tmp_path / "model", seed=5, num_hidden_layers=3)
+    batches = _batches(vocab_size=128, seed=13, steps=3)
+    max_norm = 0.3
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    blocks = offload.find_blocks(model).blocks
+    total = sum(b.numel for b in blocks)
+    adamw = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    clipped_any = False
+    for batch in batches:
+        adamw.zero_grad()
+        for micro in [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]:
+            (model(**micro, use_cache=False).loss / ACCUMULATION).backward()
+        for block in blocks:
+            grads = [p.grad for p in block.params.values()]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            threshold = max_norm * (block.numel / total) ** 0.5
+            clipped_any |= bool(norm > threshold)
+            coefficient = torch.clamp(threshold / (norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coefficient)
+        adamw.step()
+    assert clipped_any
+
+    engine = _engine(path, tmp_path, max_grad_norm=max_norm, clip_mode="per-block")
+    for batch in batches:
+        engine.train_step(batch)
+    engine.export(tmp_path / "out")
+    engine.close()
+    assert _max_difference(tmp_path / "out", model) <= 1e-6
+
+
+def test_from_pretrained_streams_weights_and_matches(tmp_path):
+    """Engine.from_pretrained builds on meta and reads each block from safetensors: same result."""
+    path = save_tiny_model("qwen2", tmp_path / "model", seed=2, num_hidden_layers=4)
+    batches = _batches(vocab_size=128, seed=17, steps=3)
+    reference, ref_losses, _ = _reference(path, batches)
+    adamw = optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY)
+    budget = offload.Budget(device="1MB", host="1MB", nvme=tmp_path / "swap")
+    with offload.Engine.from_pretrained(path, adamw, budget, accumulation_steps=ACCUMULATION) as engine:
+        losses = [engine.train_step(batch) for batch in batches]
+        torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-5)
+        eval_batch = _batches(vocab_size=128, seed=19, steps=1)[0]
+        reference.eval()
+        with torch.no_grad():
+            expected = reference(**eval_batch, use_cache=False).loss.item()
+        assert abs(engine.eval_loss(eval_batch) - expected) <= 1e-6
+
+
+def test_export_round_trip_logits(tmp_path):
+    path = save_tiny_model("opt", tmp_path / "model", seed=4)
+    engine = _engine(path, tmp_path)
+    batch = _batches(vocab_size=128, seed=23, steps=1)[0]
+    engine.train_step(batch)
+    engine.model.eval()
+    with torch.no_grad():
+        logits = engine.model(input_ids=batch["input_ids"], use_cache=False).logits
+    engine.export(tmp_path / "out")
+    engine.close()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=batch["input_ids"]).logits, logits, rtol=0, atol=1e-5)
+
+
+def test_budget_below_the_largest_block_is_refused_with_the_minimum(tmp_path):
+    path = save_tiny_model("llama", tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    device, host = offload.Engine.minimum_budget(model, optim.AdamW())
+    budget = offload.Budget(device=device - 1, host=host, nvme=tmp_path / "swap")
+    with pytest.raises(ValueError, match=f"raise it to at least {offload.format_bytes(device)}"):
+        offload.Engine(model, optim.AdamW(), budget)
+
+
+def test_state_larger_than_ram_budget_needs_nvme(tmp_path):
+    path = save_tiny_model("llama", tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    device, host = offload.Engine.minimum_budget(model, optim.AdamW())
+    with pytest.raises(ValueError, match="no NVMe directory was given"):
+        offload.Engine(model, optim.AdamW(), offload.Budget(device=device, host=host))
+
+
+def test_bad_options_are_reported_together(tmp_path):
+    path = save_tiny_model("llama", tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(ValueError, match="prefetch=-1.*accumulation_steps=0.*max_grad_norm=0"):
+        offload.Engine(model, optim.AdamW(), prefetch=-1, accumulation_steps=0, max_grad_norm=0)
+
+
+def test_batch_not_divisible_by_accumulation(tmp_path):
+    path = save_tiny_model("llama", tmp_path / "model")
+    engine = _engine(path, tmp_path)
+    batch = random_batch(128, batch=3, seq=8)
+    with pytest.raises(ValueError, match="not divisible by accumulation_steps=2"):
+        engine.train_step(batch)
+    engine.close()
