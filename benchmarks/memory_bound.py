@@ -1,6 +1,6 @@
 """Train a model whose training state is several times the RAM budget, and check the process stays in budget.
 
-    python benchmarks/memory_bound.py            # full: ~277M-param Llama, 1 GiB RAM budget (a few minutes)
+    python benchmarks/memory_bound.py            # full: ~277M-param Llama, 1 GiB RAM budget (1-2 minutes)
     python benchmarks/memory_bound.py --quick    # small sanity run (< 1 minute)
 
 The full training state (fp32 weights + gradients + two AdamW moments = 16 bytes per parameter) must be at
@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="set MALLOC_MMAP_THRESHOLD_ (e.g. 1MB) in the child: glibc then serves every larger allocation "
         "with its own mmap, returned to the OS on free (diagnostic: shows how much of the peak is heap growth)",
     )
+    parser.add_argument("--name", default=None, help="results file benchmarks/results/<name>.json (default: "
+                        "memory_bound[_quick][_mmap-threshold-<size>])")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: JSON spec of the run
     args = parser.parse_args(argv)
     if args.quick:
@@ -190,12 +192,15 @@ def main_parent(args: argparse.Namespace) -> None:
     payload = {
         "benchmark": "memory_bound",
         "quick": args.quick,
-        "settings": {key: value for key, value in vars(args).items() if key != "child"},
+        "settings": {key: value for key, value in vars(args).items() if key not in ("child", "name")},
         "build_and_save_s": build_s,
         **result,
         **summary,
     }
-    common.write_results("memory_bound_quick" if args.quick else "memory_bound", payload)
+    name = "memory_bound_quick" if args.quick else "memory_bound"
+    if args.malloc_mmap_threshold is not None:
+        name += f"_mmap-threshold-{args.malloc_mmap_threshold}"
+    common.write_results(args.name or name, payload)
 
 
 # ------------------------------------------------------------------------------------------- the child

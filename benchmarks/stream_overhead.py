@@ -1,14 +1,14 @@
 """What streaming all training state through NVMe costs, against plain in-memory PyTorch, in one run.
 
-    python benchmarks/stream_overhead.py            # full: ~110M-param Llama, batch 4 x 256 (several minutes)
+    python benchmarks/stream_overhead.py            # full: ~110M-param Llama, batch 4 x 256 (about 6 minutes)
     python benchmarks/stream_overhead.py --quick    # small sanity run (< 1 minute)
 
 Rows, trained one after another in this process from the same initial weights on the same batches (fp32):
   a) plain PyTorch in RAM: model.train(), loss.backward(), torch.optim.AdamW (default, single-tensor on CPU)
   b) the same with activation checkpointing per layer (use_reentrant=False): the same math as the engine,
      which recomputes each layer in its backward
-  c) the finetune engine with a RAM budget (--device-budget + --host-budget) far below the training state,
-     so the state lives on NVMe (--nvme-dir) and streams through RAM every step
+  c) the finetune engine with a RAM budget (--device-budget + --host-budget, default 896 MiB) well below the
+     training state (1.63 GiB), so the state lives on NVMe (--nvme-dir) and streams through RAM every step
   d) the finetune engine with budgets large enough for everything in RAM, no NVMe
 
 Each row: --warmup untimed steps, then --steps timed ones; the table gives the median step time, its ratio to
@@ -16,6 +16,11 @@ Each row: --warmup untimed steps, then --steps timed ones; the table gives the m
 losses (which must agree across rows). Before the rows, the raw O_DIRECT bandwidth of the NVMe directory is
 measured with the engine's own backend (offload.nvme.ThreadPoolBackend, same workers and request size) on a
 --disk-size file, so the engine's I/O can be stated as a fraction of what the disk does.
+
+The machine is shared and noisy: each step also records this process's CPU seconds and those of every other
+process meanwhile, and the report warns when others took a noticeable share. Rows run in one process, one after
+another, freeing memory between them; glibc may keep freed heap pages, so a row's peak RSS can include what
+earlier rows left (MALLOC_MMAP_THRESHOLD_=1048576 in the environment makes large allocations return on free).
 
 For the engine rows the main thread's time blocked in ChunkStore.acquire (waiting for a load, i.e. I/O not
 hidden by prefetch), the time train_step waits at its end for optimizer updates, and the optimizer worker's busy
@@ -43,7 +48,7 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import offload  # noqa: E402
 import optim  # noqa: E402
-from common import GiB, MiB, fmt_bytes  # noqa: E402
+from common import GiB, fmt_bytes  # noqa: E402
 
 LR = 1e-4
 WEIGHT_DECAY = 0.0
@@ -71,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--disk-passes", type=int, default=2, help="write+read passes; the best is reported")
     parser.add_argument("--rows", default="abcd", help="which rows to run, e.g. 'ac'")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default=None,
+                        help="results file benchmarks/results/<name>.json (default: stream_overhead[_quick])")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -460,7 +467,7 @@ def main() -> None:
         ],
         **summary,
     }
-    common.write_results("stream_overhead_quick" if args.quick else "stream_overhead", payload)
+    common.write_results(args.name or ("stream_overhead_quick" if args.quick else "stream_overhead"), payload)
 
 
 if __name__ == "__main__":
