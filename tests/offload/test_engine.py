@@ -52,6 +52,14 @@ def _engine(path, tmp_path, **options) -> offload.Engine:
     return offload.Engine(model, adamw, budget, accumulation_steps=ACCUMULATION, **options)
 
 
+def _train_and_export(engine: offload.Engine, batches, out) -> list[float]:
+    """Run every batch through the engine, export to `out`, close; returns the step losses."""
+    losses = [engine.train_step(batch) for batch in batches]
+    engine.export(out)
+    engine.close()
+    return losses
+
+
 def _max_difference(engine_dir, reference: torch.nn.Module) -> float:
     exported = AutoModelForCausalLM.from_pretrained(engine_dir)
     expected = dict(reference.named_parameters())
@@ -69,10 +77,8 @@ def test_streamed_through_nvme_equals_in_memory_adamw(arch, tmp_path):
     engine = _engine(path, tmp_path, max_grad_norm=0.5)
     state_bytes = sum(p.numel() for p in reference.parameters()) * 16
     assert sum(engine.store.limits.values()) < state_bytes / 4
-    losses = [engine.train_step(batch) for batch in batches]
-    engine.export(tmp_path / "out")
+    losses = _train_and_export(engine, batches, tmp_path / "out")
     assert engine.stats()["bytes_written"] > state_bytes, "the state must have gone through the NVMe tier"
-    engine.close()
 
     assert _max_difference(tmp_path / "out", reference) <= 1e-6
     torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-5)
@@ -84,11 +90,7 @@ def test_unclipped_updates_overlap_backward_and_stay_exact(arch, tmp_path):
     path = save_tiny_model(arch, tmp_path / "model", seed=3, num_hidden_layers=4)
     batches = _batches(vocab_size=128, seed=7)
     reference, _, _ = _reference(path, batches)
-    engine = _engine(path, tmp_path)
-    for batch in batches:
-        engine.train_step(batch)
-    engine.export(tmp_path / "out")
-    engine.close()
+    _train_and_export(_engine(path, tmp_path), batches, tmp_path / "out")
     assert _max_difference(tmp_path / "out", reference) <= 1e-6
 
 
@@ -98,10 +100,7 @@ def test_dropout_is_replayed_exactly_in_recompute(tmp_path):
     batches = _batches(vocab_size=128, seed=11, steps=3)
     reference, ref_losses, _ = _reference(path, batches)
     torch.manual_seed(1234)
-    engine = _engine(path, tmp_path)
-    losses = [engine.train_step(batch) for batch in batches]
-    engine.export(tmp_path / "out")
-    engine.close()
+    losses = _train_and_export(_engine(path, tmp_path), batches, tmp_path / "out")
     torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-5)
     assert _max_difference(tmp_path / "out", reference) <= 1e-6
 
@@ -132,11 +131,7 @@ def test_per_block_clipping_matches_written_out_reference(tmp_path):
         adamw.step()
     assert clipped_any
 
-    engine = _engine(path, tmp_path, max_grad_norm=max_norm, clip_mode="per-block")
-    for batch in batches:
-        engine.train_step(batch)
-    engine.export(tmp_path / "out")
-    engine.close()
+    _train_and_export(_engine(path, tmp_path, max_grad_norm=max_norm, clip_mode="per-block"), batches, tmp_path / "out")
     assert _max_difference(tmp_path / "out", model) <= 1e-6
 
 
