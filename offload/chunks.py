@@ -16,11 +16,16 @@ import torch
 
 from offload.nvme import ALIGNMENT, round_up
 
-__all__ = ["SLOT_ALIGNMENT", "Chunk", "ChunkLayout", "Slot", "Tier"]
+__all__ = ["SLOT_ALIGNMENT", "Chunk", "ChunkLayout", "Slot", "Tier", "chunk_nbytes"]
 
 SLOT_ALIGNMENT = 256
 """Each tensor starts at a multiple of 256 elements, so block-wise quantizers (blocks of 256) never mix two
 tensors in one block and a state chunk can be quantized as one independent unit."""
+
+
+def chunk_nbytes(numel: int, dtype: torch.dtype) -> int:
+    """Bytes of a chunk of `numel` elements of `dtype`, padded for O_DIRECT."""
+    return round_up(numel * dtype.itemsize, ALIGNMENT)
 
 
 class Tier(enum.Enum):
@@ -39,6 +44,7 @@ class Slot:
     shape: torch.Size
     offset: int
     numel: int
+    embedding: bool = False  # an nn.Embedding weight (or the head tied to one): some optimizers treat it apart
 
     def view(self, flat: torch.Tensor) -> torch.Tensor:
         """This tensor as a view into a flat chunk buffer of any dtype."""
@@ -53,17 +59,17 @@ class ChunkLayout:
     numel: int  # padded total, a multiple of SLOT_ALIGNMENT
 
     @classmethod
-    def from_shapes(cls, shapes: dict[str, torch.Size]) -> ChunkLayout:
+    def from_shapes(cls, shapes: dict[str, torch.Size], embeddings: frozenset[str] = frozenset()) -> ChunkLayout:
         slots, offset = [], 0
         for name, shape in shapes.items():
             numel = shape.numel()
-            slots.append(Slot(name, torch.Size(shape), offset, numel))
+            slots.append(Slot(name, torch.Size(shape), offset, numel, name in embeddings))
             offset += round_up(numel, SLOT_ALIGNMENT)
         return cls(tuple(slots), max(offset, SLOT_ALIGNMENT))
 
     def nbytes(self, dtype: torch.dtype) -> int:
         """Bytes of a chunk of this layout in `dtype`, padded for O_DIRECT."""
-        return round_up(self.numel * dtype.itemsize, ALIGNMENT)
+        return chunk_nbytes(self.numel, dtype)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [slot.view(flat) for slot in self.slots]

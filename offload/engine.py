@@ -28,13 +28,13 @@ from torch import nn
 from offload.blocks import Block, BlockPlan, find_blocks
 from offload.budget import Budget, format_bytes
 from offload.checkpointing import StreamedCheckpoint
-from offload.chunks import Chunk, ChunkLayout, Tier
+from offload.chunks import Chunk, ChunkLayout, Tier, chunk_nbytes
 from offload.device import make_transport
 from offload.export import write_safetensors_shards
 from offload.nvme import open_backend
 from offload.store import ChunkStore
 from offload.weights import load_block_weights
-from optim.base import ChunkOptimizer
+from optim.base import ChunkOptimizer, StateSpec
 
 __all__ = ["ClipMode", "Engine"]
 
@@ -154,28 +154,24 @@ class Engine:
     # ------------------------------------------------------------------------------------ construction
 
     def _layouts(self) -> list[_Streamed]:
-        streamed = []
-        for block in self.plan.blocks:
-            layout = ChunkLayout.from_shapes({name: p.shape for name, p in block.params.items()})
-            streamed.append(_Streamed(block, layout, list(block.params.values()), None, None, None, {}))  # type: ignore[arg-type]
-        return streamed
+        return [
+            _Streamed(block, layout, list(block.params.values()), None, None, None, {})  # type: ignore[arg-type]
+            for block, layout in _block_layouts(self.model, self.plan)
+        ]
 
     @staticmethod
     def minimum_budget(
         model: nn.Module, optimizer: ChunkOptimizer, *, compute_dtype: torch.dtype = torch.float32
     ) -> tuple[int, int]:
         """(device bytes, host bytes) below which `Engine(model, optimizer, ...)` refuses to start."""
-        blocks = find_blocks(model).blocks
-        layouts = [(b, ChunkLayout.from_shapes({n: p.shape for n, p in b.params.items()})) for b in blocks]
-        need_device, need_host, _, _ = _minimums(layouts, _roles(compute_dtype, optimizer), compute_dtype)
+        layouts = _block_layouts(model, find_blocks(model))
+        need_device, need_host, _, _ = _minimums(layouts, optimizer, compute_dtype)
         return need_device, need_host
 
     def _check_budget(self, device_bytes: int, host_bytes: int) -> None:
         """Refuse now, with the numbers, rather than fail mid-step."""
         layouts = [(s.block, s.layout) for s in self._blocks]
-        need_device, need_host, largest, total = _minimums(
-            layouts, _roles(self.compute_dtype, self.optimizer), self.compute_dtype
-        )
+        need_device, need_host, largest, total = _minimums(layouts, self.optimizer, self.compute_dtype)
         problems = []
         if device_bytes < need_device:
             problems.append(
@@ -201,8 +197,8 @@ class Engine:
     def _create_chunks(self) -> None:
         for s in self._blocks:
             chunks = {
-                role: self.store.create(f"{s.block.name}/{role}", s.layout.numel, dtype, s.layout.nbytes(dtype))
-                for role, dtype in _roles(self.compute_dtype, self.optimizer).items()
+                role: self.store.create(f"{s.block.name}/{role}", spec.numel, spec.dtype, chunk_nbytes(spec.numel, spec.dtype))
+                for role, spec in _chunk_specs(s.layout, self.compute_dtype, self.optimizer).items()
             }
             s.weights, s.grads, s.master = chunks.pop("weights"), chunks.pop("grads"), chunks.pop("master", None)
             s.states = chunks
@@ -505,17 +501,34 @@ class Engine:
         self.close()
 
 
-def _roles(compute_dtype: torch.dtype, optimizer: ChunkOptimizer) -> dict[str, torch.dtype]:
-    """The chunks every block has: compute weights, gradients, fp32 masters if compute is not fp32, states."""
-    roles = {"weights": compute_dtype, "grads": compute_dtype}
+def _block_layouts(model: nn.Module, plan: BlockPlan) -> list[tuple[Block, ChunkLayout]]:
+    """Each block's element layout, with embedding weights (and heads tied to them) marked."""
+    embeddings = frozenset(
+        plan.aliases.get(f"{name}.weight", f"{name}.weight")
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding)
+    )
+    return [
+        (block, ChunkLayout.from_shapes({n: p.shape for n, p in block.params.items()}, embeddings))
+        for block in plan.blocks
+    ]
+
+
+def _chunk_specs(layout: ChunkLayout, compute_dtype: torch.dtype, optimizer: ChunkOptimizer) -> dict[str, StateSpec]:
+    """The chunks one block has: compute weights, gradients, fp32 masters if compute is not fp32, states."""
+    specs = {"weights": StateSpec(layout.numel, compute_dtype), "grads": StateSpec(layout.numel, compute_dtype)}
     if compute_dtype != torch.float32:
-        roles["master"] = torch.float32
-    roles.update(optimizer.state_dtypes())
-    return roles
+        specs["master"] = StateSpec(layout.numel, torch.float32)
+    states = optimizer.state_specs(layout)
+    clash = sorted(set(states) & set(specs))
+    if clash:
+        raise ValueError(f"{type(optimizer).__name__}.state_specs uses reserved chunk names {clash}; rename them")
+    specs.update(states)
+    return specs
 
 
 def _minimums(
-    layouts: list[tuple[Block, ChunkLayout]], roles: dict[str, torch.dtype], compute_dtype: torch.dtype
+    layouts: list[tuple[Block, ChunkLayout]], optimizer: ChunkOptimizer, compute_dtype: torch.dtype
 ) -> tuple[int, int, str, int]:
     """(device minimum, host minimum, largest layer's name, total state bytes) for a model's blocks.
 
@@ -523,7 +536,10 @@ def _minimums(
     layer computes with its gradients. Host: one block's whole update (weights, gradients, states) at once.
     """
     compute = {b.name: 2 * layout.nbytes(compute_dtype) for b, layout in layouts}
-    update = {b.name: sum(layout.nbytes(dtype) for dtype in roles.values()) for b, layout in layouts}
+    update = {
+        b.name: sum(chunk_nbytes(spec.numel, spec.dtype) for spec in _chunk_specs(layout, compute_dtype, optimizer).values())
+        for b, layout in layouts
+    }
     outer = sum(compute[b.name] for b, _ in layouts if not b.is_layer)
     largest = max((b.name for b, _ in layouts if b.is_layer), key=compute.__getitem__)
     return outer + compute[largest], max(update.values()), largest, sum(update.values())

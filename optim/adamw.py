@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from offload.chunks import ChunkLayout
-from optim.base import ChunkOptimizer
+from optim.base import ChunkOptimizer, StateSpec
 
 __all__ = ["AdamW", "adamw_update"]
 
@@ -65,8 +65,8 @@ class AdamW(ChunkOptimizer):
             raise ValueError("AdamW: " + "; ".join(errors))
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
 
-    def state_dtypes(self) -> dict[str, torch.dtype]:
-        return {"exp_avg": torch.float32, "exp_avg_sq": torch.float32}
+    def state_specs(self, layout: ChunkLayout) -> dict[str, StateSpec]:
+        return {"exp_avg": StateSpec(layout.numel, torch.float32), "exp_avg_sq": StateSpec(layout.numel, torch.float32)}
 
     def step(
         self,

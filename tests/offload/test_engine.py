@@ -198,3 +198,13 @@ def test_batch_not_divisible_by_accumulation(tmp_path):
     with pytest.raises(ValueError, match="not divisible by accumulation_steps=2"):
         engine.train_step(batch)
     engine.close()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_embedding_weights_are_marked_in_layouts(arch, tmp_path):
+    path = save_tiny_model(arch, tmp_path / "model", seed=0)
+    with _engine(path, tmp_path) as engine:
+        marked = {slot.name for s in engine._blocks for slot in s.layout.slots if slot.embedding}
+        model = AutoModelForCausalLM.from_pretrained(path)
+    expected = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    assert marked == expected and marked

@@ -20,7 +20,7 @@ def test_flat_chunk_update_equals_torch_adamw(weight_decay):
     flat = torch.zeros(layout.numel)
     for view, p in zip(layout.views(flat), params.values()):
         view.copy_(p)
-    state = {name: torch.zeros(layout.numel) for name in ours.state_dtypes()}
+    state = {name: torch.zeros(spec.numel, dtype=spec.dtype) for name, spec in ours.state_specs(layout).items()}
     for step in range(1, 8):
         grads = [torch.randn(shape) for shape in shapes.values()]
         for p, g in zip(reference, grads):
