@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -23,17 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from offload.blocks import Block, BlockPlan, find_blocks
 from offload.budget import Budget, format_bytes
+from offload.checkpoint import ENGINE_STATE_FILE, FORMAT_VERSION, OPTIMIZER_PREFIX, atomic_directory
 from offload.checkpointing import StreamedCheckpoint
 from offload.chunks import Chunk, ChunkLayout, Tier, chunk_nbytes
 from offload.device import make_transport
 from offload.export import write_safetensors_shards
 from offload.nvme import open_backend
 from offload.store import ChunkStore
-from offload.weights import load_block_weights
+from offload.weights import load_block_weights, safetensors_index
 from optim.base import ChunkOptimizer, StateSpec
 
 __all__ = ["ClipMode", "Engine"]
@@ -205,14 +209,8 @@ class Engine:
 
     def _load_weights(self, directory: str | Path | None) -> None:
         """Copy each block's weights into its chunks, then leave the module only empty placeholders."""
+        self._copy_weights_in(directory)
         for s in self._blocks:
-            sources = load_block_weights(s.block, self.plan.aliases, directory)
-            for chunk in [c for c in (s.weights, s.master) if c is not None]:
-                flat = self.store.acquire(chunk, Tier.HOST)
-                for view, source in zip(s.layout.views(flat), sources):
-                    view.copy_(source)
-                self.store.release(chunk, Tier.HOST, dirty=True)
-            del sources
             for i, (name, p) in enumerate(list(s.block.params.items())):
                 if p.is_meta:  # a meta tensor cannot take CPU data in place: give the module a real Parameter
                     p = nn.Parameter(self._placeholder(), requires_grad=True)
@@ -222,6 +220,16 @@ class Engine:
                     s.block.params[name] = s.params[i] = p
                 p.data = self._placeholder()
                 p.requires_grad_(True)
+
+    def _copy_weights_in(self, directory: str | Path | None) -> None:
+        """Weights (and fp32 masters) of every block from `directory`'s safetensors, or from the module."""
+        for s in self._blocks:
+            sources = load_block_weights(s.block, self.plan.aliases, directory)
+            for chunk in [c for c in (s.weights, s.master) if c is not None]:
+                with self._in_host(chunk, dirty=True) as flat:
+                    for view, source in zip(s.layout.views(flat), sources):
+                        view.copy_(source)
+            del sources
 
     def _placeholder(self) -> torch.Tensor:
         return torch.empty(0, dtype=self.compute_dtype, device=self.device)
@@ -465,17 +473,112 @@ class Engine:
             generation_config.save_pretrained(path)
         return path
 
-    def _export_stream(self, dtype: torch.dtype, buffers: dict[str, torch.Tensor]) -> Any:
+    def _export_stream(self, dtype: torch.dtype, buffers: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         for s in self._blocks:
-            chunk = s.master or s.weights
-            flat = self.store.acquire(chunk, Tier.HOST)
-            try:
+            with self._in_host(s.master or s.weights) as flat:
                 for slot in s.layout.slots:
                     yield slot.name, slot.view(flat).to(dtype)
-            finally:
-                self.store.release(chunk, Tier.HOST)
-        for name, buffer in buffers.items():
-            yield name, buffer
+        yield from buffers.items()
+
+    @contextmanager
+    def _in_host(self, chunk: Chunk, *, dirty: bool = False) -> Iterator[torch.Tensor]:
+        """`chunk` held in host memory for the body of a with-statement (outside any training step)."""
+        flat = self.store.acquire(chunk, Tier.HOST)
+        try:
+            yield flat
+        finally:
+            self.store.release(chunk, Tier.HOST, dirty=dirty)
+
+    # ----------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write everything a resumed run needs into the new directory `directory`, atomically.
+
+        The directory is a Hugging Face model directory of the fp32 master weights (so it can be exported or
+        loaded as a model), plus the optimizer's state chunks and the step count, plus `extra` (whatever
+        `torch.load(weights_only=True)` reads back: RNG states, data position, schedule). Nothing is visible
+        under `directory` until all of it is on disk; the previous checkpoints are never touched.
+
+        Raises:
+            FileExistsError: `directory` exists.
+        """
+        self._wait_for_updates()
+        states = [(f"{s.block.name}/{name}", chunk) for s in self._blocks for name, chunk in s.states.items()]
+        with atomic_directory(Path(directory)) as temporary:
+            self.export(temporary)
+            write_safetensors_shards(
+                temporary,
+                [(key, torch.Size([chunk.numel]), chunk.dtype) for key, chunk in states],
+                self._state_stream(states),
+                max_shard_bytes=2 << 30,
+                prefix=OPTIMIZER_PREFIX,
+            )
+            engine_state = {
+                "format": FORMAT_VERSION,
+                "step": self.step_count,
+                "optimizer": type(self.optimizer).__name__,
+                "optimizer_state": self.optimizer.state_dict(),
+                "chunks": self._fingerprint(),
+                "extra": extra or {},
+            }
+            torch.save(engine_state, temporary / ENGINE_STATE_FILE)
+            try:  # refuse now what load_checkpoint could not read back
+                torch.load(temporary / ENGINE_STATE_FILE, weights_only=True)
+            except Exception as error:
+                raise ValueError(
+                    f"save_checkpoint: extra holds something torch.load(weights_only=True) cannot read ({str(error).splitlines()[0]}); "
+                    "keep to dicts, lists, numbers, strings and tensors"
+                ) from None
+        return Path(directory)
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        """Restore weights, optimizer state and step count from `save_checkpoint`'s directory; returns `extra`.
+
+        Raises:
+            ValueError: the directory is not a checkpoint, or belongs to another model or optimizer.
+        """
+        directory = Path(directory)
+        if not (directory / ENGINE_STATE_FILE).is_file():
+            raise ValueError(f"{directory} is not a checkpoint (no {ENGINE_STATE_FILE}); pass a directory written by save_checkpoint")
+        engine_state = torch.load(directory / ENGINE_STATE_FILE, weights_only=True)
+        optimizer = type(self.optimizer).__name__
+        if engine_state["optimizer"] != optimizer:
+            raise ValueError(
+                f"checkpoint {directory} was trained with {engine_state['optimizer']}, not {optimizer}; "
+                f"resume with the same optimizer"
+            )
+        if engine_state["chunks"] != self._fingerprint():
+            raise ValueError(
+                f"checkpoint {directory} belongs to a different model (its tensors or state shapes differ); "
+                "resume with the model and optimizer settings it was trained with"
+            )
+        self._wait_for_updates()
+        self._copy_weights_in(directory)
+        index = safetensors_index(directory, OPTIMIZER_PREFIX)
+        for s in self._blocks:
+            for name, chunk in s.states.items():
+                key = f"{s.block.name}/{name}"
+                with safe_open(index[key], framework="pt") as file:
+                    saved = file.get_tensor(key)
+                with self._in_host(chunk, dirty=True) as flat:
+                    flat.copy_(saved)
+        self.optimizer.load_state_dict(engine_state["optimizer_state"])
+        self.step_count = engine_state["step"]
+        return engine_state["extra"]
+
+    def _state_stream(self, states: list[tuple[str, Chunk]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, chunk in states:
+            with self._in_host(chunk) as flat:
+                yield key, flat
+
+    def _fingerprint(self) -> list[tuple]:
+        """What must match between a checkpoint and this engine: every tensor's name and shape, every chunk's
+        size and dtype."""
+        tensors = [(slot.name, tuple(slot.shape)) for s in self._blocks for slot in s.layout.slots]
+        chunks = [
+            (f"{s.block.name}/{name}", chunk.numel, str(chunk.dtype)) for s in self._blocks for name, chunk in s.states.items()
+        ]
+        return tensors + chunks
 
     def stats(self) -> dict[str, int]:
         """Bytes moved and peak bytes per tier so far."""

@@ -63,17 +63,19 @@ def write_safetensors_shards(
     tensors: Iterable[tuple[str, torch.Tensor]],
     *,
     max_shard_bytes: int,
+    prefix: str = "model",
 ) -> list[Path]:
     """Write `tensors` (yielded in `specs` order) as safetensors shards plus an index when there are several.
 
-    Returns the final paths written. The iterator may hold one block in memory; each tensor is written as
-    soon as it is yielded.
+    Files are named as transformers names them (`model.safetensors`, `model-00001-of-00002.safetensors`,
+    `model.safetensors.index.json`), with `prefix` in place of "model". Returns the final paths written. The
+    iterator may hold one block in memory; each tensor is written as soon as it is yielded.
     """
     shards = _shard_specs(specs, max_shard_bytes)
     names = (
-        ["model.safetensors"]
+        [f"{prefix}.safetensors"]
         if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        else [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     stream: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
     written: list[tuple[Path, Path]] = []
@@ -92,14 +94,16 @@ def write_safetensors_shards(
             file.flush()
             os.fsync(file.fileno())
         written.append((temporary, final))
+    if next(stream, None) is not None:  # also runs the stream's cleanup (releasing what it holds) now
+        raise RuntimeError("export stream yielded more tensors than its specs")
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(s.numel() * d.itemsize for _, s, d in specs)},
             "weight_map": {spec[0]: name for shard, name in zip(shards, names) for spec in shard},
         }
-        temporary = directory / ".model.safetensors.index.json.partial"
+        temporary = directory / f".{prefix}.safetensors.index.json.partial"
         temporary.write_text(json.dumps(index, indent=2))
-        written.append((temporary, directory / "model.safetensors.index.json"))
+        written.append((temporary, directory / f"{prefix}.safetensors.index.json"))
     for temporary, final in written:  # rename last: a crash before this point leaves only .partial files
         os.replace(temporary, final)
     return [final for _, final in written]

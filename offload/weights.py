@@ -7,7 +7,6 @@ is built on the meta device (no memory) and only the current block's tensors are
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -18,14 +17,13 @@ from offload.blocks import Block
 __all__ = ["load_block_weights", "safetensors_index"]
 
 
-@lru_cache(maxsize=8)
-def safetensors_index(directory: Path) -> dict[str, Path]:
+def safetensors_index(directory: Path, prefix: str = "model") -> dict[str, Path]:
     """Tensor name -> file, from `model.safetensors.index.json` or the single `model.safetensors`."""
-    index = directory / "model.safetensors.index.json"
+    index = directory / f"{prefix}.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: directory / file for name, file in weight_map.items()}
-    single = directory / "model.safetensors"
+    single = directory / f"{prefix}.safetensors"
     if not single.exists():
         raise FileNotFoundError(
             f"{directory} has no model.safetensors or model.safetensors.index.json; "
