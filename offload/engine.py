@@ -31,7 +31,7 @@ from torch import nn
 from offload.blocks import Block, BlockPlan, find_blocks
 from offload.budget import Budget, format_bytes
 from offload.checkpoint import ENGINE_STATE_FILE, FORMAT_VERSION, OPTIMIZER_PREFIX, atomic_directory
-from offload.checkpointing import StreamedCheckpoint
+from offload.checkpointing import StreamedCheckpoint, StreamedLayer
 from offload.chunks import Chunk, ChunkLayout, Tier, chunk_nbytes
 from offload.device import make_transport
 from offload.export import write_safetensors_shards
@@ -85,6 +85,10 @@ class Engine:
         accumulation_steps: micro-batches per optimizer step; `train_step` splits its batch into this many.
         max_grad_norm: clip gradients to this norm (None: no clipping).
         clip_mode: see `ClipMode`.
+        checkpoint_activations: recompute each layer in backward and keep only its input (activation memory of
+            one layer). False keeps every layer's activations until its backward, as plain PyTorch does: no
+            recompute (about a third less compute), but activation memory grows with batch x sequence x layers,
+            and it is not counted in the budget.
         device: where to compute; default CUDA when available, else CPU.
         compute_dtype: dtype of weights in compute; default bfloat16 on CUDA, float32 on CPU (bf16 matrix
             products are far slower than fp32 on most CPUs). Master weights and optimizer math are fp32.
@@ -102,6 +106,7 @@ class Engine:
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
         clip_mode: ClipMode | str = ClipMode.EXACT,
+        checkpoint_activations: bool = True,
         device: torch.device | str | None = None,
         compute_dtype: torch.dtype | None = None,
         weights: str | Path | None = None,
@@ -120,6 +125,7 @@ class Engine:
         self.budget = budget or Budget()
         self.prefetch_depth, self.accumulation_steps = prefetch, accumulation_steps
         self.max_grad_norm, self.clip_mode = max_grad_norm, ClipMode(clip_mode)
+        self.checkpoint_activations = checkpoint_activations
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.compute_dtype = compute_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.step_count = 0
@@ -139,6 +145,7 @@ class Engine:
         self._last_micro = True
         self._training = False
         self._lock = threading.Lock()
+        self._held_storage: dict[int, int] = {}  # storage address of a held weight chunk -> block index
 
     @classmethod
     def from_pretrained(
@@ -248,9 +255,8 @@ class Engine:
                         "which streaming needs; this architecture is not supported yet"
                     )
                 point.module.gradient_checkpointing = True
-                point.module._gradient_checkpointing_func = partial(
-                    StreamedCheckpoint.apply, self, blocks[0], self.device
-                )
+                call = StreamedCheckpoint if self.checkpoint_activations else StreamedLayer
+                point.module._gradient_checkpointing_func = partial(call.apply, self, blocks[0], self.device)
 
     # -------------------------------------------------------------------------------- holding blocks
 
@@ -260,6 +266,7 @@ class Engine:
         if s.holds == 0:
             for p, view in zip(s.params, s.layout.views(flat)):
                 p.data = view
+            self._held_storage[flat.untyped_storage().data_ptr()] = index
         s.holds += 1
         if grads:
             flat = self.store.acquire(s.grads, Tier.DEVICE)
@@ -280,7 +287,35 @@ class Engine:
         if s.holds == 0:
             for p in s.params:
                 p.data = self._placeholder()
+            del self._held_storage[s.weights.typed(Tier.DEVICE).untyped_storage().data_ptr()]
         self.store.release(s.weights, Tier.DEVICE)
+
+    def saved_weights(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """Autograd hooks under which a saved view of a held weight chunk is kept as (block, place) and re-made at
+        backward from the block's buffer then, which may be another buffer (the block was evicted and loaded
+        again, and its old buffer reused). Saving the view itself would pin memory outside the budget, or, once
+        the buffer is reused, read another chunk's bytes."""
+
+        def pack(tensor: torch.Tensor) -> Any:
+            index = self._held_storage.get(tensor.untyped_storage().data_ptr())
+            if index is None:
+                return tensor
+            flat = self._blocks[index].weights.typed(Tier.DEVICE)
+            if tensor.dtype != flat.dtype:
+                return tensor
+            return index, tensor.storage_offset() - flat.storage_offset(), tensor.shape, tensor.stride()
+
+        def unpack(packed: Any) -> torch.Tensor:
+            if torch.is_tensor(packed):
+                return packed
+            index, offset, shape, stride = packed
+            chunk = self._blocks[index].weights
+            if not chunk.pinned(Tier.DEVICE):
+                raise RuntimeError(f"backward needs the weights of {chunk.key}, which are not held; this is a bug")
+            flat = chunk.typed(Tier.DEVICE)
+            return flat.as_strided(shape, stride, flat.storage_offset() + offset)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
     def _prefetch(self, indices: range) -> None:
         for index in indices:
@@ -338,7 +373,8 @@ class Engine:
         try:
             for k, micro in enumerate(micro_batches):
                 self._last_micro = k == len(micro_batches) - 1
-                loss = self.model(**micro, use_cache=False).loss
+                with self.saved_weights():
+                    loss = self.model(**micro, use_cache=False).loss
                 (loss / len(micro_batches)).backward()
                 self._end_backward()
                 losses.append(loss.detach())

@@ -8,6 +8,7 @@ would otherwise evict the very memory we are trying to save and add a copy.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import tempfile
 import threading
@@ -30,14 +31,23 @@ def round_up(nbytes: int, alignment: int = ALIGNMENT) -> int:
 
 
 def aligned_empty(nbytes: int, *, pin_memory: bool = False) -> torch.Tensor:
-    """O_DIRECT rejects buffers not starting on a 4096-byte boundary and torch's allocator only
-    promises 64, so over-allocate and slice (the slice keeps the whole storage alive)."""
-    if pin_memory and not torch.cuda.is_available():
-        raise ValueError("pin_memory=True needs CUDA, but torch.cuda.is_available() is False")
+    """An uninitialised uint8 buffer of round_up(nbytes) bytes starting on a 4096-byte boundary (O_DIRECT needs it).
+
+    Host buffers are anonymous memory maps of their own: page-aligned by construction, and returned to the OS
+    the moment they are freed. From glibc's heap they could stay resident after being freed (its dynamic mmap
+    threshold rises to 32 MiB), and the process would outgrow its memory budget. Pinned buffers come from
+    torch's pinned allocator, which promises only 64-byte alignment, so those are over-allocated and sliced.
+    """
     size = round_up(nbytes)
-    raw = torch.empty(size + ALIGNMENT, dtype=torch.uint8, pin_memory=pin_memory)
-    shift = -raw.data_ptr() % ALIGNMENT
-    return raw[shift : shift + size]
+    if pin_memory:
+        if not torch.cuda.is_available():
+            raise ValueError("pin_memory=True needs CUDA, but torch.cuda.is_available() is False")
+        raw = torch.empty(size + ALIGNMENT, dtype=torch.uint8, pin_memory=True)
+        shift = -raw.data_ptr() % ALIGNMENT
+        return raw[shift : shift + size]
+    if size == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)  # the tensor keeps the map alive
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,12 @@ Rules it keeps:
   NVMe file first, and its memory is counted until that write completes.
 - Loads and writes are asynchronous (the NVMe backend's thread pool); `prefetch` starts a load on a staging
   thread so that the compute thread never waits for eviction work it did not need.
+- Freed host-memory buffers are kept for reuse by the next chunk of the same size (most chunks of a model share
+  a few sizes), so steady-state streaming neither page-faults fresh memory nor churns the allocator. Kept
+  buffers count against the budget: host bytes in use + kept never exceed it. On CPU both tiers are one RAM
+  and share one pool, bounded by the two budgets together (a chunk moving between them changes only its
+  accounting, so separate pools would keep buffers in the wrong one). CUDA device memory is left to torch's
+  caching allocator.
 
 All bookkeeping happens under one lock (a Condition); I/O and copies happen outside it.
 """
@@ -25,8 +31,6 @@ from offload.device import Transport
 from offload.nvme import SwapFile, ThreadPoolBackend
 
 __all__ = ["BudgetExceeded", "ChunkStore"]
-
-_WAIT_LIMIT_S = 60.0  # a demand load waiting this long for others to release memory is a deadlock, not load
 
 
 class BudgetExceeded(MemoryError):
@@ -48,9 +52,16 @@ class ChunkStore:
         host_bytes: int,
         transport: Transport,
         backend: ThreadPoolBackend | None,
+        *,
+        wait_limit_s: float = 60.0,
     ) -> None:
+        """`wait_limit_s`: a demand load that waits this long for other threads to release memory is taken for a
+        deadlock (everything held) and raises BudgetExceeded instead of hanging."""
+        self.wait_limit_s = wait_limit_s
         self.limits = {Tier.DEVICE: device_bytes, Tier.HOST: host_bytes}
         self.used = {Tier.DEVICE: 0, Tier.HOST: 0}
+        self.pooled = 0  # bytes of free host-memory buffers kept for reuse
+        self._free: dict[int, list[torch.Tensor]] = {}  # buffer size -> kept buffers
         self.peak = {Tier.DEVICE: 0, Tier.HOST: 0}
         self.bytes_read = 0
         self.bytes_written = 0
@@ -62,6 +73,7 @@ class ChunkStore:
         self._moving: set[int] = set()  # id(chunk) of chunks being re-charged from one tier to another
         self._lock = threading.Condition()
         self._clock = 0
+        self._write_error: BaseException | None = None  # a failed swap write, raised to the next demand
         # One staging thread: prefetches run in order, and their eviction waits never block compute.
         self._stager = ThreadPoolExecutor(1, thread_name_prefix="chunk-stage")
 
@@ -179,7 +191,7 @@ class ChunkStore:
                     break  # CUDA, chunk only on NVMe: stage it through host memory first (below)
                 self._moving.add(id(chunk))  # making room must not evict or move this very chunk
                 try:
-                    reserved = self._reserve(tier, chunk.nbytes, best_effort, exclude=chunk)
+                    reserved = self._reserve(tier, chunk.nbytes, best_effort, exclude=chunk, takes_buffer=not moving)
                 finally:
                     self._moving.discard(id(chunk))
                     self._lock.notify_all()
@@ -204,7 +216,7 @@ class ChunkStore:
                 chunk.dirty = tier
             self._lock.notify_all()
             return _done()
-        buffer = self.transport.allocate(chunk.nbytes, on_device=tier is Tier.DEVICE)
+        buffer = self._take(tier, chunk.nbytes)
         if Tier.HOST in chunk.buffers and tier is Tier.DEVICE:  # CUDA host -> device copy
             chunk.ready[tier] = self.transport.copy(buffer, chunk.buffers[Tier.HOST])
             self._set_present(chunk, tier, buffer)
@@ -230,15 +242,19 @@ class ChunkStore:
                 self.used[tier] -= chunk.nbytes
             self._lock.notify_all()
 
-    def _move_down(self, chunk: Chunk) -> None:
-        """CPU eviction from device: re-charge an unheld chunk's bytes to the host budget (lock held)."""
+    def _move_down(self, chunk: Chunk) -> bool:
+        """CPU eviction from device: re-charge an unheld chunk's bytes to the host budget if it has room now
+        (lock held). Returns False when it has not: waiting could deadlock, as the chunk making room in the
+        device tier may be the very one whose move up would free the host tier."""
         self._moving.add(id(chunk))
         try:
-            self._reserve(Tier.HOST, chunk.nbytes, best_effort=False, exclude=chunk)
+            room = self._reserve(Tier.HOST, chunk.nbytes, best_effort=True, exclude=chunk, takes_buffer=False)
         finally:
             self._moving.discard(id(chunk))
             self._lock.notify_all()
-        self._fill(chunk, Tier.HOST, Tier.DEVICE)
+        if room:
+            self._fill(chunk, Tier.HOST, Tier.DEVICE)
+        return room
 
     def _set_present(self, chunk: Chunk, tier: Tier, buffer: torch.Tensor) -> None:
         chunk.buffers[tier] = buffer
@@ -246,17 +262,23 @@ class ChunkStore:
 
     # ------------------------------------------------------------------------------------------ eviction
 
-    def _reserve(self, tier: Tier, nbytes: int, best_effort: bool, exclude: Chunk | None = None) -> bool:
-        """Count `nbytes` against `tier`, evicting or waiting until they fit. Called with the lock held."""
-        deadline = time.monotonic() + _WAIT_LIMIT_S
+    def _reserve(
+        self, tier: Tier, nbytes: int, best_effort: bool, *, exclude: Chunk | None, takes_buffer: bool
+    ) -> bool:
+        """Count `nbytes` against `tier`, evicting or waiting until they fit. Called with the lock held.
+
+        `takes_buffer`: the caller goes on to `_take` a buffer of `nbytes` (a load), rather than re-charging
+        a buffer it has (a move), so a kept buffer of that size is spared when the pool is trimmed."""
+        deadline = time.monotonic() + self.wait_limit_s
         while self.used[tier] + nbytes > self.limits[tier]:
+            self._raise_write_error()
             victim = self._victim(tier, exclude)
             if victim is not None:
                 self._evict(victim, tier)
                 continue
             if best_effort and not self._writing:
                 return False
-            if time.monotonic() > deadline or not (self._writing or self._others_hold(tier)):
+            if time.monotonic() > deadline or not (self._writing or self._others_hold(tier, exclude)):
                 if best_effort:
                     return False
                 raise BudgetExceeded(
@@ -267,7 +289,43 @@ class ChunkStore:
             self._lock.wait(timeout=1.0)  # a write finishing or a release elsewhere frees room
         self.used[tier] += nbytes
         self.peak[tier] = max(self.peak[tier], self.used[tier])
+        if takes_buffer:  # a move re-charges a buffer from the other tier: RAM in use stays the same
+            self._trim_pool(tier, nbytes)
         return True
+
+    def _raise_write_error(self) -> None:
+        if self._write_error is not None:
+            directory = self.backend.directory if self.backend is not None else "the swap directory"
+            raise OSError(
+                f"writing a swap file in {directory} failed ({self._write_error}); nothing was lost from memory, "
+                "but training cannot go on: free space there or choose another Budget.nvme"
+            ) from self._write_error
+
+    def _pooled_tier(self, tier: Tier) -> bool:
+        return tier is Tier.HOST or self.transport.shares_memory
+
+    def _pool_room(self) -> int:
+        """Bytes the pool may keep: what the tiers it serves have not in use."""
+        tiers = (Tier.DEVICE, Tier.HOST) if self.transport.shares_memory else (Tier.HOST,)
+        return sum(self.limits[tier] - self.used[tier] for tier in tiers)
+
+    def _take(self, tier: Tier, nbytes: int) -> torch.Tensor:
+        """A buffer for `nbytes` already reserved in `tier`: a kept one of that size, else a new one."""
+        kept = self._free.get(nbytes) if self._pooled_tier(tier) else None
+        if kept:
+            self.pooled -= nbytes
+            return kept.pop()
+        return self.transport.allocate(nbytes, on_device=tier is Tier.DEVICE)
+
+    def _trim_pool(self, tier: Tier, taken: int) -> None:
+        """Free kept buffers until they fit the pool's room, sparing one of `taken` bytes (about to be taken)."""
+        if not self._pooled_tier(tier):
+            return
+        spare = taken if self._free.get(taken) else 0
+        while self.pooled - spare > self._pool_room():
+            size = max(size for size, kept in self._free.items() if len(kept) > (size == spare))
+            self._free[size].pop()  # the last reference: the memory goes back to the OS (see aligned_empty)
+            self.pooled -= size
 
     def _holders(self, tier: Tier) -> str:
         return ", ".join(
@@ -276,9 +334,12 @@ class ChunkStore:
             if tier in c.buffers or tier in c.loading
         )
 
-    def _others_hold(self, tier: Tier) -> bool:
-        """Whether memory in `tier` may still be freed by someone else: a held chunk, or a load in flight."""
-        return any(chunk.loading or chunk.pinned(tier) for chunk in self._chunks)
+    def _others_hold(self, tier: Tier, exclude: Chunk | None) -> bool:
+        """Whether memory in `tier` may still be freed by someone else: a held chunk, a load in flight, or a
+        chunk another thread is moving between tiers."""
+        if self._moving - {id(exclude)}:
+            return True
+        return any((chunk.loading or chunk.pinned(tier)) and chunk is not exclude for chunk in self._chunks)
 
     def _victim(self, tier: Tier, exclude: Chunk | None) -> Chunk | None:
         candidates = [
@@ -302,40 +363,54 @@ class ChunkStore:
         if tier is Tier.DEVICE:
             if Tier.HOST in chunk.buffers and chunk.dirty is not Tier.DEVICE:
                 self._drop(chunk, tier)  # CUDA: the host copy is as new, the device copy was a cache
-            elif self.transport.shares_memory:
-                if Tier.HOST in chunk.buffers:  # a stale host copy (the device one is newer): replace it
-                    self._drop(chunk, Tier.HOST)
-                self._move_down(chunk)
-            else:
-                self._reserve(Tier.HOST, chunk.nbytes, best_effort=False, exclude=chunk)
-                host = self.transport.allocate(chunk.nbytes, on_device=False)
+                return
+            if not self.transport.shares_memory:
+                self._reserve(Tier.HOST, chunk.nbytes, best_effort=False, exclude=chunk, takes_buffer=True)
+                host = self._take(Tier.HOST, chunk.nbytes)
                 self.transport.ready_on_host(self.transport.copy(host, chunk.buffers[tier]))  # host sync
                 self._set_present(chunk, Tier.HOST, host)
                 chunk.dirty = Tier.HOST if chunk.dirty is Tier.DEVICE else chunk.dirty
                 self._drop(chunk, tier)
-            return
-        if chunk.zero or chunk.on_nvme or self._newest_tier(chunk) is not Tier.HOST:
+                return
+            if Tier.HOST in chunk.buffers:  # CPU: a stale host copy (the device one is newer): replace it
+                self._drop(chunk, Tier.HOST)
+            if self._move_down(chunk):
+                return
+            # CPU, host tier full of chunks that cannot leave now: spill straight from device memory.
+        if chunk.zero or chunk.on_nvme or self._newest_tier(chunk) is not tier:
             self._drop(chunk, tier)
             return
-        # Dirty host bytes go to NVMe first; the memory stays counted until the write completes.
+        if self.backend is None:
+            raise BudgetExceeded(
+                f"the {tier.value} tier is full and {chunk.key} has no NVMe file to go to; set Budget.nvme or "
+                "raise the budgets"
+            )
+        # Dirty bytes go to NVMe first; the memory stays counted until the write completes.
         future = self._file(chunk).write_from(chunk.buffers[tier])
         self._writing[id(chunk)] = future
-        future.add_done_callback(lambda f: self._written(chunk, f))
+        future.add_done_callback(lambda f: self._written(chunk, tier, f))
 
-    def _written(self, chunk: Chunk, future: Future) -> None:
+    def _written(self, chunk: Chunk, tier: Tier, future: Future) -> None:
         with self._lock:
             del self._writing[id(chunk)]
-            future.result()  # a failed write (disk full) must surface, never silently drop the bytes
+            self._lock.notify_all()
+            if future.exception() is not None:  # disk full, I/O error: keep the bytes, fail the next demand
+                self._write_error = future.exception()
+                return
             self.bytes_written += chunk.nbytes
             chunk.on_nvme = True
-            if chunk.dirty is Tier.HOST:
+            if chunk.dirty is tier:
                 chunk.dirty = None
-            self._drop(chunk, Tier.HOST)
-            self._lock.notify_all()
+            self._drop(chunk, tier)
 
     def _drop(self, chunk: Chunk, tier: Tier) -> None:
-        del chunk.buffers[tier]
+        """Free the chunk's buffer in `tier`. Only for buffers nobody holds: a kept buffer is handed to the next
+        chunk of its size, so a stale view of it would read another chunk's bytes."""
+        buffer = chunk.buffers.pop(tier)
         self.used[tier] -= chunk.nbytes
+        if self._pooled_tier(tier):
+            self._free.setdefault(chunk.nbytes, []).append(buffer)
+            self.pooled += chunk.nbytes
 
     def _mark_dirty(self, chunk: Chunk, tier: Tier) -> None:
         chunk.zero, chunk.on_nvme, chunk.dirty = False, False, tier

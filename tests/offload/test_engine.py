@@ -94,13 +94,28 @@ def test_unclipped_updates_overlap_backward_and_stay_exact(arch, tmp_path):
     assert _max_difference(tmp_path / "out", reference) <= 1e-6
 
 
-def test_dropout_is_replayed_exactly_in_recompute(tmp_path):
-    """GPT-2 with dropout: the recomputed layer must draw the same masks as the forward did."""
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gpt_neox"])
+def test_kept_activations_without_recompute_stay_exact(arch, tmp_path):
+    """checkpoint_activations=False keeps each layer's graph; saved weight views are re-made from the block's
+    buffer at backward, after the block was evicted to NVMe and loaded into a reused buffer in between."""
+    path = save_tiny_model(arch, tmp_path / "model", seed=3, num_hidden_layers=6)
+    batches = _batches(vocab_size=128, seed=int(torch.randint(0, 2**31, ())))
+    reference, ref_losses, _ = _reference(path, batches, max_grad_norm=0.5)
+    engine = _engine(path, tmp_path, checkpoint_activations=False, max_grad_norm=0.5)
+    losses = _train_and_export(engine, batches, tmp_path / "out")
+    torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-5)
+    assert _max_difference(tmp_path / "out", reference) <= 1e-6
+
+
+@pytest.mark.parametrize("checkpoint_activations", [True, False])
+def test_dropout_is_exact_with_and_without_recompute(checkpoint_activations, tmp_path):
+    """GPT-2 with dropout: a recomputed layer must draw the same masks as its forward did (RNG replay)."""
     path = save_tiny_model("gpt2", tmp_path / "model", seed=0, resid_pdrop=0.2, attn_pdrop=0.2, embd_pdrop=0.2)
     batches = _batches(vocab_size=128, seed=11, steps=3)
     reference, ref_losses, _ = _reference(path, batches)
     torch.manual_seed(1234)
-    losses = _train_and_export(_engine(path, tmp_path), batches, tmp_path / "out")
+    engine = _engine(path, tmp_path, checkpoint_activations=checkpoint_activations)
+    losses = _train_and_export(engine, batches, tmp_path / "out")
     torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-5)
     assert _max_difference(tmp_path / "out", reference) <= 1e-6
 

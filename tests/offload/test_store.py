@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import threading
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -22,17 +23,27 @@ NUMEL = 3000  # 12000 bytes -> 12288 with O_DIRECT padding
 def _store(tmp_path, device_chunks: int, host_chunks: int, nvme: bool = True) -> ChunkStore:
     nbytes = round_up(NUMEL * 4)
     backend = ThreadPoolBackend(tmp_path / "swap") if nvme else None
-    return ChunkStore(device_chunks * nbytes, host_chunks * nbytes, Transport(torch.device("cpu")), backend)
+    return ChunkStore(
+        device_chunks * nbytes, host_chunks * nbytes, Transport(torch.device("cpu")), backend, wait_limit_s=2.0
+    )
 
 
 def _chunks(store: ChunkStore, count: int):
     return [store.create(f"c{i}", NUMEL, torch.float32, round_up(NUMEL * 4)) for i in range(count)]
 
 
-def test_random_traffic_keeps_budgets_and_bytes(tmp_path):
+@pytest.mark.parametrize("mixed_sizes", [False, True])
+def test_random_traffic_keeps_budgets_and_bytes(tmp_path, mixed_sizes):
+    """Every read sees the bytes last written; with one chunk size kept buffers are reused, with two they are
+    also trimmed to stay within the budgets."""
     store = _store(tmp_path, device_chunks=2, host_chunks=3)
-    chunks = _chunks(store, 12)
-    expected = {chunk.key: torch.zeros(NUMEL) for chunk in chunks}
+    chunks = _chunks(store, 8) + [
+        store.create(f"double{i}", 2 * NUMEL, torch.float32, round_up(2 * NUMEL * 4)) for i in range(4 * mixed_sizes)
+    ]
+    expected = {chunk.key: torch.zeros(chunk.numel) for chunk in chunks}
+    allocations = []
+    allocate = store.transport.allocate
+    store.transport.allocate = lambda nbytes, on_device: allocations.append(nbytes) or allocate(nbytes, on_device=on_device)
     rng = random.Random(torch.seed())
     for _ in range(300):
         chunk = rng.choice(chunks)
@@ -43,12 +54,14 @@ def test_random_traffic_keeps_budgets_and_bytes(tmp_path):
         assert torch.equal(data, expected[chunk.key]), chunk.key
         write = rng.random() < 0.5
         if write:
-            expected[chunk.key] = torch.randn(NUMEL)
+            expected[chunk.key] = torch.randn(chunk.numel)
             data.copy_(expected[chunk.key])
         store.release(chunk, tier, dirty=write)
-        for t in (Tier.DEVICE, Tier.HOST):
-            assert store.used[t] <= store.limits[t]
+        assert all(store.used[t] <= store.limits[t] for t in Tier if t is not Tier.NVME)
+        assert store.used[Tier.DEVICE] + store.used[Tier.HOST] + store.pooled <= sum(store.limits.values())
     assert store.bytes_written > 0 and store.bytes_read > 0
+    if not mixed_sizes:  # about 200 loads: without reuse each would allocate
+        assert len(allocations) <= 10, f"{len(allocations)} buffers allocated: freed buffers are not reused"
     store.close()
 
 
@@ -125,3 +138,19 @@ def test_flush_writes_every_dirty_chunk(tmp_path):
     assert all(chunk.on_nvme and chunk.dirty is None for chunk in chunks)
     assert store.bytes_written == sum(chunk.nbytes for chunk in chunks)
     store.close()
+
+
+def test_failed_swap_write_keeps_the_bytes_and_fails_the_next_demand(tmp_path):
+    """A full disk: the write-back of an evicted chunk fails. Its bytes stay in memory, the error reaches the
+    caller as one OSError naming the swap directory, and nothing is silently dropped."""
+    store = _store(tmp_path, device_chunks=0, host_chunks=1)
+    first, second = _chunks(store, 2)
+    store.acquire(first, Tier.HOST).fill_(5.0)
+    store.release(first, Tier.HOST, dirty=True)
+    failed = Future()
+    failed.set_exception(OSError(28, "No space left on device"))
+    store._file(first).write_from = lambda buffer: failed
+    with pytest.raises(OSError, match="No space left on device.*free space there"):
+        store.acquire(second, Tier.HOST)
+    assert torch.equal(first.typed(Tier.HOST), torch.full((NUMEL,), 5.0))
+    assert first.dirty is Tier.HOST and not first.on_nvme
