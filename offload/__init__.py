@@ -3,7 +3,12 @@
 from offload.blocks import Block, BlockPlan, find_blocks
 from offload.budget import Budget, Hardware, detect_hardware, format_bytes, parse_size
 from offload.engine import ClipMode, Engine
+from offload.host_memory import return_freed_memory_to_os
 from offload.store import BudgetExceeded
+
+# At import, before the first large tensor is freed: measured, the same setting made later (when the engine is
+# built) leaves the heap to grow as if it were not made. See offload/host_memory.py.
+return_freed_memory_to_os()
 
 __all__ = [
     "Block",

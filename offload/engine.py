@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -68,9 +68,14 @@ class _Streamed:
     master: Chunk | None
     grads: Chunk
     states: dict[str, Chunk]
+    aliases: list[tuple[nn.Parameter, int]] = field(default_factory=list)  # tied twins, with the slot they view
     holds: int = 0
     grad_holds: int = 0
     norms: list[torch.Tensor] | None = None
+
+    def bound(self) -> list[tuple[nn.Parameter, int]]:
+        """Every Parameter object that views this block's chunks, with the index of the slot it views."""
+        return [(p, i) for i, p in enumerate(self.params)] + self.aliases
 
 
 class Engine:
@@ -217,16 +222,31 @@ class Engine:
     def _load_weights(self, directory: str | Path | None) -> None:
         """Copy each block's weights into its chunks, then leave the module only empty placeholders."""
         self._copy_weights_in(directory)
+        # A tied weight's other use (the head) gets a Parameter object of its own over the same chunk, so each
+        # use adds its gradient into the chunk as soon as it is computed. One shared object makes autograd keep
+        # the head's vocab x hidden gradient until the embedding's arrives at the end of backward and sum the
+        # two in a third tensor: memory outside the budget. With gradient accumulation the shared object stays:
+        # PyTorch adds the two uses' sum into the accumulated gradient, and only that order is equal to
+        # in-memory training to the bit.
+        untie = self.accumulation_steps == 1
         for s in self._blocks:
             for i, (name, p) in enumerate(list(s.block.params.items())):
+                aliases = [alias for alias, owner in self.plan.aliases.items() if owner == name]
                 if p.is_meta:  # a meta tensor cannot take CPU data in place: give the module a real Parameter
                     p = nn.Parameter(self._placeholder(), requires_grad=True)
-                    for alias in [name] + [a for a, owner in self.plan.aliases.items() if owner == name]:
-                        module_name, _, leaf = alias.rpartition(".")
-                        setattr(self.model.get_submodule(module_name), leaf, p)
+                    for target in [name] + ([] if untie else aliases):
+                        self._set_parameter(target, p)
                     s.block.params[name] = s.params[i] = p
                 p.data = self._placeholder()
                 p.requires_grad_(True)
+                for alias in aliases if untie else []:
+                    twin = nn.Parameter(self._placeholder(), requires_grad=True)
+                    self._set_parameter(alias, twin)
+                    s.aliases.append((twin, i))
+
+    def _set_parameter(self, name: str, parameter: nn.Parameter) -> None:
+        module_name, _, leaf = name.rpartition(".")
+        setattr(self.model.get_submodule(module_name), leaf, parameter)
 
     def _copy_weights_in(self, directory: str | Path | None) -> None:
         """Weights (and fp32 masters) of every block from `directory`'s safetensors, or from the module."""
@@ -264,15 +284,17 @@ class Engine:
         s = self._blocks[index]
         flat = self.store.acquire(s.weights, Tier.DEVICE)
         if s.holds == 0:
-            for p, view in zip(s.params, s.layout.views(flat)):
-                p.data = view
+            views = s.layout.views(flat)
+            for p, slot in s.bound():
+                p.data = views[slot]
             self._held_storage[flat.untyped_storage().data_ptr()] = index
         s.holds += 1
         if grads:
             flat = self.store.acquire(s.grads, Tier.DEVICE)
             if s.grad_holds == 0:
-                for p, view in zip(s.params, s.layout.views(flat)):
-                    p.grad = view  # autograd accumulates into the chunk in place
+                views = s.layout.views(flat)
+                for p, slot in s.bound():
+                    p.grad = views[slot]  # autograd accumulates into the chunk in place
             s.grad_holds += 1
 
     def _release(self, index: int, *, grads: bool = False) -> None:
@@ -280,12 +302,12 @@ class Engine:
         if grads:
             s.grad_holds -= 1
             if s.grad_holds == 0:
-                for p in s.params:
+                for p, _ in s.bound():
                     p.grad = None
             self.store.release(s.grads, Tier.DEVICE, dirty=True)
         s.holds -= 1
         if s.holds == 0:
-            for p in s.params:
+            for p, _ in s.bound():
                 p.data = self._placeholder()
             del self._held_storage[s.weights.typed(Tier.DEVICE).untyped_storage().data_ptr()]
         self.store.release(s.weights, Tier.DEVICE)

@@ -47,7 +47,8 @@ def aligned_empty(nbytes: int, *, pin_memory: bool = False) -> torch.Tensor:
         return raw[shift : shift + size]
     if size == 0:
         return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)  # the tensor keeps the map alive
+    private = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # Python's default is MAP_SHARED
+    return torch.frombuffer(private, dtype=torch.uint8)  # the tensor keeps the map alive
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

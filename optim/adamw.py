@@ -13,6 +13,8 @@ from optim.base import ChunkOptimizer, StateSpec
 
 __all__ = ["AdamW", "adamw_update"]
 
+_SLICE = 1 << 20  # elements per slice of a flat update: 4 MiB fp32 temporaries, still large enough for every thread
+
 
 def adamw_update(
     param: torch.Tensor,
@@ -27,7 +29,19 @@ def adamw_update(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One decoupled-weight-decay Adam update in fp32, in place; all tensors have one shape."""
+    """One decoupled-weight-decay Adam update in fp32, in place; all tensors have one shape.
+
+    Flat tensors are updated a slice at a time: the update is elementwise, so slicing changes no result, and
+    the two temporaries it needs stay slice-sized instead of block-sized (memory the budget does not count).
+    """
+    if param.dim() == 1 and param.numel() > _SLICE:
+        for start in range(0, param.numel(), _SLICE):
+            piece = slice(start, start + _SLICE)
+            adamw_update(
+                param[piece], grad[piece], exp_avg[piece], exp_avg_sq[piece], step=step, lr=lr, beta1=beta1,
+                beta2=beta2, eps=eps, weight_decay=weight_decay,
+            )
+        return
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
