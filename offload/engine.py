@@ -29,7 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from offload.blocks import Block, BlockPlan, find_blocks
-from offload.budget import Budget, format_bytes
+from offload.budget import Budget, detect_hardware, format_bytes
 from offload.checkpoint import ENGINE_STATE_FILE, FORMAT_VERSION, OPTIMIZER_PREFIX, atomic_directory
 from offload.checkpointing import StreamedCheckpoint, StreamedLayer
 from offload.chunks import Chunk, ChunkLayout, Tier, chunk_nbytes
@@ -184,6 +184,12 @@ class Engine:
         need_device, need_host, _, _ = _minimums(layouts, optimizer, compute_dtype)
         return need_device, need_host
 
+    @staticmethod
+    def state_bytes(model: nn.Module, optimizer: ChunkOptimizer, *, compute_dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the whole training state (weights, gradients, masters, optimizer state, padded as chunks):
+        what must fit in the budgets plus the NVMe directory."""
+        return _minimums(_block_layouts(model, find_blocks(model)), optimizer, compute_dtype)[3]
+
     def _check_budget(self, device_bytes: int, host_bytes: int) -> None:
         """Refuse now, with the numbers, rather than fail mid-step."""
         layouts = [(s.block, s.layout) for s in self._blocks]
@@ -207,6 +213,14 @@ class Engine:
                 f"{format_bytes(device_bytes + host_bytes)} and no NVMe directory was given; set Budget.nvme "
                 f"to a directory on a fast disk, or raise the budgets"
             )
+        if self.budget.nvme is not None and device_bytes + host_bytes < total:
+            free = detect_hardware().disk_free(self.budget.nvme)
+            if free < total:
+                problems.append(
+                    f"Budget.nvme={self.budget.nvme} has {format_bytes(free)} free but the swap files can grow to "
+                    f"{format_bytes(total)} (every chunk of the training state may be evicted); free space there "
+                    "or choose a directory on a disk with more room"
+                )
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -637,6 +651,10 @@ class Engine:
             (f"{s.block.name}/{name}", chunk.numel, str(chunk.dtype)) for s in self._blocks for name, chunk in s.states.items()
         ]
         return tensors + chunks
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of chunks in memory now, per tier ("device", "host"), for progress displays."""
+        return self.store.resident_bytes()
 
     def stats(self) -> dict[str, int]:
         """Bytes moved and peak bytes per tier so far."""

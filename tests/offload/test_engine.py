@@ -7,6 +7,8 @@ forced through the NVMe tier: the budget (device + host) is the engine's minimum
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from tiny_models import ARCHITECTURES, random_batch, save_tiny_model
@@ -213,6 +215,18 @@ def test_state_larger_than_ram_budget_needs_nvme(tmp_path):
     device, host = offload.Engine.minimum_budget(model, optim.AdamW())
     with pytest.raises(ValueError, match="no NVMe directory was given"):
         offload.Engine(model, optim.AdamW(), offload.Budget(device=device, host=host))
+
+
+def test_swap_directory_without_room_for_the_state_is_refused(tmp_path, monkeypatch):
+    path = save_tiny_model("llama", tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    device, host = offload.Engine.minimum_budget(model, optim.AdamW())
+    total = offload.Engine.state_bytes(model, optim.AdamW())
+    assert total > device + host
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=total - 1))
+    with pytest.raises(ValueError, match=r"Budget.nvme=.* has .* free but the swap files can grow to"):
+        offload.Engine(model, optim.AdamW(), offload.Budget(device=device, host=host, nvme=tmp_path / "swap"))
 
 
 def test_bad_options_are_reported_together(tmp_path):

@@ -1,0 +1,331 @@
+"""The run configuration: one dataclass, filled from its defaults, then a YAML or TOML file, then the flags.
+
+Field names are the names used everywhere: `seq_len` in a config file is `--seq-len` on the command line. Each
+field's docstring is also its `--help` text (`field_help`), so there is one place to describe an option. The
+effective configuration is saved with the run (`run-config.yaml`) and with each checkpoint. `--resume` starts
+from that saved copy.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import enum
+import functools
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cli.data import Format
+from cli.schedule import Schedule
+from offload import ClipMode, parse_size
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "ConfigError",
+    "Dtype",
+    "OptimizerName",
+    "RESUMABLE_CHANGES",
+    "RunConfig",
+    "field_help",
+    "flag",
+    "load_config_file",
+]
+
+
+class ConfigError(ValueError):
+    """Invalid options. This is a usage error (exit code 2), and the message lists every problem at once."""
+
+
+class Dtype(str, enum.Enum):
+    """Compute dtype of the weights. Master weights and optimizer math are always float32."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class OptimizerName(str, enum.Enum):
+    """Optimizers the engine can stream (the optimizer issue adds 8-bit AdamW, GaLore, FRUGAL and MeZO)."""
+
+    ADAMW = "adamw"
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a fine-tuning run."""
+
+    model: str | None = None
+    """Local Hugging Face model directory (config.json + safetensors), or a hub id such as org/name."""
+
+    dataset: str | None = None
+    """A .jsonl/.json/.csv/.parquet/.txt file, a directory of them, or a `datasets` hub name."""
+
+    output: str = "finetune-out"
+    """Run directory: checkpoints, metrics.jsonl, loss.png and the effective run-config.yaml."""
+
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id, when the model directory has none."""
+
+    dtype: Dtype = Dtype.AUTO
+    """Compute dtype: auto is bfloat16 on CUDA and float32 on CPU."""
+
+    trust_remote_code: bool = False
+    """Run the model's own Python code from its directory or hub repo. Only for models you trust."""
+
+    format: Format = Format.AUTO
+    """Dataset format. auto detects it from the fields: text, prompt/completion, instruction/input/output,
+    or messages (chat)."""
+
+    train_on_prompt: bool = False
+    """Compute the loss on prompt tokens too. By default only completion tokens count."""
+
+    seq_len: int = 512
+    """Tokens per sequence. Longer examples are truncated, or split across sequences with --pack."""
+
+    pack: bool = False
+    """Concatenate examples and cut them into full sequences of --seq-len tokens (no padding)."""
+
+    val_fraction: float = 0.0
+    """Fraction of the examples held out for the eval loss (e.g. 0.05)."""
+
+    val_file: str | None = None
+    """A separate validation dataset, in the same format, instead of --val-fraction."""
+
+    eval_every: int = 100
+    """Compute the eval loss every N steps and at the end (0: only at the end)."""
+
+    steps: int | None = None
+    """Optimizer steps to run. Give this or --epochs (default: 1 epoch)."""
+
+    epochs: float | None = None
+    """Passes over the training set (may be fractional). Give this or --steps."""
+
+    batch_size: int = 1
+    """Sequences per micro-batch."""
+
+    accumulation_steps: int = 1
+    """Micro-batches per optimizer step. One step sees batch_size * accumulation_steps sequences."""
+
+    lr: float = 2e-5
+    """Peak learning rate."""
+
+    schedule: Schedule = Schedule.COSINE
+    """Decay after warmup: cosine, linear (both to --min-lr at the last step), or constant."""
+
+    warmup_steps: int = 0
+    """Steps of linear warmup up to --lr."""
+
+    min_lr: float = 0.0
+    """Learning rate at the last step of a cosine or linear schedule."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+
+    max_grad_norm: float = 1.0
+    """Clip the gradient to this global norm (0: no clipping)."""
+
+    clip_mode: ClipMode = ClipMode.EXACT
+    """exact: the whole-model norm (updates wait for backward). per-block: each block clipped to its share, so
+    updates overlap backward."""
+
+    seed: int = 0
+    """Seed of the data order, the validation split and the torch RNG."""
+
+    optimizer: OptimizerName = OptimizerName.ADAMW
+    """Optimizer."""
+
+    memory: str | None = None
+    """RAM/VRAM for the device and host tiers together, e.g. 8GB. Each tier gets its minimum, and the rest is
+    split evenly. Default: taken from the machine."""
+
+    device_memory: str | None = None
+    """Bytes for the device tier (GPU memory on CUDA), e.g. 6GB. Overrides its share of --memory."""
+
+    host_memory: str | None = None
+    """Bytes for the host tier (RAM), e.g. 16GB. Overrides its share of --memory."""
+
+    nvme: str | None = None
+    """Swap directory on a fast disk for the state that does not fit in memory."""
+
+    checkpoint_every: int = 100
+    """Save a checkpoint every N steps, and always at the end (0: only at the end)."""
+
+    keep_checkpoints: int = 2
+    """Keep only the newest K checkpoints."""
+
+    def __post_init__(self) -> None:
+        errors = [error for name in _fields() if (error := self._coerce(name))]
+        errors = errors or self._check()  # the range checks need values of the right type
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+    def _coerce(self, name: str) -> str | None:
+        """Bring a value read from a file to the field's type; return a problem, or None."""
+        value, (kind, optional) = getattr(self, name), _field_types()[name]
+        if value is None and optional:
+            return None
+        try:
+            setattr(self, name, _as_type(value, kind))
+        except (TypeError, ValueError):
+            expected = ", ".join(m.value for m in kind) if isinstance(kind, enum.EnumMeta) else kind.__name__
+            return f"{flag(name)} {value!r}: expected {expected}"
+        return None
+
+    def _check(self) -> list[str]:
+        errors = []
+        if self.model is None:
+            errors.append("MODEL is missing: give it as the first argument or set `model:` in --config")
+        if self.dataset is None:
+            errors.append("DATASET is missing: give it as the second argument or set `dataset:` in --config")
+        minimums = {"seq_len": 2, "batch_size": 1, "accumulation_steps": 1, "warmup_steps": 0, "eval_every": 0,
+                    "checkpoint_every": 0, "keep_checkpoints": 1, "steps": 1}
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if isinstance(value, int) and value < minimum:
+                errors.append(f"{flag(name)} {value} must be >= {minimum}")
+        for name in ("lr", "min_lr", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                errors.append(f"{flag(name)} {getattr(self, name)} must be >= 0")
+        if 0 <= self.lr < self.min_lr:
+            errors.append(f"--min-lr {self.min_lr} is above --lr {self.lr}; lower it")
+        if self.epochs is not None and self.epochs <= 0:
+            errors.append(f"--epochs {self.epochs} must be > 0")
+        if self.steps is not None and self.epochs is not None:
+            errors.append("--steps and --epochs both given; keep one")
+        if not 0.0 <= self.val_fraction < 1.0:
+            errors.append(f"--val-fraction {self.val_fraction} must be in [0, 1)")
+        if self.val_fraction and self.val_file:
+            errors.append("--val-fraction and --val-file both given; keep one")
+        for name in ("memory", "device_memory", "host_memory"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    parse_size(value)
+                except ValueError:
+                    errors.append(f"{flag(name)} {value!r} is not a size; use e.g. 512MB or 8GB")
+        if None not in (self.memory, self.device_memory, self.host_memory):
+            errors.append("--memory, --device-memory and --host-memory all given; drop --memory")
+        return errors
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (enums as their strings), as saved in run-config.yaml."""
+        return {name: _plain(getattr(self, name)) for name in _fields()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def differences(self, other: RunConfig, *, ignore: frozenset[str] = frozenset()) -> list[str]:
+        """'--flag value (checkpoint: other value)' for each field that differs from `other`, the config of the
+        checkpoint being resumed, except the fields in `ignore`."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [
+            f"{flag(name)} {mine[name]!r} (checkpoint: {theirs[name]!r})"
+            for name in _fields()
+            if name not in ignore and mine[name] != theirs[name]
+        ]
+
+
+RESUMABLE_CHANGES = frozenset(
+    {"model", "dataset", "tokenizer", "val_file", "output", "eval_every", "memory", "device_memory",
+     "host_memory", "nvme", "checkpoint_every", "keep_checkpoints"}
+)
+"""Fields a resumed run may change: where things are, budgets, and how often to eval or save. They do not touch
+the training math (moved model or data files are checked by content instead). Every other field must equal the
+checkpoint's, or the continued run would not be the run that was started."""
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field: seq_len -> --seq-len."""
+    return "--" + name.replace("_", "-")
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a YAML (.yaml/.yml) or TOML (.toml) file, keys as field names (`seq-len` is accepted
+    for `seq_len`).
+
+    Raises:
+        ConfigError: unreadable or malformed file, or unknown keys (with the closest valid name).
+    """
+    try:
+        text = path.read_text()
+        if path.suffix == ".toml":
+            values = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"--config {path}: use a .yaml, .yml or .toml file")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"--config {path}: cannot read it ({' '.join(str(error).split())})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = [key for key in values if key not in _fields()]
+    if unknown:
+        hints = [f"{key!r}" + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(key, _fields(), 1))
+                 for key in unknown]
+        raise ConfigError(f"--config {path}: unknown option {', '.join(hints)}")
+    return values
+
+
+def field_help(cls: type = RunConfig) -> dict[str, str]:
+    """Each field's docstring (the string literal just below it), used as its --help text."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    return {
+        node.target.id: " ".join(after.value.value.split())
+        for node, after in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)
+    }
+
+
+def _fields() -> list[str]:
+    return [field.name for field in dataclasses.fields(RunConfig)]
+
+
+@functools.cache
+def _field_types() -> dict[str, tuple[Any, bool]]:
+    """Each field's (type without `| None`, whether None is allowed)."""
+    types_ = {}
+    for name, kind in typing.get_type_hints(RunConfig).items():
+        optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
+        types_[name] = (next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind, optional)
+    return types_
+
+
+def _as_type(value: Any, kind: Any) -> Any:
+    """`value` as `kind`, refusing lossy or surprising conversions (a bool for a number, 1.5 for an int)."""
+    if isinstance(kind, enum.EnumMeta):
+        return kind(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        return float(value)
+    if kind is str and isinstance(value, (str, int, float, Path)):
+        return str(value)
+    raise TypeError(value)
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value

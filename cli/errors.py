@@ -1,0 +1,67 @@
+"""Expected failures: one line on stderr, exit code 1, no traceback.
+
+Someone who passed a wrong path or a malformed dataset needs to know what is wrong, with which value, and how to
+fix it. A traceback buries that under frames of library code, so expected failures raise `FinetuneError` with
+the whole report as the message. Bugs are not caught here and still show their traceback.
+
+Each check raises where its input is read. The checks of the input all run before the run writes anything, so
+a bad input leaves the output directory as it was. A disk that fills up during training leaves every
+checkpoint in the manifest intact (cli/checkpoints.py).
+
+    bad input                                     checked in         tested in tests/cli/test_bad_input.py
+    model path missing, a file, unreadable        model.py           model-missing, -is-a-file, -config-unreadable
+    directory without config.json or weights      model.py           model-without-config
+    unsupported architecture / not a causal LM    model.py, engine   model-unsupported-architecture, -not-a-causal-lm
+    hub id while offline (names where to put it)  model.py           model-hub-id-offline
+    dataset missing, empty, malformed line N      data.py            dataset-missing, -empty, -malformed-line
+    unknown format (lists the fields found)       data.py            dataset-unknown-fields, format-missing-fields
+    --seq-len below a prompt                      data.py            seq-len-below-prompt
+    budget below the minimum (gives it)           train.py           budget-too-small
+    --nvme not writable, disk full                train.py           nvme-not-writable, disk-full-*
+    resume: other model, changed options, none    train.py, engine   resume-*, output-holds-a-run
+    invalid option values (exit 2)                config.py          usage-*, test_options.py
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "FinetuneError", "disk_full", "exit_on_failure", "one_line"]
+
+EXIT_FAILURE = 1  # usage errors exit with 2, as typer (click) makes them
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class FinetuneError(Exception):
+    """An expected failure caused by the input or the machine. The message is the whole report: what failed,
+    which value, and how to fix it."""
+
+
+def disk_full(error: BaseException) -> bool:
+    """True for the errors a full disk (or quota, or file size limit) gives; these get a message that names
+    the disk rather than a traceback."""
+    return isinstance(error, OSError) and error.errno in _DISK_FULL
+
+
+def one_line(message: str) -> str:
+    """Collapse a message onto one line. Library messages sometimes span several lines, and the contract with
+    the user (and scripts that grep stderr) is one."""
+    return " ".join(message.split())
+
+
+@contextmanager
+def exit_on_failure() -> Iterator[None]:
+    """Turn a `FinetuneError` into `Error: <message>` on stderr and exit code 1."""
+    try:
+        yield
+    except FinetuneError as error:
+        typer.echo(f"Error: {one_line(str(error))}", err=True)
+        sys.stderr.flush()
+        raise typer.Exit(EXIT_FAILURE) from None

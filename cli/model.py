@@ -1,0 +1,144 @@
+"""MODEL: find the directory, check it is a causal LM the engine can stream, and load its tokenizer.
+
+Every check runs on the meta device (shapes only, no weights read), so a 70B model is refused in a second,
+with the reason, instead of after minutes of loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import transformers
+from torch import nn
+
+from cli.errors import FinetuneError, one_line
+
+__all__ = ["build_meta_model", "load_tokenizer", "pad_id", "resolve_model"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def resolve_model(source: str, *, trust_remote_code: bool = False) -> Path:
+    """A local model directory for `source`: the path itself, or a hub id's download.
+
+    Raises:
+        FinetuneError: missing, unreadable or incomplete directory; a hub id that cannot be downloaded.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+            raise FinetuneError(f"model path {source} does not exist; pass a Hugging Face model directory or hub id")
+        path = _download(source, trust_remote_code)
+    _check_directory(path)
+    return path
+
+
+def _download(repo_id: str, trust_remote_code: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = _HUB_FILES + (["*.py"] if trust_remote_code else [])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as error:  # offline, unknown repo, gated: the way out is the same
+        local = f"./{repo_id.split('/')[-1]}"
+        raise FinetuneError(
+            f"model {repo_id} is not a local directory and could not be downloaded from the hub "
+            f"({type(error).__name__}); where the network allows, run "
+            f"`hf download {repo_id} --local-dir {local}` and pass {local}"
+        ) from None
+
+
+def _check_directory(path: Path) -> None:
+    if not path.is_dir():
+        raise FinetuneError(f"model path {path} is a file; pass the directory that holds its config.json")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise FinetuneError(f"model directory {path} is not readable (permission denied); fix its permissions")
+    config = path / "config.json"
+    if not config.exists():
+        raise FinetuneError(
+            f"model directory {path} has no config.json; a Hugging Face model directory holds config.json and "
+            "*.safetensors weights (save_pretrained writes both)"
+        )
+    try:
+        json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FinetuneError(f"cannot read {config}: {one_line(str(error))}; restore the file") from None
+    if not (path / "model.safetensors").exists() and not (path / "model.safetensors.index.json").exists():
+        found = "only PyTorch .bin weights" if any(path.glob("*.bin")) else "no weights"
+        raise FinetuneError(
+            f"model directory {path} has {found}; it needs model.safetensors (or a sharded index): "
+            "convert with AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)"
+        )
+
+
+def build_meta_model(directory: Path, *, trust_remote_code: bool = False) -> nn.Module:
+    """The model built on the meta device (no memory), with tied weights tied as Engine.from_pretrained does.
+
+    Raises:
+        FinetuneError: a model type transformers does not know, custom code without --trust-remote-code, or a
+            model that is not a causal LM.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as error:
+        message = one_line(str(error))
+        if "trust_remote_code" in message:
+            raise FinetuneError(
+                f"model {directory} ships its own code; pass --trust-remote-code if you trust it"
+            ) from None
+        model_type = _model_type(directory)
+        raise FinetuneError(
+            f"model {directory}: architecture {model_type!r} is not supported by transformers "
+            f"{transformers.__version__}; upgrade transformers, or pass --trust-remote-code if the model ships its "
+            f"code"
+        ) from None
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError:
+        raise FinetuneError(
+            f"model {directory} is a {config.model_type!r} model, which is not a causal language model; finetune "
+            "trains models that AutoModelForCausalLM loads"
+        ) from None
+    model.tie_weights()  # meta parameters are not tied by construction: tie them so each is owned once
+    return model
+
+
+def _model_type(directory: Path) -> str:
+    try:
+        return str(json.loads((directory / "config.json").read_text()).get("model_type"))
+    except (OSError, ValueError):
+        return "unknown"
+
+
+def load_tokenizer(source: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved in `source` (a directory or hub id).
+
+    Raises:
+        FinetuneError: no tokenizer there; says to pass --tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as error:
+        raise FinetuneError(
+            f"no usable tokenizer in {source} ({one_line(str(error))[:160]}); pass --tokenizer with a tokenizer "
+            "directory or hub id"
+        ) from None
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id padding uses; any id works, since padding is masked out of attention and loss."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,406 @@
+"""`finetune run`: check everything, then train through the engine, with evals, checkpoints and resume.
+
+The run has two phases. `prepare` reads and checks the model, tokenizer, data and budget, and writes nothing,
+so any bad input fails before the output directory is touched. `train` then builds the engine and is the only
+writer: run-config.yaml, metrics.jsonl, checkpoints, loss.png. Training itself is the engine's `train_step`.
+This module decides only what each step sees (cli/batches.py), its learning rate (cli/schedule.py), and when
+to evaluate and save.
+
+Resume is exact. Step s always sees the same batches, the rate is a function of s, and the engine restores
+weights, optimizer state and step count. The torch RNG state travels in the checkpoint's `extra`.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from torch import nn
+
+import optim
+from cli.batches import Batches, eval_batches
+from cli.checkpoints import RUN_CONFIG, Checkpoints, Entry
+from cli.config import RESUMABLE_CHANGES, Dtype, RunConfig, flag
+from cli.data import Format, Sequences, detect_format, load_rows, split_rows, tokenize_rows
+from cli.errors import FinetuneError, disk_full, one_line
+from cli.files import write_atomic
+from cli.model import build_meta_model, load_tokenizer, pad_id, resolve_model
+from cli.progress import MetricsLog, RunProgress, memory_line, plot_losses, summary_table
+from cli.schedule import LearningRate
+from offload import Budget, Engine, format_bytes, parse_size
+
+__all__ = ["Prepared", "configure", "prepare", "train"]
+
+_DTYPES = {Dtype.AUTO: None, Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16}
+
+
+def configure(values: dict[str, Any], *, resume: bool) -> RunConfig:
+    """The effective config: `values` (config file, then flags) over the defaults, or over the saved config of
+    the run being resumed.
+
+    Raises:
+        ConfigError: invalid values (a usage error).
+        FinetuneError: nothing to resume, or a resumed run changes a setting that would change its result.
+    """
+    if not resume:
+        return RunConfig(**values)
+    output = Path(values.get("output", RunConfig.output))
+    checkpoints = Checkpoints(output)
+    saved = RunConfig(**yaml.safe_load((checkpoints.path(checkpoints.latest()) / RUN_CONFIG).read_text()))
+    config = RunConfig(**{**saved.to_dict(), **values})
+    changed = config.differences(saved, ignore=RESUMABLE_CHANGES)
+    if changed:
+        raise FinetuneError(
+            f"--resume continues the run in {output} as it was configured, but these differ: {'; '.join(changed)}; "
+            "drop those options, or start a new --output"
+        )
+    return config
+
+
+@dataclass
+class Prepared:
+    """A run whose inputs have all been read and checked; nothing has been written yet."""
+
+    config: RunConfig
+    resume_from: Entry | None
+    model_dir: Path
+    model: nn.Module  # on the meta device
+    parameters: int
+    tokenizer: Any
+    format: Format
+    train: Sequences
+    val: Sequences | None
+    batches: Batches
+    total_steps: int
+    budget: Budget
+
+
+def prepare(config: RunConfig, *, resume: bool) -> Prepared:
+    """Read and check everything `train` needs, cheapest checks first; nothing is written.
+
+    Raises:
+        FinetuneError: any bad input (model, data, budget, output), with the fix.
+    """
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # its advice is for library users; ours is in the errors
+    output = Path(config.output)
+    checkpoints = Checkpoints(output)
+    if output.exists() and not output.is_dir():
+        raise FinetuneError(f"--output {output} is a file; pass a directory")
+    resume_from = checkpoints.latest() if resume else None
+    if resume_from is None and checkpoints.entries():  # a run without a checkpoint has nothing to lose
+        raise FinetuneError(f"--output {output} already holds a run; pass --resume to continue it, or choose a new --output")
+    model_dir = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
+    model = build_meta_model(model_dir, trust_remote_code=config.trust_remote_code)
+    tokenizer_source = checkpoints.path(resume_from) if resume_from else (config.tokenizer or model_dir)
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=config.trust_remote_code)
+    fmt, train_data, val_data = _sequences(config, tokenizer)
+    vocab = model.get_input_embeddings().num_embeddings
+    largest = max(max(ids) for ids in train_data.ids)
+    if largest >= vocab:
+        raise FinetuneError(
+            f"the tokenizer gives token id {largest}, but the model's vocabulary has {vocab} entries; use the "
+            f"model's own tokenizer (--tokenizer)"
+        )
+    batches = Batches(train_data, batch_size=config.batch_size, accumulation_steps=config.accumulation_steps,
+                      seed=config.seed, pad_id=pad_id(tokenizer))
+    total = config.steps or batches.steps_for_epochs(config.epochs or 1.0)
+    budget = _budget(config, model)
+    parameters = sum(p.numel() for p in model.parameters())  # now: the engine leaves only placeholders
+    return Prepared(config, resume_from, model_dir, model, parameters, tokenizer, fmt, train_data, val_data, batches,
+                    total, budget)
+
+
+def _sequences(config: RunConfig, tokenizer: Any) -> tuple[Format, Sequences, Sequences | None]:
+    """The detected format, the training sequences and the validation sequences (None without a split)."""
+    rows = load_rows(config.dataset)
+    fmt = detect_format(rows.column_names, config.format, config.dataset)
+    if config.val_file:
+        val_rows = load_rows(config.val_file, label="--val-file")
+        detect_format(val_rows.column_names, fmt, config.val_file)
+    else:
+        rows, val_rows = split_rows(rows, config.val_fraction, config.seed)
+    options = dict(seq_len=config.seq_len, pack=config.pack, train_on_prompt=config.train_on_prompt)
+    train_data = tokenize_rows(rows, fmt, tokenizer, source=config.dataset, **options)
+    val_data = tokenize_rows(val_rows, fmt, tokenizer, source=config.val_file or config.dataset, **options) \
+        if len(val_rows) else None
+    return fmt, train_data, val_data
+
+
+def _budget(config: RunConfig, model: nn.Module) -> Budget:
+    """The tier budgets from --memory / --device-memory / --host-memory, checked against the engine's minimum.
+
+    --memory alone gives each tier its minimum and splits the rest evenly, so any --memory above the sum of
+    the minimums works. Without any of them the engine takes its budgets from the machine.
+    """
+    compute_dtype = _compute_dtype(config)
+    need_device, need_host = Engine.minimum_budget(model, _optimizer(config), compute_dtype=compute_dtype)
+    memory, device, host = (parse_size(v) if v is not None else None
+                            for v in (config.memory, config.device_memory, config.host_memory))
+    if memory is not None:
+        if memory < need_device + need_host:
+            raise FinetuneError(
+                f"--memory {config.memory} is below the minimum {format_bytes(need_device + need_host)} for this model "
+                f"(device {format_bytes(need_device)} + host {format_bytes(need_host)}); raise --memory to at least "
+                f"{format_bytes(need_device + need_host)}"
+            )
+        if device is None and host is None:
+            device = need_device + (memory - need_device - need_host) // 2
+        device, host = (device, memory - device) if host is None else (memory - host, host)
+    for name, value, need in (("device_memory", device, need_device), ("host_memory", host, need_host)):
+        if value is not None and value < need:
+            raise FinetuneError(
+                f"{flag(name)} {format_bytes(value)} is below the minimum {format_bytes(need)} for this model; raise "
+                f"{flag(name)} to at least {format_bytes(need)}"
+            )
+    if config.nvme:
+        _check_writable(Path(config.nvme))
+    return Budget(device=device, host=host, nvme=config.nvme)
+
+
+def _check_writable(directory: Path) -> None:
+    """Probe with a real file: os.access says yes to root on a read-only mount."""
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+        if created:
+            directory.rmdir()  # the engine creates (and later removes) it
+    except OSError as error:
+        raise FinetuneError(
+            f"--nvme {directory} is not a writable directory ({error.strerror}); pass a directory on a disk you can write"
+        ) from None
+
+
+def _optimizer(config: RunConfig) -> optim.ChunkOptimizer:
+    return optim.AdamW(lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _compute_dtype(config: RunConfig) -> torch.dtype:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    default = torch.bfloat16 if device == "cuda" else torch.float32
+    return _DTYPES[config.dtype] or default
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+class _Interrupts:
+    """The first Ctrl-C (or SIGTERM) asks to stop after the current step, with a checkpoint; a second one stops
+    at once, with the last complete checkpoint left as it is."""
+
+    def __init__(self, progress: RunProgress) -> None:
+        self.requested = False
+        self._progress = progress
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._progress.note("Stopping after this step to save a checkpoint (Ctrl-C again to stop at once).")
+
+
+def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any]:
+    """Train to the last step, or until interrupted; returns the summary (its "status" says which)."""
+    config, output = prepared.config, Path(prepared.config.output)
+    checkpoints = Checkpoints(output)
+    schedule = LearningRate(config.lr, prepared.total_steps, config.warmup_steps, config.schedule, config.min_lr)
+    engine = _engine(prepared)
+    with engine:
+        start = _restore(engine, prepared, checkpoints) if prepared.resume_from else _fresh(config)
+        output.mkdir(parents=True, exist_ok=True)  # the first write of the run
+        write_atomic(output / RUN_CONFIG, config.to_yaml())
+        metrics = MetricsLog(output / "metrics.jsonl", resume_step=start)
+        _describe(prepared, start)
+        progress = RunProgress(console, total=prepared.total_steps, start=start, quiet=quiet)
+        clock = _Clock()
+        last_loss, last_eval, saved = math.nan, None, prepared.resume_from
+        with progress, _Interrupts(progress) as interrupts:
+            if start == 0 and prepared.val is not None:
+                last_eval = _evaluate(engine, prepared, metrics, progress, 0)
+            step = start
+            for step in range(start + 1, prepared.total_steps + 1):
+                engine.optimizer.lr = schedule(step)
+                micro_batches = prepared.batches.step(step)
+                tokens = sum(int(m["attention_mask"].sum()) for m in micro_batches)
+                last_loss = _step(engine, micro_batches, step, checkpoints, clock, tokens)
+                metrics.write({"step": step, "loss": last_loss, "lr": engine.optimizer.lr, "tokens": tokens,
+                               "epoch": round(prepared.batches.epoch_of(step), 4), "tokens_per_s": clock.rate})
+                progress.update(step, last_loss, clock.rate, memory_line(engine))
+                last = step == prepared.total_steps
+                if prepared.val is not None and (last or (config.eval_every and step % config.eval_every == 0)):
+                    last_eval = _evaluate(engine, prepared, metrics, progress, step)
+                if last or interrupts.requested or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    saved = _save(engine, prepared, checkpoints, step, clock)
+                    progress.note(f"checkpoint {checkpoints.path(saved)}")
+                if interrupts.requested:
+                    break
+        metrics.close()
+        plot_losses(output / "metrics.jsonl", output / "loss.png")
+        stats = engine.stats()
+    finished = step == prepared.total_steps
+    summary = {
+        "status": "completed" if finished else "interrupted",
+        "format": prepared.format.value,
+        "step": step,
+        "total_steps": prepared.total_steps,
+        "train_loss": last_loss,
+        "eval_loss": last_eval,
+        "tokens": clock.tokens,
+        "seconds": clock.elapsed,
+        "tokens_per_s": clock.rate,
+        "peak_device": stats["peak_device"],
+        "peak_host": stats["peak_host"],
+        "nvme_read": stats["bytes_read"],
+        "nvme_written": stats["bytes_written"],
+        "checkpoint": str(checkpoints.path(saved)) if saved else None,
+        "metrics": str(output / "metrics.jsonl"),
+        "loss_curve": str(output / "loss.png"),
+    }
+    if not finished:
+        summary["resume"] = f"finetune run --resume --output {output}"
+    elif saved:
+        summary["export"] = f"finetune export {checkpoints.path(saved)} EXPORT_DIR"
+    if not quiet:
+        console.print(summary_table(summary))
+    return summary
+
+
+def _engine(prepared: Prepared) -> Engine:
+    config = prepared.config
+    try:
+        return Engine(
+            prepared.model,
+            _optimizer(config),
+            prepared.budget,
+            max_grad_norm=config.max_grad_norm or None,
+            clip_mode=config.clip_mode,
+            compute_dtype=_compute_dtype(config),
+            weights=prepared.model_dir,
+        )
+    except ValueError as error:  # the engine's own checks (budget, architecture) name the fix
+        raise FinetuneError(f"cannot stream {prepared.model_dir}: {one_line(str(error))}") from None
+    except OSError as error:
+        if disk_full(error):
+            raise FinetuneError(
+                f"no space left for the swap files in --nvme {config.nvme} ({error.strerror}); free space there or "
+                "pass another --nvme"
+            ) from None
+        raise
+
+
+def _fresh(config: RunConfig) -> int:
+    torch.manual_seed(config.seed)
+    return 0
+
+
+def _restore(engine: Engine, prepared: Prepared, checkpoints: Checkpoints) -> int:
+    """Load the latest checkpoint into `engine`, check it saw the same data, restore the RNG; returns its step."""
+    directory = checkpoints.path(prepared.resume_from)
+    try:
+        extra = engine.load_checkpoint(directory)
+    except ValueError as error:
+        raise FinetuneError(f"--resume: {one_line(str(error))}") from None
+    if extra.get("data") != prepared.train.fingerprint():
+        raise FinetuneError(
+            f"--resume: the dataset {prepared.config.dataset} is not the data checkpoint {directory} was trained on "
+            "(its tokens differ); resume with the same data and tokenizer, or start a new --output"
+        )
+    torch.set_rng_state(extra["rng"]["cpu"])
+    if torch.cuda.is_available() and extra["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+    return int(extra["step"])
+
+
+def _step(engine: Engine, micro_batches: list[dict[str, torch.Tensor]], step: int, checkpoints: Checkpoints,
+          clock: _Clock, tokens: int) -> float:
+    """One engine step; a full disk or a diverged loss ends the run with the last checkpoint named."""
+    started = time.perf_counter()
+    try:
+        loss = engine.train_step(micro_batches)
+    except OSError as error:
+        if not disk_full(error):
+            raise
+        entries = checkpoints.entries()
+        then = (f"the last checkpoint {checkpoints.path(entries[-1])} is intact; free space on --nvme and --output, then "
+                f"run: finetune run --resume --output {checkpoints.output}") if entries else \
+            "this was before the first checkpoint; free space on --nvme and --output and run the same command again"
+        raise FinetuneError(f"no space left on a disk at step {step} ({error.strerror}); {then}") from None
+    clock.add(tokens, time.perf_counter() - started)
+    if not math.isfinite(loss):
+        raise FinetuneError(f"the loss is {loss} at step {step}; lower --lr or raise --warmup-steps and start a new run")
+    return loss
+
+
+def _evaluate(engine: Engine, prepared: Prepared, metrics: MetricsLog, progress: RunProgress, step: int) -> float:
+    """Per-token mean loss over the whole validation set."""
+    total, count = 0.0, 0
+    for batch, targets in eval_batches(prepared.val, prepared.config.batch_size, pad_id(prepared.tokenizer)):
+        total += engine.eval_loss(batch) * targets
+        count += targets
+    loss = total / count
+    metrics.write({"step": step, "eval_loss": loss})
+    progress.note(f"step {step}: eval loss {loss:.4f}")
+    return loss
+
+
+def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: int, clock: _Clock) -> Entry:
+    extra = {
+        "step": step,
+        "data": prepared.train.fingerprint(),
+        "sequences_seen": step * prepared.batches.per_step,
+        "schedule": {"name": prepared.config.schedule.value, "lr": engine.optimizer.lr},
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "tokens": clock.tokens,
+    }
+    return checkpoints.save(engine, step, extra=extra, tokenizer=prepared.tokenizer,
+                            run_config=prepared.config.to_yaml(), keep=prepared.config.keep_checkpoints)
+
+
+class _Clock:
+    """Tokens and seconds spent in train_step by this process, for tokens/s."""
+
+    def __init__(self) -> None:
+        self.tokens, self.elapsed = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.elapsed += seconds
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.elapsed if self.elapsed else 0.0
+
+
+def _describe(prepared: Prepared, start: int) -> None:
+    """What is about to run, on stderr (diagnostics, not results)."""
+    config = prepared.config
+    val = f", {len(prepared.val)} validation" if prepared.val is not None else ""
+    where = f"resuming at step {start} from {prepared.resume_from.name}" if prepared.resume_from else "starting"
+    Console(stderr=True).print(
+        f"{config.model}: {prepared.parameters / 1e6:.2f}M parameters · {len(prepared.train)} training sequences{val} · "
+        f"{prepared.total_steps} steps of {prepared.batches.per_step} sequences · {where}",
+        highlight=False, soft_wrap=True,
+    )

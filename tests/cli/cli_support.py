@@ -1,0 +1,82 @@
+"""Helpers of the CLI tests: the installed `finetune` script as a subprocess, stopping it mid-run, learnable
+data, and the tiny model's description. Fixtures built from them are in conftest.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+FINETUNE = str(Path(sys.executable).with_name("finetune"))
+WORDS = "one two three four five six seven eight nine ten eleven twelve".split()
+
+
+def example_module() -> object:
+    """examples/finetune_stdlib.py, whose tokenizer and model builders the tests share (keeping it working)."""
+    spec = importlib.util.spec_from_file_location("finetune_stdlib", REPO / "examples" / "finetune_stdlib.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def counting(start: int, length: int) -> str:
+    """Number words counting up from `start`, wrapping: a sequence a 2-layer model learns in a few dozen steps."""
+    return " ".join(WORDS[(start + i) % len(WORDS)] for i in range(length))
+
+
+@dataclass
+class Tiny:
+    """A tiny model directory (with tokenizer) and the engine's minimum budget for it."""
+
+    model: Path
+    device_bytes: int
+    host_bytes: int
+
+    def budget_flags(self, swap: Path) -> list[str]:
+        """The smallest budget the engine accepts, so the state really streams through `swap`."""
+        return ["--device-memory", str(self.device_bytes), "--host-memory", str(self.host_bytes), "--nvme", str(swap)]
+
+
+def run_finetune(env: dict[str, str], *args: str | Path, timeout: float = 180, **options: object) -> subprocess.CompletedProcess:
+    """`finetune ARGS` as a subprocess; returns its exit code, stdout and stderr."""
+    return subprocess.run([FINETUNE, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout,
+                          **options)
+
+
+def summary(result: subprocess.CompletedProcess) -> dict:
+    """The JSON summary `--json` prints as the last line of stdout."""
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def interrupt_at(env: dict[str, str], args: list[str], output: Path, step: int, sig: signal.Signals,
+                 **options: object) -> subprocess.CompletedProcess:
+    """Start `finetune ARGS`, send `sig` once metrics.jsonl shows `step`, and wait for the process to end."""
+    process = subprocess.Popen([FINETUNE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               **options)
+    metrics = output / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= step and "loss" in line
+                                    for line in metrics.read_text().splitlines() if line.endswith("}")):
+            process.send_signal(sig)
+            break
+        time.sleep(0.005)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+RUN_ARGS = ["--steps", "24", "--batch-size", "4", "--seq-len", "24", "--lr", "1e-2", "--warmup-steps", "3",
+            "--val-fraction", "0.1", "--eval-every", "8", "--checkpoint-every", "4", "--keep-checkpoints", "3"]
+"""The run the resume tests stop and continue: long enough to stop mid-way, short enough for CI."""

@@ -1,0 +1,110 @@
+"""Data, batches and schedule, in process: which tokens carry the loss in each format, packing, the data order
+that resume relies on, and the learning-rate curve."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from cli.batches import Batches, eval_batches
+from cli.data import IGNORE, Format, Sequences, detect_format, split_rows, tokenize_rows
+from cli.errors import FinetuneError
+from cli.schedule import LearningRate, Schedule
+from cli_support import Tiny, counting
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny: Tiny):
+    return AutoTokenizer.from_pretrained(tiny.model)
+
+
+def _tokenize(tokenizer, rows: list[dict], fmt: Format, *, seq_len: int = 200, pack: bool = False,
+              train_on_prompt: bool = False) -> Sequences:
+    return tokenize_rows(Dataset.from_list(rows), fmt, tokenizer, seq_len=seq_len, pack=pack,
+                         train_on_prompt=train_on_prompt, source="rows")
+
+
+def _trained_text(tokenizer, sequences: Sequences, index: int = 0) -> str:
+    """The tokens that carry the loss, decoded."""
+    return tokenizer.decode([t for t, label in zip(sequences.ids[index], sequences.labels[index]) if label != IGNORE])
+
+
+def test_prompt_completion_trains_on_the_completion_only(tokenizer) -> None:
+    rows = [{"prompt": "one two three", "completion": " four five"}]
+    sequences = _tokenize(tokenizer, rows, Format.PROMPT_COMPLETION)
+    assert sequences.ids[0][0] == tokenizer.bos_token_id and sequences.ids[0][-1] == tokenizer.eos_token_id
+    assert _trained_text(tokenizer, sequences) == " four five</s>"
+    everything = _tokenize(tokenizer, rows, Format.PROMPT_COMPLETION, train_on_prompt=True)
+    assert everything.labels[0][1:] == everything.ids[0][1:]  # all but BOS, which nothing predicts
+
+
+def test_instruction_prompt_is_masked(tokenizer) -> None:
+    rows = [{"instruction": "count on", "input": "one two", "output": "three four"},
+            {"instruction": "count", "input": None, "output": "one"}]
+    sequences = _tokenize(tokenizer, rows, Format.INSTRUCTION)
+    assert _trained_text(tokenizer, sequences, 0) == "three four</s>"
+    assert "### Input" not in tokenizer.decode(sequences.ids[1]) and "### Response:" in tokenizer.decode(sequences.ids[1])
+
+
+def test_chat_trains_on_every_assistant_turn(tokenizer) -> None:
+    rows = [{"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"},
+                          {"role": "user", "content": "three"}, {"role": "assistant", "content": "four"}]}]
+    sequences = _tokenize(tokenizer, rows, Format.CHAT)
+    assert tokenizer.decode(sequences.ids[0]) == tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False)
+    assert _trained_text(tokenizer, sequences) == "two</s>\nfour</s>\n"
+
+
+def test_packing_fills_sequences_and_keeps_every_token(tokenizer) -> None:
+    rows = [{"text": counting(i, 7)} for i in range(10)]
+    plain = _tokenize(tokenizer, rows, Format.TEXT, seq_len=16)
+    packed = _tokenize(tokenizer, rows, Format.TEXT, seq_len=16, pack=True)
+    assert all(len(ids) == 16 for ids in packed.ids[:-1]) and len(packed.ids[-1]) <= 16
+    assert sum(packed.ids, []) == sum(plain.ids, [])
+    truncated = _tokenize(tokenizer, rows, Format.TEXT, seq_len=5)
+    assert all(len(ids) == 5 for ids in truncated.ids)
+
+
+def test_detect_format_prefers_the_most_specific_and_names_fields() -> None:
+    assert detect_format(["text", "prompt", "completion"], Format.AUTO, "d") is Format.PROMPT_COMPLETION
+    assert detect_format(["text", "prompt", "completion"], Format.TEXT, "d") is Format.TEXT
+    with pytest.raises(FinetuneError, match="fields question, answer"):
+        detect_format(["question", "answer"], Format.AUTO, "d")
+
+
+def test_split_is_seeded_and_disjoint() -> None:
+    rows = Dataset.from_list([{"text": str(i)} for i in range(50)])
+    train, val = split_rows(rows, 0.2, seed=3)
+    again, _ = split_rows(rows, 0.2, seed=3)
+    assert len(val) == 10 and set(train["text"]).isdisjoint(val["text"]) and train["text"] == again["text"]
+    with pytest.raises(FinetuneError, match="leaves no validation rows"):
+        split_rows(rows, 0.001, seed=3)
+
+
+def test_batches_depend_only_on_the_step() -> None:
+    """Resume builds a new Batches and asks for step s directly: it must see what the first run saw."""
+    sequences = Sequences([[i, i + 1] for i in range(10)], [[IGNORE, i + 1] for i in range(10)])
+    first = Batches(sequences, batch_size=2, accumulation_steps=2, seed=1, pad_id=0)
+    seen = [first.step(s) for s in range(1, 8)]
+    resumed = Batches(sequences, batch_size=2, accumulation_steps=2, seed=1, pad_id=0)
+    assert all(a["input_ids"].equal(b["input_ids"]) for a, b in zip(resumed.step(6), seen[5]))
+    epoch = [int(m["input_ids"][r, 0]) for s in range(1, 8) for m in first.step(s) for r in range(2)][:10]
+    assert sorted(epoch) == list(range(10))  # each epoch visits every sequence once
+    assert first.steps_for_epochs(2.0) == 5
+
+
+def test_eval_batches_count_predicted_tokens() -> None:
+    sequences = Sequences([[1, 2, 3], [4, 5]], [[IGNORE, 2, 3], [IGNORE, IGNORE]])
+    (batch, targets), = eval_batches(sequences, 4, pad_id=0)
+    assert targets == 2 and batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_schedules() -> None:
+    cosine = LearningRate(1.0, total_steps=12, warmup_steps=2, schedule=Schedule.COSINE, min_lr=0.1)
+    assert [cosine(s) for s in (1, 2, 3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert cosine(12) == pytest.approx(0.1) and cosine(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 9)))
+    linear = LearningRate(1.0, total_steps=11, schedule=Schedule.LINEAR)
+    assert [linear(s) for s in (1, 6, 11)] == pytest.approx([1.0, 0.5, 0.0])
+    assert LearningRate(0.3, total_steps=5, schedule=Schedule.CONSTANT)(5) == 0.3

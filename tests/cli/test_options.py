@@ -1,0 +1,124 @@
+"""Option parsing, in process with typer's CliRunner: help pages, config files under flags, usage errors, and the
+config a resumed run continues with. `prepare` is replaced by a probe that records the config it is given, so
+nothing here trains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import cli.train
+from cli.checkpoints import MANIFEST, RUN_CONFIG
+from cli.config import ConfigError, RunConfig, field_help
+from cli.data import Format
+from cli.errors import FinetuneError
+from cli.main import app
+from cli.schedule import Schedule
+from offload import ClipMode
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ([], ["run", "export", "info"]),
+    (["run"], ["--seq-len", "--val-fraction", "--memory", "--nvme", "--resume", "--config", "Examples"]),
+    (["export"], ["checkpoint", "--dtype", "Example"]),
+    (["info"], ["--path", "--bandwidth", "Example"]),
+])
+def test_help_renders(command: list[str], expected: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for text in expected:
+        assert text in result.output
+
+
+def test_every_option_has_help() -> None:
+    assert set(field_help(RunConfig)) == set(RunConfig.__dataclass_fields__)
+
+
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch) -> list[RunConfig]:
+    """Configs that `finetune run` got as far as preparing; the run then stops with exit code 1."""
+    seen: list[RunConfig] = []
+
+    def prepare(config: RunConfig, *, resume: bool) -> None:
+        seen.append(config)
+        raise FinetuneError("probe")
+
+    monkeypatch.setattr(cli.train, "prepare", prepare)
+    return seen
+
+
+def test_flags_override_the_config_file(probe: list[RunConfig], tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text("model: ./m\ndataset: d.jsonl\nseq_len: 64\nlr: 0.1\npack: true\nschedule: linear\n")
+    result = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml"), "--lr", "0.01", "--format", "chat",
+                                 "--memory", "8GB", "--clip-mode", "per-block", "--no-pack"])
+    assert result.exit_code == 1 and "Error: probe" in result.output
+    config = probe[0]
+    assert (config.model, config.dataset, config.seq_len, config.lr) == ("./m", "d.jsonl", 64, 0.01)
+    assert (config.format, config.schedule, config.clip_mode, config.pack) == (Format.CHAT, Schedule.LINEAR,
+                                                                              ClipMode.PER_BLOCK, False)
+    assert config.memory == "8GB" and config.steps is None and config.output == "finetune-out"
+
+
+def test_toml_config_with_dashed_names(probe: list[RunConfig], tmp_path: Path) -> None:
+    (tmp_path / "run.toml").write_text('model = "m"\ndataset = "d"\nseq-len = 128\nwarmup-steps = 5\n')
+    result = runner.invoke(app, ["run", "--config", str(tmp_path / "run.toml")])
+    assert result.exit_code == 1
+    assert (probe[0].seq_len, probe[0].warmup_steps) == (128, 5)
+
+
+@pytest.mark.parametrize(("args", "config_text", "message"), [
+    (["m", "d", "--steps", "3", "--epochs", "1"], None, "--steps and --epochs both given"),
+    (["m", "d", "--val-fraction", "1.5"], None, "--val-fraction 1.5 must be in [0, 1)"),
+    (["m", "d", "--memory", "lots"], None, "--memory 'lots' is not a size"),
+    (["m", "d", "--format", "tweets"], None, "tweets"),
+    (["m", "d", "--steps", "many"], None, "Invalid value for '--steps'"),
+    ([], None, "MODEL is missing"),
+    (["m", "d"], "lr: fast\n", "--lr 'fast': expected float"),
+    (["m", "d"], "- a list\n", "expected a mapping"),
+])
+def test_usage_errors_exit_2(probe: list[RunConfig], tmp_path: Path, args: list[str], config_text: str | None,
+                             message: str) -> None:
+    if config_text is not None:
+        (tmp_path / "run.yaml").write_text(config_text)
+        args = [*args, "--config", str(tmp_path / "run.yaml")]
+    result = runner.invoke(app, ["run", *args], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.replace("│", " ").split())
+    assert probe == []
+
+
+def _saved_run(output: Path, config: RunConfig) -> None:
+    """A run directory whose latest checkpoint holds `config`, as `finetune run` leaves it."""
+    (output / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (output / "checkpoints" / "step-00000004" / RUN_CONFIG).write_text(config.to_yaml())
+    (output / "checkpoints" / MANIFEST).write_text('{"checkpoints": [{"name": "step-00000004", "step": 4}]}')
+
+
+def test_resume_continues_with_the_saved_config(tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    _saved_run(output, RunConfig(model="m", dataset="d", lr=0.5, seq_len=32, output=str(output)))
+    config = cli.train.configure({"output": str(output), "nvme": "/fast", "checkpoint_every": 7}, resume=True)
+    assert (config.model, config.lr, config.seq_len, config.nvme, config.checkpoint_every) == ("m", 0.5, 32, "/fast", 7)
+    with pytest.raises(FinetuneError, match=r"--seq-len 64 \(checkpoint: 32\)"):
+        cli.train.configure({"output": str(output), "seq_len": 64}, resume=True)
+
+
+def test_config_round_trips_through_yaml() -> None:
+    config = RunConfig(model="m", dataset="d", format=Format.CHAT, steps=10, memory="1GB")
+    assert RunConfig(**yaml.safe_load(config.to_yaml())) == config
+    with pytest.raises(ConfigError, match="--seq-len 1 must be >= 2; --keep-checkpoints 0 must be >= 1"):
+        RunConfig(model="m", dataset="d", keep_checkpoints=0, seq_len=1)
+
+
+def test_info_reports_disk_speed_as_json(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["info", "--path", str(tmp_path), "--bandwidth", "--bandwidth-size", "4MB", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert {"cpu cores", f"disk free at {tmp_path}", f"disk write at {tmp_path}", f"disk read at {tmp_path}"} <= set(rows)
+    assert not any(tmp_path.iterdir())  # the test file is removed

@@ -1,0 +1,149 @@
+"""End to end through the installed `finetune` script, as a user runs it: every dataset format, a learnable
+run whose eval loss must fall, exact resume after SIGKILL and after Ctrl-C, and the export round trip.
+
+Reference for resume: the same run never stopped (`reference_run`). Final weights and optimizer state must be
+equal to 1e-6 (in practice bit-identical), and so must every logged loss. Reference for export: the engine's own
+logits from the same checkpoint, to 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli_support import Tiny, counting, interrupt_at, run_finetune, summary
+
+pytestmark = pytest.mark.integration
+
+
+def _text_dir(directory: Path) -> Path:
+    directory.mkdir()
+    for part in range(2):
+        (directory / f"part{part}.txt").write_text("\n".join(counting(i + part, 12) for i in range(20)) + "\n\n")
+    return directory
+
+
+def _prompt_completion_csv(directory: Path) -> Path:
+    lines = ["prompt,completion"] + [f"{counting(i, 5)},{' ' + counting(i + 5, 5)}" for i in range(30)]
+    (directory / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return directory / "pairs.csv"
+
+
+def _instruction_parquet(directory: Path) -> Path:
+    rows = [{"instruction": "count on", "input": counting(i, 3), "output": counting(i + 3, 5)} for i in range(30)]
+    pq.write_table(pa.Table.from_pylist(rows), directory / "instructions.parquet")
+    return directory / "instructions.parquet"
+
+
+def _chat_json(directory: Path) -> Path:
+    rows = [{"messages": [{"role": "user", "content": counting(i, 4)},
+                          {"role": "assistant", "content": counting(i + 4, 4)},
+                          {"role": "user", "content": "more"},
+                          {"role": "assistant", "content": counting(i + 8, 4)}]} for i in range(30)]
+    (directory / "chats.json").write_text(json.dumps(rows))
+    return directory / "chats.json"
+
+
+@pytest.mark.parametrize(
+    ("make", "expected", "extra"),
+    [
+        (_text_dir, "text", ["--pack"]),
+        (_prompt_completion_csv, "prompt-completion", []),
+        (_instruction_parquet, "instruction", []),
+        (_chat_json, "chat", []),
+    ],
+    ids=["text-txt-dir-packed", "prompt-completion-csv", "instruction-parquet", "chat-json"],
+)
+def test_each_format_trains_end_to_end(make, expected, extra, tiny: Tiny, env, tmp_path: Path) -> None:
+    data = make(tmp_path / "data") if make is _text_dir else make(tmp_path)
+    output = tmp_path / "run"
+    args = ["run", tiny.model, data, "--output", output, "--steps", "3", "--batch-size", "2", "--seq-len", "96",
+            "--lr", "1e-3", "--checkpoint-every", "0", "--json", *extra]
+    result = summary(run_finetune(env, *args))
+    assert result["status"] == "completed" and result["format"] == expected
+    assert result["step"] == 3 and torch.isfinite(torch.tensor(result["train_loss"]))
+    assert (output / "loss.png").stat().st_size > 0 and (output / "run-config.yaml").exists()
+    assert len((output / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((output / "checkpoints" / "manifest.json").read_text())["checkpoints"][-1]["step"] == 3
+
+
+def test_eval_loss_decreases_and_state_streams_through_nvme(reference_run) -> None:
+    output, result = reference_run
+    evals = [r["eval_loss"] for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    assert len(evals) == 4  # steps 0, 8, 16, 24
+    assert evals == sorted(evals, reverse=True) and evals[-1] < 0.6 * evals[0], evals
+    assert result["nvme_read"] > 0 and result["nvme_written"] > 0  # the budget is below the state: it streamed
+    names = [e["name"] for e in json.loads((output / "checkpoints" / "manifest.json").read_text())["checkpoints"]]
+    assert names == ["step-00000016", "step-00000020", "step-00000024"]  # --keep-checkpoints 3
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["manifest.json", *names]
+
+
+def _assert_same_run(resumed: Path, reference: Path) -> None:
+    """Same final weights and optimizer state (<= 1e-6) and the same logged losses as the reference run."""
+    final = "checkpoints/step-00000024"
+    for file in ("model.safetensors", "optimizer.safetensors"):
+        mine, theirs = load_file(resumed / final / file), load_file(reference / final / file)
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], atol=1e-6, rtol=0, msg=f"{file}: {name}")
+    records = [(resumed / "metrics.jsonl").read_text(), (reference / "metrics.jsonl").read_text()]
+    mine, theirs = ([(r["step"], r.get("loss"), r.get("eval_loss")) for r in map(json.loads, text.splitlines())]
+                    for text in records)
+    assert [step for step, *_ in mine] == [step for step, *_ in theirs]
+    for (step, loss, eval_loss), (_, loss_ref, eval_ref) in zip(mine, theirs):
+        assert (loss is None) == (loss_ref is None) and (eval_loss is None) == (eval_ref is None), step
+        torch.testing.assert_close(torch.tensor([loss or 0.0, eval_loss or 0.0]),
+                                   torch.tensor([loss_ref or 0.0, eval_ref or 0.0]), atol=1e-6, rtol=0)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(run_args, reference_run, env, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    killed = interrupt_at(env, run_args(output), output, 10, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    manifest = json.loads((output / "checkpoints" / "manifest.json").read_text())
+    assert 8 <= manifest["checkpoints"][-1]["step"] < 24  # stopped mid-way, after a checkpoint
+    result = summary(run_finetune(env, "run", "--resume", "--output", output, "--json"))
+    assert result["status"] == "completed" and result["step"] == 24
+    _assert_same_run(output, reference_run[0])
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted_run(interrupted_run, reference_run, env, tmp_path: Path) -> None:
+    original, stopped = interrupted_run
+    assert stopped.returncode == 130, stopped.stderr
+    assert f"finetune run --resume --output {original}" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    output = tmp_path / "run"
+    shutil.copytree(original, output)
+    step = json.loads((output / "checkpoints" / "manifest.json").read_text())["checkpoints"][-1]["step"]
+    assert 6 <= step < 24  # saved at the step it stopped after
+    result = summary(run_finetune(env, "run", "--resume", "--output", output, "--json"))
+    assert result["step"] == 24
+    _assert_same_run(output, reference_run[0])
+
+
+def test_export_round_trip_matches_engine_logits(reference_run, tiny: Tiny, env, tmp_path: Path) -> None:
+    import offload
+    import optim
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output, _ = reference_run
+    exported = tmp_path / "exported"
+    result = run_finetune(env, "export", output, exported, "--json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in exported.iterdir() if "optimizer" in p.name or p.suffix == ".pt") == []
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    batch = tokenizer([counting(3, 10), counting(7, 14)], return_tensors="pt", padding=True)
+    budget = offload.Budget(device=tiny.device_bytes, host=tiny.host_bytes, nvme=tmp_path / "swap")
+    with offload.Engine.from_pretrained(tiny.model, optim.AdamW(), budget) as engine, torch.no_grad():
+        engine.load_checkpoint(output / "checkpoints" / "step-00000024")
+        expected = engine.model(**batch).logits
+    actual = AutoModelForCausalLM.from_pretrained(exported)(**batch).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
