@@ -38,7 +38,9 @@ from offload.export import write_safetensors_shards
 from offload.nvme import open_backend
 from offload.store import ChunkStore
 from offload.weights import load_block_weights, safetensors_index
+from offload.zeroth_order import ZerothOrderPass
 from optim.base import ChunkOptimizer, StateSpec
+from optim.mezo import MeZO
 
 __all__ = ["ClipMode", "Engine"]
 
@@ -66,7 +68,7 @@ class _Streamed:
     params: list[nn.Parameter]
     weights: Chunk
     master: Chunk | None
-    grads: Chunk
+    grads: Chunk | None  # None for zeroth-order training
     states: dict[str, Chunk]
     aliases: list[tuple[nn.Parameter, int]] = field(default_factory=list)  # tied twins, with the slot they view
     holds: int = 0
@@ -84,7 +86,8 @@ class Engine:
     Args:
         model: a Hugging Face causal LM (its decoder layers must support gradient checkpointing). Its
             parameters are moved into the engine's chunks; the module keeps only empty placeholders.
-        optimizer: a chunk-wise optimizer from `optim`.
+        optimizer: a chunk-wise optimizer from `optim`, or `optim.MeZO` (zeroth-order: no backward, no
+            gradients; needs fp32 compute, no accumulation and no clipping).
         budget: bytes per tier and the NVMe swap directory.
         prefetch: how many blocks ahead to start loading.
         accumulation_steps: micro-batches per optimizer step; `train_step` splits its batch into this many.
@@ -104,7 +107,7 @@ class Engine:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: ChunkOptimizer,
+        optimizer: ChunkOptimizer | MeZO,
         budget: Budget | None = None,
         *,
         prefetch: int = 2,
@@ -124,6 +127,11 @@ class Engine:
             errors.append(f"accumulation_steps={accumulation_steps} must be >= 1")
         if max_grad_norm is not None and max_grad_norm <= 0:
             errors.append(f"max_grad_norm={max_grad_norm} must be > 0, or None for no clipping")
+        if isinstance(optimizer, MeZO):
+            if accumulation_steps != 1 or max_grad_norm is not None:
+                errors.append("MeZO takes no accumulation_steps or max_grad_norm (it has no gradients); drop them")
+            if (compute_dtype or torch.float32) != torch.float32:
+                errors.append("MeZO needs compute_dtype=torch.float32: it perturbs and updates the weights themselves")
         if errors:
             raise ValueError("Engine: " + "; ".join(errors))
         self.model, self.optimizer = model, optimizer
@@ -132,7 +140,9 @@ class Engine:
         self.max_grad_norm, self.clip_mode = max_grad_norm, ClipMode(clip_mode)
         self.checkpoint_activations = checkpoint_activations
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.compute_dtype = compute_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.compute_dtype = compute_dtype or (
+            torch.bfloat16 if self.device.type == "cuda" and not isinstance(optimizer, MeZO) else torch.float32
+        )
         self.step_count = 0
         self.plan: BlockPlan = find_blocks(model)
         self._blocks = self._layouts()
@@ -143,6 +153,9 @@ class Engine:
         self._create_chunks()
         self._load_weights(weights)
         model.to(self.device)  # buffers only: every parameter is an empty placeholder by now
+        # Block and slot of every Parameter object over a chunk (tied twins included), for the zeroth-order pass.
+        self._slot_of = {id(p): (index, slot) for index, s in enumerate(self._blocks) for p, slot in s.bound()}
+        self._zeroth = ZerothOrderPass(self, optimizer) if isinstance(optimizer, MeZO) else None
         self._install_hooks()
         self._updater = ThreadPoolExecutor(1, thread_name_prefix="optimizer")
         self._updates: list[Future] = []
@@ -154,7 +167,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, optimizer: ChunkOptimizer, budget: Budget | None = None, **options: Any
+        cls, path: str | Path, optimizer: ChunkOptimizer | MeZO, budget: Budget | None = None, **options: Any
     ) -> Engine:
         """Build the model on the meta device and stream its weights from `path`'s safetensors, block by block,
         so a model larger than RAM never has to be whole in memory."""
@@ -177,7 +190,7 @@ class Engine:
 
     @staticmethod
     def minimum_budget(
-        model: nn.Module, optimizer: ChunkOptimizer, *, compute_dtype: torch.dtype = torch.float32
+        model: nn.Module, optimizer: ChunkOptimizer | MeZO, *, compute_dtype: torch.dtype = torch.float32
     ) -> tuple[int, int]:
         """(device bytes, host bytes) below which `Engine(model, optimizer, ...)` refuses to start."""
         layouts = _block_layouts(model, find_blocks(model))
@@ -185,7 +198,7 @@ class Engine:
         return need_device, need_host
 
     @staticmethod
-    def state_bytes(model: nn.Module, optimizer: ChunkOptimizer, *, compute_dtype: torch.dtype = torch.float32) -> int:
+    def state_bytes(model: nn.Module, optimizer: ChunkOptimizer | MeZO, *, compute_dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the whole training state (weights, gradients, masters, optimizer state, padded as chunks):
         what must fit in the budgets plus the NVMe directory."""
         return _minimums(_block_layouts(model, find_blocks(model)), optimizer, compute_dtype)[3]
@@ -230,7 +243,7 @@ class Engine:
                 role: self.store.create(f"{s.block.name}/{role}", spec.numel, spec.dtype, chunk_nbytes(spec.numel, spec.dtype))
                 for role, spec in _chunk_specs(s.layout, self.compute_dtype, self.optimizer).items()
             }
-            s.weights, s.grads, s.master = chunks.pop("weights"), chunks.pop("grads"), chunks.pop("master", None)
+            s.weights, s.grads, s.master = chunks.pop("weights"), chunks.pop("grads", None), chunks.pop("master", None)
             s.states = chunks
 
     def _load_weights(self, directory: str | Path | None) -> None:
@@ -282,6 +295,8 @@ class Engine:
             blocks = point.blocks
             point.module.register_forward_pre_hook(partial(self._before_forward, blocks))
             point.module.register_forward_hook(partial(self._after_forward, blocks))
+            if self._zeroth is not None:
+                self._zeroth.install(point.module, blocks)
             if len(blocks) == 1 and self._blocks[blocks[0]].block.is_layer:
                 if not isinstance(point.module, GradientCheckpointingLayer):
                     raise ValueError(
@@ -401,6 +416,8 @@ class Engine:
 
     def train_step(self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> float:
         """One optimizer step over `batch` (split into `accumulation_steps` micro-batches); returns the mean loss."""
+        if self._zeroth is not None:
+            return self._zeroth.step(self._to_device(batch))
         micro_batches = self._split(batch)
         self.model.train()
         self._training = True
@@ -427,7 +444,7 @@ class Engine:
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
         """Loss of the current weights on `batch`, without gradients or updates."""
-        self._wait_for_updates()
+        self._settle()
         self.model.eval()
         loss = self.model(**self._to_device(batch), use_cache=False).loss
         return float(loss)  # host sync: the loss value
@@ -519,6 +536,12 @@ class Engine:
         for future in updates:
             future.result()
 
+    def _settle(self) -> None:
+        """Every update so far applied to the weights: before they are read outside a step."""
+        self._wait_for_updates()
+        if self._zeroth is not None:
+            self._zeroth.flush()
+
     # ---------------------------------------------------------------------------------------- output
 
     def export(self, path: str | Path, dtype: torch.dtype | None = None, *, max_shard_size: int = 2 << 30) -> Path:
@@ -527,7 +550,7 @@ class Engine:
         Weights stream from the chunks one block at a time (fp32 masters where they exist), cast to `dtype`
         (default: the dtype of the master weights, float32).
         """
-        self._wait_for_updates()
+        self._settle()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         dtype = dtype or torch.float32
@@ -574,7 +597,7 @@ class Engine:
         Raises:
             FileExistsError: `directory` exists.
         """
-        self._wait_for_updates()
+        self._settle()
         states = [(f"{s.block.name}/{name}", chunk) for s in self._blocks for name, chunk in s.states.items()]
         with atomic_directory(Path(directory)) as temporary:
             self.export(temporary)
@@ -625,6 +648,8 @@ class Engine:
                 "resume with the model and optimizer settings it was trained with"
             )
         self._wait_for_updates()
+        if self._zeroth is not None:
+            self._zeroth.pending = None  # the loaded weights replace what it would have updated
         self._copy_weights_in(directory)
         index = safetensors_index(directory, OPTIMIZER_PREFIX)
         for s in self._blocks:
@@ -693,8 +718,13 @@ def _block_layouts(model: nn.Module, plan: BlockPlan) -> list[tuple[Block, Chunk
     ]
 
 
-def _chunk_specs(layout: ChunkLayout, compute_dtype: torch.dtype, optimizer: ChunkOptimizer) -> dict[str, StateSpec]:
-    """The chunks one block has: compute weights, gradients, fp32 masters if compute is not fp32, states."""
+def _chunk_specs(
+    layout: ChunkLayout, compute_dtype: torch.dtype, optimizer: ChunkOptimizer | MeZO
+) -> dict[str, StateSpec]:
+    """The chunks one block has: compute weights, gradients, fp32 masters if compute is not fp32, states.
+    Zeroth-order training has only the weights."""
+    if isinstance(optimizer, MeZO):
+        return {"weights": StateSpec(layout.numel, compute_dtype)}
     specs = {"weights": StateSpec(layout.numel, compute_dtype), "grads": StateSpec(layout.numel, compute_dtype)}
     if compute_dtype != torch.float32:
         specs["master"] = StateSpec(layout.numel, torch.float32)
@@ -707,7 +737,7 @@ def _chunk_specs(layout: ChunkLayout, compute_dtype: torch.dtype, optimizer: Chu
 
 
 def _minimums(
-    layouts: list[tuple[Block, ChunkLayout]], optimizer: ChunkOptimizer, compute_dtype: torch.dtype
+    layouts: list[tuple[Block, ChunkLayout]], optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype
 ) -> tuple[int, int, str, int]:
     """(device minimum, host minimum, largest layer's name, total state bytes) for a model's blocks.
 

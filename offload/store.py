@@ -2,7 +2,8 @@
 
 Rules it keeps:
 - A tier's bytes in use never exceed its budget. Making room evicts the least recently used chunk that
-  nobody holds (device -> host -> NVMe), or waits for a write in flight to finish.
+  nobody holds (device -> host -> NVMe), or waits for a write in flight to finish. A chunk prefetched and not
+  used yet goes last (the one needed latest first): evicting it would only read it again.
 - A chunk is never dropped from the last tier holding its newest bytes: a dirty host chunk is written to its
   NVMe file first, and its memory is counted until that write completes.
 - Loads and writes are asynchronous (the NVMe backend's thread pool); `prefetch` starts a load on a staging
@@ -98,6 +99,7 @@ class ChunkStore:
             with self._lock:  # a read's future resolves before its done-callback has published the buffer
                 while tier not in chunk.buffers:
                     self._lock.wait(timeout=1.0)
+                chunk.prefetched = False
         except BaseException:
             self.release(chunk, tier)
             raise
@@ -200,6 +202,7 @@ class ChunkStore:
                 if tier in chunk.buffers or tier in chunk.loading or (other in chunk.buffers) != moving:
                     self.used[tier] -= chunk.nbytes  # the chunk changed while we made room: decide again
                     continue
+                chunk.prefetched = best_effort
                 return self._fill(chunk, tier, other if moving else None)
         self.acquire(chunk, Tier.HOST)
         try:
@@ -352,7 +355,12 @@ class ChunkStore:
             and id(chunk) not in self._moving
             and (tier is Tier.DEVICE or self._can_leave_host(chunk))
         ]
-        return min(candidates, key=lambda chunk: chunk.last_use, default=None)
+        used = [chunk for chunk in candidates if not chunk.prefetched]
+        if used:
+            return min(used, key=lambda chunk: chunk.last_use)
+        if self._writing:
+            return None  # a write finishing frees room without throwing away a load made ahead of its use
+        return max(candidates, key=lambda chunk: chunk.last_use, default=None)  # the prefetch needed last
 
     def _can_leave_host(self, chunk: Chunk) -> bool:
         needs_save = not chunk.zero and not chunk.on_nvme and self._newest_tier(chunk) is Tier.HOST

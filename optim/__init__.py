@@ -2,5 +2,6 @@
 
 from optim.adamw import AdamW, adamw_update
 from optim.base import ChunkOptimizer, StateSpec
+from optim.mezo import MeZO, mezo_update
 
-__all__ = ["AdamW", "ChunkOptimizer", "StateSpec", "adamw_update"]
+__all__ = ["AdamW", "ChunkOptimizer", "MeZO", "StateSpec", "adamw_update", "mezo_update"]

@@ -1,0 +1,99 @@
+"""MeZO: zeroth-order SGD (SPSA) that needs no backward, no gradients and no optimizer state.
+
+Each step draws a random direction z, measures the loss at theta + eps*z and at theta - eps*z, and moves along z
+by the finite difference g = (loss+ - loss-) / (2 eps):
+
+    theta <- theta - lr * (g * z + weight_decay * theta)
+
+(with n samples, g*z is the mean of g_i * z_i over the samples). z is never stored: it is regenerated from a seed
+keyed by (seed, step, sample, tensor name), so the order in which the engine streams blocks does not matter and
+any tensor's z can be rebuilt where its weights are.
+
+Perturbation here is exact: theta + eps*z is computed into a fresh tensor and theta itself is never touched
+until the update. The MeZO paper's in-place "+eps z, -2 eps z, +eps z" does not restore theta exactly in
+floating point (and drifts badly in bf16). Weight decay applies to tensors of two or more dimensions (matrices
+and embeddings), not to biases and norm scales, as the MeZO reference does by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MeZO", "mezo_update"]
+
+
+@dataclass
+class MeZO:
+    """Zeroth-order SGD for `offload.Engine`: `Engine(model, optim.MeZO(lr=1e-6, eps=1e-3), budget)`.
+
+    Args:
+        lr: learning rate (MeZO's are small: 1e-7 to 1e-5 for fine-tuning).
+        eps: perturbation scale.
+        weight_decay: decoupled weight decay for tensors of two or more dimensions.
+        samples: SPSA samples per step (n); each costs two forward passes of the batch.
+        seed: base seed of every perturbation.
+    """
+
+    lr: float = 1e-6
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    samples: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.lr < 0:
+            errors.append(f"lr={self.lr} must be >= 0")
+        if self.eps <= 0:
+            errors.append(f"eps={self.eps} must be > 0")
+        if self.weight_decay < 0:
+            errors.append(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.samples < 1:
+            errors.append(f"samples={self.samples} must be >= 1")
+        if errors:
+            raise ValueError("MeZO: " + "; ".join(errors))
+
+    def state_dict(self) -> dict:
+        """MeZO keeps no state (z is regenerated from seeds); the engine flushes its pending update first."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"MeZO keeps no state, got keys {sorted(state)}")
+
+    def direction(self, step: int, sample: int, name: str, like: torch.Tensor) -> torch.Tensor:
+        """z for tensor `name` at `step` and `sample`: standard normal, shaped and placed like `like`."""
+        key = hashlib.blake2b(f"{self.seed}/{step}/{sample}/{name}".encode(), digest_size=8).digest()
+        generator = torch.Generator(like.device).manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+    def perturbed(self, theta: torch.Tensor, z: torch.Tensor, sign: int) -> torch.Tensor:
+        """theta + sign * eps * z, in a new tensor (theta is left exactly as it was)."""
+        return theta + z * (sign * self.eps)
+
+    def projected_gradient(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor) -> float:
+        """g = (loss+ - loss-) / (2 eps), as MeZO computes it (fp32 difference, then a Python float)."""
+        return float((loss_plus - loss_minus) / (2 * self.eps))  # host sync: g scales every update
+
+    def update(self, theta: torch.Tensor, name: str, step: int, gradients: list[float]) -> None:
+        """Apply step `step`'s update to tensor `name` in place; `gradients` holds g for each sample."""
+        zs = [self.direction(step, sample, name, theta) for sample in range(len(gradients))]
+        decay = self.weight_decay if theta.dim() >= 2 else 0.0
+        theta.copy_(mezo_update(theta, zs, gradients, lr=self.lr, weight_decay=decay))
+
+
+def mezo_update(
+    theta: torch.Tensor, zs: list[torch.Tensor], gradients: list[float], *, lr: float, weight_decay: float
+) -> torch.Tensor:
+    """theta - lr * (mean_i(g_i * z_i) + weight_decay * theta), as a new tensor, in the MeZO reference's op order."""
+    direction = zs[0] * gradients[0]
+    for z, g in zip(zs[1:], gradients[1:]):
+        direction = direction + z * g
+    if len(zs) > 1:
+        direction = direction / len(zs)
+    if weight_decay != 0:
+        direction = direction + weight_decay * theta
+    return theta - lr * direction
