@@ -12,6 +12,9 @@ Rows, trained one after another in this process from the same initial weights on
   d) the finetune engine with budgets large enough for everything in RAM, no NVMe
   e) as (c), with checkpoint_activations=False: the engine keeps each layer's activations (no recompute), as
      plain PyTorch (a) does, so (e)/(a) compares the same math; the target is (e)/(a) <= 1.10
+  m) MeZO in RAM, plain PyTorch: per sample, every weight set to theta + eps*z, a forward, theta - eps*z, a
+     forward, then the update (the same exact-restore math as optim.MeZO, so losses agree with (z) to the bit)
+  z) MeZO streamed by the engine with (c)'s RAM budget, state on NVMe; the target is (z)/(m) <= 1.05
 
 Each row: --warmup untimed steps, then --steps timed ones; the table gives the median step time, its ratio to
 (a) and to (b), NVMe bytes moved per step, the achieved I/O rate, the peak RSS while the row ran, and the
@@ -53,6 +56,8 @@ import optim  # noqa: E402
 from common import GiB, fmt_bytes  # noqa: E402
 
 LR = 1e-4
+MEZO = {"lr": 1e-6, "eps": 1e-3, "seed": 0}
+ADAMW_ROWS, MEZO_ROWS = "abcde", "mz"
 WEIGHT_DECAY = 0.0
 LOSS_TOLERANCE = 1e-4
 
@@ -76,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nvme-dir", default="/tmp", help="directory for the swap files and the disk test")
     parser.add_argument("--disk-size", default="1GB", help="file size for the raw bandwidth test")
     parser.add_argument("--disk-passes", type=int, default=2, help="write+read passes; the best is reported")
-    parser.add_argument("--rows", default="abcde", help="which rows to run, e.g. 'ac'")
+    parser.add_argument("--rows", default="abcdemz", help="which rows to run, e.g. 'ac'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None,
                         help="results file benchmarks/results/<name>.json (default: stream_overhead[_quick])")
@@ -164,7 +169,10 @@ class EngineProbe:
         store.acquire = self._timed(store.acquire, "acquire_wait", only_thread=main)
         engine._wait_for_updates = self._timed(engine._wait_for_updates, "update_wait")
         engine._update = self._timed(engine._update, "update_busy")  # what the optimizer worker runs per block
-        engine.optimizer.step = self._timed(engine.optimizer.step, "optimizer_math")
+        if isinstance(engine.optimizer, optim.MeZO):  # no worker: its update runs when a block is loaded
+            engine.optimizer.update = self._timed(engine.optimizer.update, "optimizer_math")
+        else:
+            engine.optimizer.step = self._timed(engine.optimizer.step, "optimizer_math")
 
     def _timed(self, function: Callable[..., Any], name: str, only_thread: int | None = None) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -208,11 +216,43 @@ def plain_rows(model_dir: Path, checkpointing: bool) -> tuple[Callable[[dict[str
     return step, close
 
 
+def mezo_in_ram(model_dir: Path) -> tuple[Callable[[dict[str, torch.Tensor]], float], Callable[[], None]]:
+    """Row (m): MeZO on the model in RAM, written out with optim.MeZO's pieces. Returns (step, close)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    mezo = optim.MeZO(**MEZO)
+    params = dict(model.named_parameters())
+    count = 0
+
+    @torch.no_grad()
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        nonlocal count
+        count += 1
+        theta = {name: p.data for name, p in params.items()}
+        losses = []
+        for sign in (1, -1):
+            for name, p in params.items():
+                p.data = mezo.perturbed(theta[name], mezo.direction(count, 0, name, theta[name]), sign)
+            losses.append(model(**batch, use_cache=False).loss)
+        for name, p in params.items():
+            p.data = theta[name]
+            mezo.update(p.data, name, count, [mezo.projected_gradient(*losses)])
+        return float(torch.stack(losses).mean())
+
+    def close() -> None:
+        nonlocal model, params
+        del model, params
+
+    return step, close
+
+
 def run_plain(key: str, label: str, model_dir: Path, batches: list[dict[str, torch.Tensor]], warmup: int,
-              sampler: common.RssSampler, checkpointing: bool) -> Row:
+              sampler: common.RssSampler, checkpointing: bool, zeroth_order: bool = False) -> Row:
     row = Row(key, label, rss_before=common.rss())
     sampler.reset()
-    step, close = plain_rows(model_dir, checkpointing)
+    step, close = mezo_in_ram(model_dir) if zeroth_order else plain_rows(model_dir, checkpointing)
     measure_steps(row, step, batches, warmup, sampler)
     row.peak_rss = sampler.peak
     close()
@@ -221,14 +261,14 @@ def run_plain(key: str, label: str, model_dir: Path, batches: list[dict[str, tor
 
 def run_engine(key: str, label: str, model_dir: Path, batches: list[dict[str, torch.Tensor]], warmup: int,
                sampler: common.RssSampler, budget: offload.Budget, prefetch: int,
-               checkpoint_activations: bool = True) -> Row:
+               checkpoint_activations: bool = True, zeroth_order: bool = False) -> Row:
     from transformers import AutoModelForCausalLM
 
     row = Row(key, label, rss_before=common.rss())
     sampler.reset()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    engine = offload.Engine(model, optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY), budget, prefetch=prefetch,
-                            checkpoint_activations=checkpoint_activations)
+    optimizer = optim.MeZO(**MEZO) if zeroth_order else optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY)
+    engine = offload.Engine(model, optimizer, budget, prefetch=prefetch, checkpoint_activations=checkpoint_activations)
     del model  # the engine holds the weights in its chunks now
     probe = EngineProbe(engine)
     before: dict[str, Any] = {}
@@ -282,9 +322,14 @@ def measure_steps(row: Row, step: Callable[[dict[str, torch.Tensor]], float], ba
 
 
 def loss_agreement(rows: list[Row]) -> dict[str, float]:
-    """Largest |loss - loss of the first row| over all steps (warm-up included), per row."""
-    reference = rows[0].all_losses
-    return {row.key: max(abs(a - b) for a, b in zip(row.all_losses, reference)) for row in rows}
+    """Largest |loss - loss of the first row of the same optimizer| over all steps (warm-up included), per row:
+    the AdamW rows against the first AdamW row, the MeZO rows against the first MeZO row."""
+    agreement = {}
+    for family in (ADAMW_ROWS, MEZO_ROWS):
+        members = [row for row in rows if row.key in family]
+        for row in members:
+            agreement[row.key] = max(abs(a - b) for a, b in zip(row.all_losses, members[0].all_losses))
+    return agreement
 
 
 def disk_seconds(row: Row, disk: dict[str, Any]) -> float:
@@ -347,8 +392,9 @@ def print_report(args: argparse.Namespace, info: dict[str, Any], params: int, di
     agreement = loss_agreement(rows)
     worst = max(agreement.values())
     verdict = "agree" if worst <= LOSS_TOLERANCE else "DISAGREE"
-    print(f"  losses (warm-up steps included) {verdict} with row ({rows[0].key}) to {worst:.2e} "
-          f"(tolerance {LOSS_TOLERANCE:g}): " + ", ".join(f"({k}) {v:.1e}" for k, v in agreement.items()))
+    print(f"  losses (warm-up steps included) {verdict} with the first row of their optimizer (AdamW rows, MeZO "
+          f"rows) to {worst:.2e} (tolerance {LOSS_TOLERANCE:g}): "
+          + ", ".join(f"({k}) {v:.1e}" for k, v in agreement.items()))
     engine_rows = [row for row in rows if row.probe]
     if engine_rows:
         print()
@@ -377,6 +423,13 @@ def print_report(args: argparse.Namespace, info: dict[str, Any], params: int, di
         summary["ratio_c_over_a_fastest"] = by_key["c"].fastest / base_a.fastest
         print(f"      (c) NVMe, recompute / (a) plain in RAM = {summary['ratio_c_over_a']:.3f} by median, "
               f"{summary['ratio_c_over_a_fastest']:.3f} by fastest")
+    if "z" in by_key and "m" in by_key:
+        ratio = by_key["z"].median / by_key["m"].median
+        summary["ratio_z_over_m"] = ratio
+        summary["ratio_z_over_m_fastest"] = by_key["z"].fastest / by_key["m"].fastest
+        summary["target_z_over_m_le_1.05"] = ratio <= 1.05
+        print(f"{'PASS' if ratio <= 1.05 else 'FAIL'}: (z) MeZO streamed on NVMe / (m) MeZO in RAM = {ratio:.3f} by "
+              f"median step (target <= 1.05); {summary['ratio_z_over_m_fastest']:.3f} by fastest step")
     if "c" in by_key and base_b:
         summary["ratio_c_over_b"] = by_key["c"].median / base_b.median
         summary["ratio_c_over_b_fastest"] = by_key["c"].fastest / base_b.fastest
@@ -396,7 +449,7 @@ def print_report(args: argparse.Namespace, info: dict[str, Any], params: int, di
     if noisy:
         print("      WARNING: other processes used CPU during rows " + ", ".join(
             f"({k}) {v:.1f} s" for k, v in noisy.items()) + "; their step times are inflated, compare with care")
-    for key in [key for key in "ce" if key in by_key]:
+    for key in [key for key in "cez" if key in by_key]:
         row = by_key[key]
         summary[f"engine_io_Bps_{key}"] = (row.bytes_read + row.bytes_written) / row.median
         summary[f"engine_disk_busy_fraction_{key}"] = disk_seconds(row, disk) / row.median
@@ -448,8 +501,14 @@ def main() -> None:
                 elif key == "e":
                     rows.append(run_engine("e", "engine, NVMe, no recompute", model_dir, batches, args.warmup,
                                            sampler, budget_c, args.prefetch, checkpoint_activations=False))
+                elif key == "m":
+                    rows.append(run_plain("m", "MeZO in RAM", model_dir, batches, args.warmup, sampler, False,
+                                          zeroth_order=True))
+                elif key == "z":
+                    rows.append(run_engine("z", "MeZO, state on NVMe", model_dir, batches, args.warmup, sampler,
+                                           budget_c, args.prefetch, zeroth_order=True))
                 else:
-                    raise SystemExit(f"unknown row {key!r}; rows are a, b, c, d, e")
+                    raise SystemExit(f"unknown row {key!r}; rows are a, b, c, d, e, m, z")
         budget_c_bytes = budget_c.device + budget_c.host
         summary = print_report(args, info, params, disk, rows, budget_c_bytes)
     finally:

@@ -59,9 +59,13 @@ class Dtype(str, enum.Enum):
 
 
 class OptimizerName(str, enum.Enum):
-    """Optimizers the engine can stream (the optimizer issue adds 8-bit AdamW, GaLore, FRUGAL and MeZO)."""
+    """Optimizers the engine can stream (the classes of the same names in `optim`, with their defaults)."""
 
     ADAMW = "adamw"
+    ADAMW8BIT = "adamw8bit"
+    GALORE = "galore"
+    FRUGAL = "frugal"
+    MEZO = "mezo"
 
 
 @dataclass
@@ -146,7 +150,9 @@ class RunConfig:
     """Seed of the data order, the validation split and the torch RNG."""
 
     optimizer: OptimizerName = OptimizerName.ADAMW
-    """Optimizer."""
+    """adamw (fp32, 8 B/param of state), adamw8bit (2 B/param), galore (rank 128 projection), frugal (AdamW on a
+    quarter of the columns, signSGD on the rest) or mezo (zeroth-order: forward passes only, no state; needs
+    --accumulation-steps 1, ignores --max-grad-norm). See README's Optimizers section."""
 
     memory: str | None = None
     """RAM/VRAM for the device and host tiers together, e.g. 8GB. Each tier gets its minimum, and the rest is
@@ -200,6 +206,9 @@ class RunConfig:
         for name in ("lr", "min_lr", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 errors.append(f"{flag(name)} {getattr(self, name)} must be >= 0")
+        if self.optimizer is OptimizerName.MEZO and self.accumulation_steps != 1:
+            errors.append(f"--accumulation-steps {self.accumulation_steps} cannot be used with --optimizer mezo (it has "
+                          "no gradients to accumulate); use --batch-size for larger steps")
         if 0 <= self.lr < self.min_lr:
             errors.append(f"--min-lr {self.min_lr} is above --lr {self.lr}; lower it")
         if self.epochs is not None and self.epochs <= 0:

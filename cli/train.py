@@ -29,7 +29,7 @@ from torch import nn
 import optim
 from cli.batches import Batches, eval_batches
 from cli.checkpoints import RUN_CONFIG, Checkpoints, Entry
-from cli.config import RESUMABLE_CHANGES, Dtype, RunConfig, flag
+from cli.config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig, flag
 from cli.data import Format, Sequences, detect_format, load_rows, split_rows, tokenize_rows
 from cli.errors import FinetuneError, disk_full, one_line
 from cli.files import write_atomic
@@ -183,13 +183,24 @@ def _check_writable(directory: Path) -> None:
         ) from None
 
 
-def _optimizer(config: RunConfig) -> optim.ChunkOptimizer:
-    return optim.AdamW(lr=config.lr, weight_decay=config.weight_decay)
+_OPTIMIZERS = {
+    OptimizerName.ADAMW: optim.AdamW,
+    OptimizerName.ADAMW8BIT: optim.AdamW8bit,
+    OptimizerName.GALORE: optim.GaLore,
+    OptimizerName.FRUGAL: optim.Frugal,
+}
+
+
+def _optimizer(config: RunConfig) -> optim.ChunkOptimizer | optim.MeZO:
+    if config.optimizer is OptimizerName.MEZO:
+        return optim.MeZO(lr=config.lr, weight_decay=config.weight_decay, seed=config.seed)
+    return _OPTIMIZERS[config.optimizer](lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _compute_dtype(config: RunConfig) -> torch.dtype:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    default = torch.bfloat16 if device == "cuda" else torch.float32
+    mezo = config.optimizer is OptimizerName.MEZO  # perturbs and updates the weights themselves: fp32
+    default = torch.bfloat16 if device == "cuda" and not mezo else torch.float32
     return _DTYPES[config.dtype] or default
 
 
@@ -294,7 +305,7 @@ def _engine(prepared: Prepared) -> Engine:
             prepared.model,
             _optimizer(config),
             prepared.budget,
-            max_grad_norm=config.max_grad_norm or None,
+            max_grad_norm=None if config.optimizer is OptimizerName.MEZO else config.max_grad_norm or None,
             clip_mode=config.clip_mode,
             compute_dtype=_compute_dtype(config),
             weights=prepared.model_dir,

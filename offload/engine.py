@@ -416,9 +416,11 @@ class Engine:
 
     def train_step(self, batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> float:
         """One optimizer step over `batch` (split into `accumulation_steps` micro-batches); returns the mean loss."""
-        if self._zeroth is not None:
-            return self._zeroth.step(self._to_device(batch))
         micro_batches = self._split(batch)
+        if self._zeroth is not None:
+            if len(micro_batches) != 1:
+                raise ValueError(f"MeZO takes one batch per step, got {len(micro_batches)} micro-batches; join them")
+            return self._zeroth.step(micro_batches[0])
         self.model.train()
         self._training = True
         self.step_count += 1

@@ -104,3 +104,24 @@ def test_mezo_refuses_gradient_options(tmp_path):
         offload.Engine(model, optim.MeZO(), offload.Budget(device="1GB", host="1GB"), max_grad_norm=1.0)
     with pytest.raises(ValueError, match="eps=0 must be > 0"):
         optim.MeZO(eps=0)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    """save_checkpoint applies the pending lazy update first; the resumed run goes on exactly as the first."""
+    path = save_tiny_model("llama", tmp_path / "model", seed=5, num_hidden_layers=3)
+    mezo = optim.MeZO(lr=1e-3, seed=6, samples=2)
+    batches = _batches(seed=7)[:5]
+    with _engine(path, tmp_path / "a", mezo) as engine:
+        uninterrupted = [engine.train_step(b) for b in batches]
+        engine.export(tmp_path / "uninterrupted")
+    with _engine(path, tmp_path / "b", mezo) as engine:
+        first = [engine.train_step(b) for b in batches[:2]]
+        engine.save_checkpoint(tmp_path / "checkpoint")
+    with _engine(path, tmp_path / "c", mezo) as engine:
+        engine.load_checkpoint(tmp_path / "checkpoint")
+        rest = [engine.train_step(b) for b in batches[2:]]
+        engine.export(tmp_path / "resumed")
+    assert first + rest == uninterrupted
+    expected = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "uninterrupted").named_parameters())
+    resumed = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").named_parameters())
+    assert all(torch.equal(resumed[name], p) for name, p in expected.items())
