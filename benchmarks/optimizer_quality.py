@@ -15,9 +15,9 @@ through offload.Engine at the engine's minimum budget with its state streamed th
 CPU in fp32, constant learning rate, no clipping. Per row: final eval loss and its ratio to AdamW's, state bytes
 per parameter (the optimizer's state chunks, padding included, over the model's parameters), median and mean step
 time (the mean includes GaLore's and FRUGAL-svd's SVD refresh steps), peak RSS, and the mean train loss of the last
-10 steps. Targets: adamw8bit within 1% of AdamW's eval loss, galore and frugal within 5%.
-
-A MeZO row belongs in ROWS below (it is added with MeZO's engine integration).
+10 steps. Targets: adamw8bit within 1% of AdamW's eval loss, galore and frugal within 5%, and MeZO's train loss
+decreasing (mean of the last 10 steps below the mean of the first 10): zeroth-order training from random weights
+is far slower per step than any first-order row, and the row is there to show that, not to compete.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from common import fmt_bytes  # noqa: E402
 VOCAB = 256  # one token per byte
 LR = 1e-3
 
-ROWS: dict[str, tuple[str, Callable[[int], optim.ChunkOptimizer]]] = {
+ROWS: dict[str, tuple[str, Callable[[int], optim.ChunkOptimizer | optim.MeZO]]] = {
     # name: (hyperparameters as printed, factory taking the run's update gap)
     "adamw": ("lr 1e-3", lambda gap: optim.AdamW(lr=LR, weight_decay=0.0)),
     "adamw8bit": ("lr 1e-3", lambda gap: optim.AdamW8bit(lr=LR, weight_decay=0.0)),
@@ -62,8 +62,7 @@ ROWS: dict[str, tuple[str, Callable[[int], optim.ChunkOptimizer]]] = {
         "lr 1e-3, svd, density 0.25, gap T, signSGD",
         lambda gap: optim.Frugal(lr=LR, weight_decay=0.0, density=0.25, subspace="svd", update_gap=gap),
     ),
-    # "mezo": added with MeZO's engine integration; its child loop calls the zeroth-order step instead of
-    # engine.train_step (see `train` below).
+    "mezo": ("lr 2e-4, eps 1e-3, 1 sample", lambda gap: optim.MeZO(lr=2e-4, eps=1e-3)),
 }
 TARGETS = {"adamw8bit": 0.01, "galore": 0.05, "frugal": 0.05, "frugal-svd": 0.05}
 
@@ -120,9 +119,12 @@ def windows(data: torch.Tensor, count: int, batch: int, seq: int, seed: int) -> 
 # ------------------------------------------------------------------------------------------- the child
 
 
-def state_bytes_per_param(model: torch.nn.Module, optimizer: optim.ChunkOptimizer) -> float:
+def state_bytes_per_param(model: torch.nn.Module, optimizer: optim.ChunkOptimizer | optim.MeZO) -> float:
     """The optimizer's state chunks over all blocks (padded as the engine allocates them) per model parameter."""
     import offload
+
+    if isinstance(optimizer, optim.MeZO):
+        return 0.0  # no state: z is regenerated from seeds
     from offload.chunks import ChunkLayout, chunk_nbytes
 
     embeddings = optim.embedding_names(model)
@@ -162,7 +164,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         engine = offload.Engine(model, optimizer, offload.Budget(device=device, host=host, nvme=swap))
         times, losses = [], []
         for i, batch in enumerate(batches):
-            loss, seconds = common.timed(engine.train_step, batch)  # a MeZO row calls its zeroth-order step here
+            loss, seconds = common.timed(engine.train_step, batch)
             times.append(seconds)
             losses.append(loss)
             if (i + 1) % max(1, spec["steps"] // 10) == 0:
@@ -243,6 +245,11 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, An
             checks[r["row"]] = gap <= TARGETS[r["row"]]
             verdict = "PASS" if checks[r["row"]] else "FAIL"
             print(f"{verdict}: {r['row']} eval loss {gap:+.2%} vs adamw (target <= +{TARGETS[r['row']]:.0%})")
+        if r["row"] == "mezo":
+            first, last = sum(r["losses"][:10]) / 10, sum(r["losses"][-10:]) / 10
+            checks["mezo"] = last < first
+            print(f"{'PASS' if last < first else 'FAIL'}: mezo train loss {first:.4f} (first 10 steps) -> "
+                  f"{last:.4f} (last 10): must decrease")
     return {
         "benchmark": "optimizer_quality",
         "args": {k: v for k, v in vars(args).items() if k != "child"},
