@@ -43,6 +43,7 @@ class ZerothOrderPass:
         self._rows = 0  # rows of the batch, per stream
         self._fresh: set[int] = set()  # blocks brought up to date in this step
         self._call: tuple[list[tuple[nn.Parameter, int, int]], tuple, dict] | None = None
+        self._z: dict[int, torch.Tensor] = {}  # z of the current sample, by parameter position in the module
 
     def install(self, module: nn.Module, blocks: tuple[int, ...]) -> None:
         """Hook `module`, after the engine's hook that holds its blocks and before the one that releases them."""
@@ -136,16 +137,21 @@ class ZerothOrderPass:
             for p, index, slot in parameters:
                 p.data = self._theta(index, slot)
             self._call = None
+            self._z = {}
         return _concatenate(outputs, self._rows)
 
     def _set_weights(self, parameters: list[tuple[nn.Parameter, int, int]], stream: int) -> None:
-        """Point each parameter at theta + eps*z (even streams) or theta - eps*z (odd) of the stream's sample."""
+        """Point each parameter at theta + eps*z (even streams) or theta - eps*z (odd) of the stream's sample.
+
+        The + stream draws z and keeps it for the - stream that follows (one module's worth of memory), so z is
+        generated once per sample here and once more for the update in the next step."""
         sample, sign = divmod(stream, 2)
-        for p, index, slot in parameters:
+        for position, (p, index, slot) in enumerate(parameters):
             theta = self._theta(index, slot)
-            name = self.engine._blocks[index].layout.slots[slot].name
-            z = self.optimizer.direction(self.engine.step_count, sample, name, theta)  # regenerated, never stored
-            p.data = self.optimizer.perturbed(theta, z, -1 if sign else 1)
+            if sign == 0:
+                name = self.engine._blocks[index].layout.slots[slot].name
+                self._z[position] = self.optimizer.direction(self.engine.step_count, sample, name, theta)
+            p.data = self.optimizer.perturbed(theta, self._z[position], -1 if sign else 1)
 
     def _theta(self, index: int, slot: int) -> torch.Tensor:
         s = self.engine._blocks[index]
