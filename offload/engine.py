@@ -154,6 +154,7 @@ class Engine:
         self._load_weights(weights)
         model.to(self.device)  # buffers only: every parameter is an empty placeholder by now
         # Block and slot of every Parameter object over a chunk (tied twins included), for the zeroth-order pass.
+        self._first_layer = min(index for index, s in enumerate(self._blocks) if s.block.is_layer)
         self._slot_of = {id(p): (index, slot) for index, s in enumerate(self._blocks) for p, slot in s.bound()}
         self._zeroth = ZerothOrderPass(self, optimizer) if isinstance(optimizer, MeZO) else None
         self._install_hooks()
@@ -402,7 +403,12 @@ class Engine:
         self._hold(index, grads=True)
         self._prefetch(range(index - 1, index - 1 - self.prefetch_depth, -1))
         if self._last_micro:
-            for chunk in self._blocks[index].states.values():
+            # This layer's optimizer state, for its update; with the first layer, also the embedding's and head's,
+            # whose updates come last, right after backward, with nothing left to hide their loads behind.
+            upcoming = [index]
+            if index == self._first_layer:
+                upcoming += [i for i, s in enumerate(self._blocks) if not s.block.is_layer]
+            for chunk in [chunk for i in upcoming for chunk in self._blocks[i].states.values()]:
                 self.store.prefetch(chunk, Tier.HOST)
 
     def end_layer_backward(self, index: int) -> None:
@@ -744,9 +750,12 @@ def _minimums(
     """(device minimum, host minimum, largest layer's name, total state bytes) for a model's blocks.
 
     Device: the embedding and head blocks are held from their backward hook to the end of backward, while one
-    layer computes with its gradients. Host: one block's whole update (weights, gradients, states) at once.
+    layer computes with its gradients (MeZO: held through the forward, no gradients; its perturbed copies of one
+    module's weights are temporaries, like activations). Host: one block's whole update (weights, gradients,
+    states) at once.
     """
-    compute = {b.name: 2 * layout.nbytes(compute_dtype) for b, layout in layouts}
+    roles = 1 if isinstance(optimizer, MeZO) else 2  # weights, and gradients unless zeroth-order
+    compute = {b.name: roles * layout.nbytes(compute_dtype) for b, layout in layouts}
     update = {
         b.name: sum(chunk_nbytes(spec.numel, spec.dtype) for spec in _chunk_specs(layout, compute_dtype, optimizer).values())
         for b, layout in layouts
