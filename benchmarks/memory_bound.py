@@ -125,7 +125,8 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
           f"vocab {args.vocab}, {'untied' if args.untied else 'tied'} embeddings, "
           f"{result['params'] / 1e6:.1f}M params; batch {args.batch} x {args.seq} tokens, AdamW fp32")
     threshold = result["thread_env"].get("MALLOC_MMAP_THRESHOLD_")
-    print(f"glibc:   MALLOC_MMAP_THRESHOLD_={threshold}" + ("" if threshold else " (default: dynamic threshold)"))
+    print(f"glibc:   MALLOC_MMAP_THRESHOLD_={threshold}" + ("" if threshold else
+          " (not set; `import offload` fixes the threshold at 4 MiB, see offload/host_memory.py)"))
     print()
     rows = [
         ["RAM budget (device + host)", f"{fmt_bytes(budget)}  ({args.device_budget} + {args.host_budget})"],
