@@ -12,8 +12,8 @@ Rows, trained one after another in this process from the same initial weights on
   d) the finetune engine with budgets large enough for everything in RAM, no NVMe
   e) as (c), with checkpoint_activations=False: the engine keeps each layer's activations (no recompute), as
      plain PyTorch (a) does, so (e)/(a) compares the same math; the target is (e)/(a) <= 1.10
-  m) MeZO in RAM, plain PyTorch: per sample, every weight set to theta + eps*z, a forward, theta - eps*z, a
-     forward, then the update (the same exact-restore math as optim.MeZO, so losses agree with (z) to the bit)
+  m) MeZO in RAM, plain PyTorch (optim.InMemoryMeZO): per sample, every weight set to theta + eps*z, a forward,
+     theta - eps*z, a forward, then the update (the same math as the engine's, so losses agree with (z) to the bit)
   z) MeZO streamed by the engine at its minimum budget (MeZO's state is only the weights, 4 B/param, which (c)'s
      budget would hold whole), so the weights stream through NVMe; the target is (z)/(m) <= 1.05
 
@@ -218,33 +218,19 @@ def plain_rows(model_dir: Path, checkpointing: bool) -> tuple[Callable[[dict[str
 
 
 def mezo_in_ram(model_dir: Path) -> tuple[Callable[[dict[str, torch.Tensor]], float], Callable[[], None]]:
-    """Row (m): MeZO on the model in RAM, written out with optim.MeZO's pieces. Returns (step, close)."""
+    """Row (m): MeZO on the model in RAM, `optim.InMemoryMeZO` (the same math as the engine's). Returns (step, close)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
-    mezo = optim.MeZO(**MEZO)
-    params = dict(model.named_parameters())
-    count = 0
+    optimizer = optim.InMemoryMeZO(model.named_parameters(), optim.MeZO(**MEZO))
 
-    @torch.no_grad()
     def step(batch: dict[str, torch.Tensor]) -> float:
-        nonlocal count
-        count += 1
-        theta = {name: p.data for name, p in params.items()}
-        losses = []
-        for sign in (1, -1):
-            for name, p in params.items():
-                p.data = mezo.perturbed(theta[name], mezo.direction(count, 0, name, theta[name]), sign)
-            losses.append(model(**batch, use_cache=False).loss)
-        for name, p in params.items():
-            p.data = theta[name]
-            mezo.update(p.data, name, count, [mezo.projected_gradient(*losses)])
-        return float(torch.stack(losses).mean())
+        return float(optimizer.step(lambda: model(**batch, use_cache=False).loss))
 
     def close() -> None:
-        nonlocal model, params
-        del model, params
+        nonlocal model, optimizer
+        del model, optimizer
 
     return step, close
 

@@ -5,7 +5,7 @@ from optim.adamw8bit import AdamW8bit
 from optim.base import ChunkOptimizer, StateSpec
 from optim.frugal import Frugal
 from optim.galore import GaLore
-from optim.mezo import MeZO, mezo_update
+from optim.mezo import InMemoryMeZO, MeZO, mezo_update
 from optim.torch_adapter import InMemory, embedding_names
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "Frugal",
     "GaLore",
     "InMemory",
+    "InMemoryMeZO",
     "MeZO",
     "StateSpec",
     "adamw_update",

@@ -18,11 +18,12 @@ and embeddings), not to biases and norm scales, as the MeZO reference does by na
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MeZO", "mezo_update"]
+__all__ = ["InMemoryMeZO", "MeZO", "mezo_update"]
 
 
 @dataclass
@@ -97,3 +98,42 @@ def mezo_update(
     if weight_decay != 0:
         direction = direction + weight_decay * theta
     return theta - lr * direction
+
+
+class InMemoryMeZO(torch.optim.Optimizer):
+    """MeZO as a `torch.optim.Optimizer`, for a model that fits in memory: the same math and seeds as the engine's
+    streamed MeZO, so the two follow one trajectory.
+
+    `step(closure)` needs the closure: it returns the loss of the model's current parameters (no backward; called
+    twice per sample with the parameters perturbed).
+
+    Args:
+        named_parameters: `model.named_parameters()`; the names key the perturbations, as the engine's do.
+        mezo: the hyperparameters; `lr` may be changed through `param_groups[0]["lr"]` (LR schedulers).
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, torch.Tensor]], mezo: MeZO) -> None:
+        self._named = list(named_parameters)
+        super().__init__([p for _, p in self._named], {"lr": mezo.lr, "step": 0})
+        self.mezo = mezo
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+        if closure is None:
+            raise ValueError("InMemoryMeZO.step needs a closure that returns the loss (MeZO measures, it has no grad)")
+        group = self.param_groups[0]
+        group["step"] += 1
+        self.mezo.lr = group["lr"]
+        theta = {name: p.data for name, p in self._named}
+        losses = []
+        for sample in range(self.mezo.samples):
+            for sign in (1, -1):
+                for name, p in self._named:
+                    z = self.mezo.direction(group["step"], sample, name, theta[name])
+                    p.data = self.mezo.perturbed(theta[name], z, sign)
+                losses.append(closure())
+        gradients = [self.mezo.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(self.mezo.samples)]
+        for name, p in self._named:
+            p.data = theta[name]
+            self.mezo.update(p.data, name, group["step"], gradients)
+        return torch.stack(losses).mean()

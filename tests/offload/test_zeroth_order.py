@@ -125,3 +125,18 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     expected = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "uninterrupted").named_parameters())
     resumed = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").named_parameters())
     assert all(torch.equal(resumed[name], p) for name, p in expected.items())
+
+
+def test_in_memory_mezo_optimizer_equals_the_reference(tmp_path):
+    """optim.InMemoryMeZO, the torch.optim form for a model in memory, follows the same trajectory to the bit."""
+    path = save_tiny_model("qwen2", tmp_path / "model", seed=8, num_hidden_layers=2)
+    mezo = optim.MeZO(lr=1e-3, seed=9, samples=2, weight_decay=0.1)
+    batches = _batches(seed=10)[:4]
+    expected = _reference(path, batches, mezo)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.eval()
+    optimizer = optim.InMemoryMeZO(model.named_parameters(), optim.MeZO(lr=1e-3, seed=9, samples=2, weight_decay=0.1))
+    for batch in batches:
+        optimizer.step(lambda: model(**batch, use_cache=False).loss)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), expected[name]), name
