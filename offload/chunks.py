@@ -97,6 +97,7 @@ class Chunk:
     dirty: Tier | None = None
     last_use: int = 0
     prefetched: bool = False  # loaded ahead of its use and not used yet: the last choice for eviction
+    source: object | None = None  # read-only bytes elsewhere (frozen weights' safetensors): never written
 
     def typed(self, tier: Tier) -> torch.Tensor:
         """The resident buffer of `tier` as a flat tensor of the chunk's dtype and length."""

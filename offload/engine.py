@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from offload.blocks import Block, BlockPlan, find_blocks
@@ -35,6 +36,7 @@ from offload.checkpointing import StreamedCheckpoint, StreamedLayer
 from offload.chunks import Chunk, ChunkLayout, Tier, chunk_nbytes
 from offload.device import make_transport
 from offload.export import write_safetensors_shards
+from offload.frozen import SafetensorsSource, tensor_ranges
 from offload.nvme import open_backend
 from offload.store import ChunkStore
 from offload.weights import load_block_weights, safetensors_index
@@ -74,10 +76,24 @@ class _Streamed:
     holds: int = 0
     grad_holds: int = 0
     norms: list[torch.Tensor] | None = None
+    # Parameters with requires_grad=False (a peft model's base): one read-only weights chunk, nothing else.
+    frozen_layout: ChunkLayout | None = None
+    frozen_params: list[nn.Parameter] = field(default_factory=list)
+    frozen_aliases: list[tuple[nn.Parameter, int]] = field(default_factory=list)
+    frozen: Chunk | None = None
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the block has parameters to train (else its trainable chunks are empty and never used)."""
+        return bool(self.layout.slots)
 
     def bound(self) -> list[tuple[nn.Parameter, int]]:
         """Every Parameter object that views this block's chunks, with the index of the slot it views."""
         return [(p, i) for i, p in enumerate(self.params)] + self.aliases
+
+    def frozen_bound(self) -> list[tuple[nn.Parameter, int]]:
+        """Every Parameter object that views the frozen chunk, with the index of the slot it views."""
+        return [(p, i) for i, p in enumerate(self.frozen_params)] + self.frozen_aliases
 
 
 class Engine:
@@ -101,6 +117,8 @@ class Engine:
         compute_dtype: dtype of weights in compute; default bfloat16 on CUDA, float32 on CPU (bf16 matrix
             products are far slower than fp32 on most CPUs). Master weights and optimizer math are fp32.
         weights: a Hugging Face model directory to read the weights from, for a model built on the meta device.
+            Frozen parameters (requires_grad=False, e.g. a peft model's base) are then read straight from its
+            safetensors files whenever their block is loaded, and never written to the swap directory.
         keep_swap: keep the swap files when the engine closes.
     """
 
@@ -132,6 +150,8 @@ class Engine:
                 errors.append("MeZO takes no accumulation_steps or max_grad_norm (it has no gradients); drop them")
             if (compute_dtype or torch.float32) != torch.float32:
                 errors.append("MeZO needs compute_dtype=torch.float32: it perturbs and updates the weights themselves")
+            if any(not p.requires_grad for p in model.parameters()):
+                errors.append("MeZO with frozen parameters (requires_grad=False) is not supported yet; train them all")
         if errors:
             raise ValueError("Engine: " + "; ".join(errors))
         self.model, self.optimizer = model, optimizer
@@ -150,7 +170,8 @@ class Engine:
         self._check_budget(device_bytes, host_bytes)
         backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
         self.store = ChunkStore(device_bytes, host_bytes, make_transport(self.device), backend)
-        self._create_chunks()
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
+        self._create_chunks(weights)
         self._load_weights(weights)
         model.to(self.device)  # buffers only: every parameter is an empty placeholder by now
         # Block and slot of every Parameter object over a chunk (tied twins included), for the zeroth-order pass.
@@ -164,7 +185,8 @@ class Engine:
         self._last_micro = True
         self._training = False
         self._lock = threading.Lock()
-        self._held_storage: dict[int, int] = {}  # storage address of a held weight chunk -> block index
+        # Storage address of a held weight chunk -> (block index, "weights" or "frozen").
+        self._held_storage: dict[int, tuple[int, str]] = {}
 
     @classmethod
     def from_pretrained(
@@ -185,8 +207,12 @@ class Engine:
 
     def _layouts(self) -> list[_Streamed]:
         return [
-            _Streamed(block, layout, list(block.params.values()), None, None, None, {})  # type: ignore[arg-type]
-            for block, layout in _block_layouts(self.model, self.plan)
+            _Streamed(
+                block, layout, [block.params[slot.name] for slot in layout.slots], None, None, None, {},  # type: ignore[arg-type]
+                frozen_layout=frozen,
+                frozen_params=[block.params[slot.name] for slot in frozen.slots] if frozen else [],
+            )
+            for block, layout, frozen in _block_layouts(self.model, self.plan)
         ]
 
     @staticmethod
@@ -206,7 +232,7 @@ class Engine:
 
     def _check_budget(self, device_bytes: int, host_bytes: int) -> None:
         """Refuse now, with the numbers, rather than fail mid-step."""
-        layouts = [(s.block, s.layout) for s in self._blocks]
+        layouts = [(s.block, s.layout, s.frozen_layout) for s in self._blocks]
         need_device, need_host, largest, total = _minimums(layouts, self.optimizer, self.compute_dtype)
         problems = []
         if device_bytes < need_device:
@@ -238,7 +264,7 @@ class Engine:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def _create_chunks(self) -> None:
+    def _create_chunks(self, directory: str | Path | None) -> None:
         for s in self._blocks:
             chunks = {
                 role: self.store.create(f"{s.block.name}/{role}", spec.numel, spec.dtype, chunk_nbytes(spec.numel, spec.dtype))
@@ -246,6 +272,19 @@ class Engine:
             }
             s.weights, s.grads, s.master = chunks.pop("weights"), chunks.pop("grads", None), chunks.pop("master", None)
             s.states = chunks
+            if s.frozen_layout is None:
+                continue
+            source = None  # without a model directory, the module's values are copied in (and may be swapped out once)
+            if directory is not None:
+                ranges = tensor_ranges([slot.name for slot in s.frozen_layout.slots], self.plan.aliases, Path(directory))
+                source = SafetensorsSource(s.frozen_layout, ranges, self.compute_dtype, self.store.backend, self._reader)
+            s.frozen = self.store.create(
+                f"{s.block.name}/frozen",
+                s.frozen_layout.numel,
+                self.compute_dtype,
+                s.frozen_layout.nbytes(self.compute_dtype),
+                source=source,
+            )
 
     def _load_weights(self, directory: str | Path | None) -> None:
         """Copy each block's weights into its chunks, then leave the module only empty placeholders."""
@@ -258,19 +297,24 @@ class Engine:
         # in-memory training to the bit.
         untie = self.accumulation_steps == 1
         for s in self._blocks:
-            for i, (name, p) in enumerate(list(s.block.params.items())):
-                aliases = [alias for alias, owner in self.plan.aliases.items() if owner == name]
-                if p.is_meta:  # a meta tensor cannot take CPU data in place: give the module a real Parameter
-                    p = nn.Parameter(self._placeholder(), requires_grad=True)
-                    for target in [name] + ([] if untie else aliases):
-                        self._set_parameter(target, p)
-                    s.block.params[name] = s.params[i] = p
-                p.data = self._placeholder()
-                p.requires_grad_(True)
-                for alias in aliases if untie else []:
-                    twin = nn.Parameter(self._placeholder(), requires_grad=True)
-                    self._set_parameter(alias, twin)
-                    s.aliases.append((twin, i))
+            parts = [(s.layout, s.params, s.aliases, True)]
+            if s.frozen_layout is not None:
+                parts.append((s.frozen_layout, s.frozen_params, s.frozen_aliases, False))
+            for layout, params, twins, trainable in parts:
+                for i, slot in enumerate(layout.slots):
+                    name, p = slot.name, s.block.params[slot.name]
+                    aliases = [alias for alias, owner in self.plan.aliases.items() if owner == name]
+                    if p.is_meta:  # a meta tensor cannot take CPU data in place: give the module a real Parameter
+                        p = nn.Parameter(self._placeholder(), requires_grad=trainable)
+                        for target in [name] + ([] if untie else aliases):
+                            self._set_parameter(target, p)
+                        s.block.params[name] = params[i] = p
+                    p.data = self._placeholder()
+                    p.requires_grad_(trainable)
+                    for alias in aliases if untie else []:
+                        twin = nn.Parameter(self._placeholder(), requires_grad=trainable)
+                        self._set_parameter(alias, twin)
+                        twins.append((twin, i))
 
     def _set_parameter(self, name: str, parameter: nn.Parameter) -> None:
         module_name, _, leaf = name.rpartition(".")
@@ -279,12 +323,16 @@ class Engine:
     def _copy_weights_in(self, directory: str | Path | None) -> None:
         """Weights (and fp32 masters) of every block from `directory`'s safetensors, or from the module."""
         for s in self._blocks:
-            sources = load_block_weights(s.block, self.plan.aliases, directory)
-            for chunk in [c for c in (s.weights, s.master) if c is not None]:
-                with self._in_host(chunk, dirty=True) as flat:
-                    for view, source in zip(s.layout.views(flat), sources):
-                        view.copy_(source)
-            del sources
+            parts = [(s.layout, [c for c in (s.weights, s.master) if c is not None])] if s.trainable else []
+            if s.frozen is not None and s.frozen.source is None:  # a frozen chunk with a source reads it itself
+                parts.append((s.frozen_layout, [s.frozen]))
+            for layout, chunks in parts:
+                sources = load_block_weights(s.block, self.plan.aliases, directory, [slot.name for slot in layout.slots])
+                for chunk in chunks:
+                    with self._in_host(chunk, dirty=True) as flat:
+                        for view, source in zip(layout.views(flat), sources):
+                            view.copy_(source)
+                del sources
 
     def _placeholder(self) -> torch.Tensor:
         return torch.empty(0, dtype=self.compute_dtype, device=self.device)
@@ -312,12 +360,13 @@ class Engine:
 
     def _hold(self, index: int, *, grads: bool = False) -> None:
         s = self._blocks[index]
-        flat = self.store.acquire(s.weights, Tier.DEVICE)
-        if s.holds == 0:
-            views = s.layout.views(flat)
-            for p, slot in s.bound():
-                p.data = views[slot]
-            self._held_storage[flat.untyped_storage().data_ptr()] = index
+        for role, chunk, layout, bound in self._weight_parts(s):
+            flat = self.store.acquire(chunk, Tier.DEVICE)
+            if s.holds == 0:
+                views = layout.views(flat)
+                for p, slot in bound:
+                    p.data = views[slot]
+                self._held_storage[flat.untyped_storage().data_ptr()] = (index, role)
         s.holds += 1
         if grads:
             flat = self.store.acquire(s.grads, Tier.DEVICE)
@@ -336,11 +385,20 @@ class Engine:
                     p.grad = None
             self.store.release(s.grads, Tier.DEVICE, dirty=True)
         s.holds -= 1
-        if s.holds == 0:
-            for p, _ in s.bound():
-                p.data = self._placeholder()
-            del self._held_storage[s.weights.typed(Tier.DEVICE).untyped_storage().data_ptr()]
-        self.store.release(s.weights, Tier.DEVICE)
+        for _, chunk, _, bound in self._weight_parts(s):
+            if s.holds == 0:
+                for p, _ in bound:
+                    p.data = self._placeholder()
+                del self._held_storage[chunk.typed(Tier.DEVICE).untyped_storage().data_ptr()]
+            self.store.release(chunk, Tier.DEVICE)  # never dirty: compute does not write the weights
+
+    @staticmethod
+    def _weight_parts(s: _Streamed) -> list[tuple[str, Chunk, ChunkLayout, list[tuple[nn.Parameter, int]]]]:
+        """(role, chunk, layout, bound parameters) of the weight chunks a forward needs: trained, then frozen."""
+        parts = [("weights", s.weights, s.layout, s.bound())]
+        if s.frozen is not None:
+            parts.append(("frozen", s.frozen, s.frozen_layout, s.frozen_bound()))
+        return parts
 
     def saved_weights(self) -> torch.autograd.graph.saved_tensors_hooks:
         """Autograd hooks under which a saved view of a held weight chunk is kept as (block, place) and re-made at
@@ -349,19 +407,20 @@ class Engine:
         the buffer is reused, read another chunk's bytes."""
 
         def pack(tensor: torch.Tensor) -> Any:
-            index = self._held_storage.get(tensor.untyped_storage().data_ptr())
-            if index is None:
+            held = self._held_storage.get(tensor.untyped_storage().data_ptr())
+            if held is None:
                 return tensor
-            flat = self._blocks[index].weights.typed(Tier.DEVICE)
+            index, role = held
+            flat = getattr(self._blocks[index], role).typed(Tier.DEVICE)
             if tensor.dtype != flat.dtype:
                 return tensor
-            return index, tensor.storage_offset() - flat.storage_offset(), tensor.shape, tensor.stride()
+            return index, role, tensor.storage_offset() - flat.storage_offset(), tensor.shape, tensor.stride()
 
         def unpack(packed: Any) -> torch.Tensor:
             if torch.is_tensor(packed):
                 return packed
-            index, offset, shape, stride = packed
-            chunk = self._blocks[index].weights
+            index, role, offset, shape, stride = packed
+            chunk = getattr(self._blocks[index], role)
             if not chunk.pinned(Tier.DEVICE):
                 raise RuntimeError(f"backward needs the weights of {chunk.key}, which are not held; this is a bug")
             flat = chunk.typed(Tier.DEVICE)
@@ -374,6 +433,8 @@ class Engine:
             if 0 <= index < len(self._blocks):
                 s = self._blocks[index]
                 self.store.prefetch(s.weights, Tier.DEVICE)
+                if s.frozen is not None:
+                    self.store.prefetch(s.frozen, Tier.DEVICE)
                 if self._training and not s.grads.zero:
                     self.store.prefetch(s.grads, Tier.DEVICE)
 
@@ -388,19 +449,25 @@ class Engine:
             tensor = next((t for t in _tensors(output) if t.requires_grad), None)
             if tensor is not None:
                 tensor.register_hook(partial(self._before_outer_backward, blocks))
+            elif blocks[0] < self._first_layer:
+                # A frozen embedding's output needs no gradient, but the layers' streamed calls only run their
+                # backward (and so train the adapters inside them) for an input that requires one.
+                for t in _tensors(output):
+                    if t.is_floating_point() and t.is_leaf:
+                        t.requires_grad_(True)
         for index in blocks:
             self._release(index)
 
     def _before_outer_backward(self, blocks: tuple[int, ...], grad: torch.Tensor) -> None:
         """Runs when the gradient of an outer module's output is ready, just before that module's backward."""
         for index in blocks:
-            self._hold(index, grads=True)
+            self._hold(index, grads=self._blocks[index].trainable)
             self._outer_held.append(index)
 
     # ------------------------------------------------------------------- called by StreamedCheckpoint
 
     def begin_layer_backward(self, index: int) -> None:
-        self._hold(index, grads=True)
+        self._hold(index, grads=self._blocks[index].trainable)
         self._prefetch(range(index - 1, index - 1 - self.prefetch_depth, -1))
         if self._last_micro:
             # This layer's optimizer state, for its update; with the first layer, also the embedding's and head's,
@@ -412,10 +479,11 @@ class Engine:
                 self.store.prefetch(chunk, Tier.HOST)
 
     def end_layer_backward(self, index: int) -> None:
-        if self._last_micro:
+        trainable = self._blocks[index].trainable
+        if self._last_micro and trainable:
             self._finish_block(index)
-        self._release(index, grads=True)
-        if self._last_micro and self._updates_in_backward():
+        self._release(index, grads=trainable)
+        if self._last_micro and trainable and self._updates_in_backward():
             self._submit_update(index)
 
     # ----------------------------------------------------------------------------------- the step
@@ -442,7 +510,8 @@ class Engine:
             if not self._updates_in_backward():
                 coefficient = self._global_clip_coefficient()
                 for index in range(len(self._blocks)):
-                    self._submit_update(index, coefficient)
+                    if self._blocks[index].trainable:
+                        self._submit_update(index, coefficient)
             self._wait_for_updates()
         finally:
             self._training = False
@@ -477,10 +546,11 @@ class Engine:
         held, self._outer_held = self._outer_held, []
         finished = []
         for index in held:
-            if self._last_micro and index not in finished:
+            trainable = self._blocks[index].trainable
+            if self._last_micro and trainable and index not in finished:
                 self._finish_block(index)
                 finished.append(index)
-            self._release(index, grads=True)
+            self._release(index, grads=trainable)
         if self._last_micro and self._updates_in_backward():
             for index in finished:
                 self._submit_update(index)
@@ -497,7 +567,7 @@ class Engine:
     def _global_clip_coefficient(self) -> torch.Tensor | None:
         if self.max_grad_norm is None:
             return None
-        norms = [norm for s in self._blocks for norm in s.norms]  # model.parameters() order, as torch stacks them
+        norms = [norm for s in self._blocks for norm in s.norms or []]  # model.parameters() order, as torch stacks them
         total = torch.linalg.vector_norm(torch.stack(norms), 2)
         return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
 
@@ -567,7 +637,7 @@ class Engine:
             for name, buffer in self.model.state_dict(keep_vars=True).items()
             if not isinstance(buffer, nn.Parameter) and name not in self.plan.aliases
         }
-        specs = [(slot.name, slot.shape, dtype) for s in self._blocks for slot in s.layout.slots]
+        specs = [(slot.name, slot.shape, dtype) for s in self._blocks for layout, _ in self._export_parts(s) for slot in layout.slots]
         specs += [(name, buffer.shape, buffer.dtype) for name, buffer in buffers.items()]
         write_safetensors_shards(path, specs, self._export_stream(dtype, buffers), max_shard_bytes=max_shard_size)
         self.model.config.save_pretrained(path)
@@ -578,10 +648,45 @@ class Engine:
 
     def _export_stream(self, dtype: torch.dtype, buffers: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
         for s in self._blocks:
+            for layout, chunk in self._export_parts(s):
+                with self._in_host(chunk) as flat:
+                    for slot in layout.slots:
+                        yield slot.name, slot.view(flat).to(dtype)
+        yield from buffers.items()
+
+    @staticmethod
+    def _export_parts(s: _Streamed) -> list[tuple[ChunkLayout, Chunk]]:
+        parts = [(s.layout, s.master or s.weights)]
+        if s.frozen is not None:
+            parts.append((s.frozen_layout, s.frozen))
+        return parts
+
+    def save_adapter(self, path: str | Path) -> Path:
+        """Write the trained adapter of a peft-wrapped model as `PeftModel.save_pretrained` does
+        (adapter_config.json + adapter_model.safetensors, fp32), from the chunks, so that
+        `PeftModel.from_pretrained(base, path)` loads it.
+
+        Raises:
+            ValueError: the model is not a peft model.
+        """
+        config = getattr(self.model, "peft_config", None)
+        if not config:
+            raise ValueError("save_adapter needs a peft model (peft.get_peft_model(model, config)); use export for a whole model")
+        self._settle()
+        adapter = self.model.active_adapter
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for s in self._blocks:
+            if not s.trainable:
+                continue
             with self._in_host(s.master or s.weights) as flat:
                 for slot in s.layout.slots:
-                    yield slot.name, slot.view(flat).to(dtype)
-        yield from buffers.items()
+                    # peft's saved keys drop the adapter name: ...lora_A.default.weight -> ...lora_A.weight
+                    tensors[slot.name.replace(f".{adapter}.", ".")] = slot.view(flat).to(torch.float32).clone()
+        save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+        config[adapter].save_pretrained(path)
+        return path
 
     @contextmanager
     def _in_host(self, chunk: Chunk, *, dirty: bool = False) -> Iterator[torch.Tensor]:
@@ -680,6 +785,7 @@ class Engine:
         """What must match between a checkpoint and this engine: every tensor's name and shape, every chunk's
         size and dtype."""
         tensors = [(slot.name, tuple(slot.shape)) for s in self._blocks for slot in s.layout.slots]
+        tensors += [(slot.name, tuple(slot.shape)) for s in self._blocks if s.frozen_layout for slot in s.frozen_layout.slots]
         chunks = [
             (f"{s.block.name}/{name}", chunk.numel, str(chunk.dtype)) for s in self._blocks for name, chunk in s.states.items()
         ]
@@ -703,6 +809,7 @@ class Engine:
         self._wait_for_updates()
         self._updater.shutdown(wait=True)
         self.store.close()
+        self._reader.shutdown(wait=True)
         if self.store.backend is not None:
             self.store.backend.close()
 
@@ -713,17 +820,22 @@ class Engine:
         self.close()
 
 
-def _block_layouts(model: nn.Module, plan: BlockPlan) -> list[tuple[Block, ChunkLayout]]:
-    """Each block's element layout, with embedding weights (and heads tied to them) marked."""
+def _block_layouts(model: nn.Module, plan: BlockPlan) -> list[tuple[Block, ChunkLayout, ChunkLayout | None]]:
+    """Each block's element layout of trainable parameters, with embedding weights (and heads tied to them)
+    marked, and of its frozen parameters (None if it has none)."""
     embeddings = frozenset(
         plan.aliases.get(f"{name}.weight", f"{name}.weight")
         for name, module in model.named_modules()
         if isinstance(module, nn.Embedding)
     )
-    return [
-        (block, ChunkLayout.from_shapes({n: p.shape for n, p in block.params.items()}, embeddings))
-        for block in plan.blocks
-    ]
+    layouts = []
+    for block in plan.blocks:
+        trainable = {n: p.shape for n, p in block.params.items() if p.requires_grad}
+        frozen = {n: p.shape for n, p in block.params.items() if not p.requires_grad}
+        layouts.append(
+            (block, ChunkLayout.from_shapes(trainable, embeddings), ChunkLayout.from_shapes(frozen) if frozen else None)
+        )
+    return layouts
 
 
 def _chunk_specs(
@@ -745,24 +857,27 @@ def _chunk_specs(
 
 
 def _minimums(
-    layouts: list[tuple[Block, ChunkLayout]], optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype
+    layouts: list[tuple[Block, ChunkLayout, ChunkLayout | None]], optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype
 ) -> tuple[int, int, str, int]:
     """(device minimum, host minimum, largest layer's name, total state bytes) for a model's blocks.
 
     Device: the embedding and head blocks are held from their backward hook to the end of backward, while one
     layer computes with its gradients (MeZO: held through the forward, no gradients; its perturbed copies of one
     module's weights are temporaries, like activations). Host: one block's whole update (weights, gradients,
-    states) at once.
+    states) at once, or its frozen weights chunk (staged through host memory on CUDA). Frozen parameters have
+    only that chunk: no gradients, masters or states.
     """
     roles = 1 if isinstance(optimizer, MeZO) else 2  # weights, and gradients unless zeroth-order
-    compute = {b.name: roles * layout.nbytes(compute_dtype) for b, layout in layouts}
+    frozen = {b.name: frozen.nbytes(compute_dtype) if frozen else 0 for b, _, frozen in layouts}
+    compute = {b.name: roles * layout.nbytes(compute_dtype) + frozen[b.name] for b, layout, _ in layouts}
     update = {
         b.name: sum(chunk_nbytes(spec.numel, spec.dtype) for spec in _chunk_specs(layout, compute_dtype, optimizer).values())
-        for b, layout in layouts
+        for b, layout, _ in layouts
     }
-    outer = sum(compute[b.name] for b, _ in layouts if not b.is_layer)
-    largest = max((b.name for b, _ in layouts if b.is_layer), key=compute.__getitem__)
-    return outer + compute[largest], max(update.values()), largest, sum(update.values())
+    outer = sum(compute[b.name] for b, _, _ in layouts if not b.is_layer)
+    largest = max((b.name for b, _, _ in layouts if b.is_layer), key=compute.__getitem__)
+    host = max(max(update.values()), max(frozen.values()))
+    return outer + compute[largest], host, largest, sum(update.values()) + sum(frozen.values())
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:

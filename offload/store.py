@@ -80,9 +80,14 @@ class ChunkStore:
 
     # ----------------------------------------------------------------------------------------- public API
 
-    def create(self, key: str, numel: int, dtype: torch.dtype, nbytes: int) -> Chunk:
-        """Register a chunk whose contents start as zeros (materialised only when first acquired)."""
-        chunk = Chunk(key=key, numel=numel, dtype=dtype, nbytes=nbytes)
+    def create(self, key: str, numel: int, dtype: torch.dtype, nbytes: int, *, source: object | None = None) -> Chunk:
+        """Register a chunk whose contents start as zeros (materialised only when first acquired).
+
+        `source`: instead, the chunk is read-only and its bytes come from `source.read_into(buffer) -> Future`
+        (frozen weights in a model's safetensors). It is never written anywhere: evicting it drops it."""
+        chunk = Chunk(key=key, numel=numel, dtype=dtype, nbytes=nbytes, source=source)
+        if source is not None:
+            chunk.zero, chunk.on_nvme = False, True  # a clean copy exists below memory: the source
         with self._lock:
             self._chunks.append(chunk)
         return chunk
@@ -421,6 +426,8 @@ class ChunkStore:
             self.pooled += chunk.nbytes
 
     def _mark_dirty(self, chunk: Chunk, tier: Tier) -> None:
+        if chunk.source is not None:
+            raise RuntimeError(f"chunk {chunk.key} is read-only (its bytes come from {chunk.source}); this is a bug")
         chunk.zero, chunk.on_nvme, chunk.dirty = False, False, tier
         for other in [t for t in chunk.buffers if t is not tier and not chunk.pinned(t)]:
             self._drop(chunk, other)  # a stale copy is worse than none
@@ -431,6 +438,8 @@ class ChunkStore:
         return next(iter(chunk.buffers), None)
 
     def _file(self, chunk: Chunk) -> SwapFile:
+        if chunk.source is not None:
+            return chunk.source  # type: ignore[return-value]  # read_into only: never dirty, never written
         file = self._files.get(chunk.key)
         if file is None:
             file = self._files[chunk.key] = self.backend.open(chunk.key.replace("/", "."), chunk.nbytes)

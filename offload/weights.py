@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from offload.blocks import Block
 
-__all__ = ["load_block_weights", "safetensors_index"]
+__all__ = ["find_stored", "load_block_weights", "safetensors_index", "stored_name"]
 
 
 def safetensors_index(directory: Path, prefix: str = "model") -> dict[str, Path]:
@@ -33,23 +33,44 @@ def safetensors_index(directory: Path, prefix: str = "model") -> dict[str, Path]
         return {name: single for name in file.keys()}
 
 
-def load_block_weights(block: Block, aliases: dict[str, str], directory: str | Path | None) -> list[torch.Tensor]:
-    """The block's tensors in its parameter order (CPU, the stored dtype; the caller casts on copy)."""
+def load_block_weights(
+    block: Block, aliases: dict[str, str], directory: str | Path | None, names: list[str] | None = None
+) -> list[torch.Tensor]:
+    """The block's tensors (or those of `names`) in its parameter order (CPU, the stored dtype; the caller casts
+    on copy). A parameter of a peft-wrapped model is found under its base model's name; one the directory does
+    not hold but the module does (a new adapter on a pretrained base) comes from the module."""
+    names = list(block.params) if names is None else names
     if directory is None:
-        on_meta = [name for name, p in block.params.items() if p.is_meta]
+        on_meta = [name for name in names if block.params[name].is_meta]
         if on_meta:
             raise ValueError(
                 f"parameter {on_meta[0]} is on the meta device and no weights were given; "
                 "use Engine.from_pretrained(path, ...) or pass weights=<model directory>"
             )
-        return [p.detach() for p in block.params.values()]
+        return [block.params[name].detach() for name in names]
     index = safetensors_index(Path(directory))
-    also_known_as = {owner: alias for alias, owner in aliases.items()}
     tensors = []
-    for name in block.params:
-        stored = name if name in index else also_known_as.get(name)
-        if stored not in index:
+    for name in names:
+        stored = find_stored(name, aliases, index)
+        if stored is None:
+            if not block.params[name].is_meta and block.params[name].requires_grad:
+                tensors.append(block.params[name].detach())
+                continue
             raise KeyError(f"{directory} has no tensor {name}; is it the checkpoint of this model?")
         with safe_open(index[stored], framework="pt") as file:
             tensors.append(file.get_tensor(stored))
     return tensors
+
+
+def find_stored(name: str, aliases: dict[str, str], index: dict[str, Path]) -> str | None:
+    """The key `index` holds parameter `name` under: itself, its peft base name, or a tied alias; None if absent."""
+    twins = [alias for alias, owner in aliases.items() if owner == name]
+    candidates = [name, stored_name(name)] + [key for alias in twins for key in (alias, stored_name(alias))]
+    return next((key for key in candidates if key in index), None)
+
+
+def stored_name(name: str) -> str:
+    """The checkpoint key of a parameter of a peft-wrapped model: `base_model.model.` and `.base_layer` dropped."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model.") :]
+    return name.replace(".base_layer.", ".")

@@ -1,0 +1,143 @@
+"""Frozen weights read straight from a model's own safetensors files: no conversion pass, no swap-file writes.
+
+A frozen block chunk (weights only, never dirty) has a `SafetensorsSource` where a trained chunk has a swap
+file: loading the chunk reads each tensor's byte range out of the `.safetensors` file it was saved in (the
+range comes from the file's JSON header). A range whose file offset, destination address and length are
+4096-aligned is read with O_DIRECT; others go through the backend's aligned bounce buffer, or a buffered read
+when there is no NVMe backend. A tensor stored in another dtype than the chunk's is read into a temporary and
+converted. Evicting the chunk drops it: the file already holds its bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from offload.chunks import ChunkLayout
+from offload.weights import find_stored, safetensors_index
+
+__all__ = ["SafetensorsSource", "TensorRange", "read_header", "tensor_ranges"]
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """Where one tensor's bytes are in a safetensors file."""
+
+    path: Path
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+
+def read_header(path: Path) -> dict[str, TensorRange]:
+    """Every tensor of one `.safetensors` file: 8-byte little-endian header length, JSON header, then data whose
+    `data_offsets` count from the end of the header."""
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    start = 8 + length
+    ranges = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which frozen streaming cannot read")
+        begin, end = entry["data_offsets"]
+        ranges[name] = TensorRange(path, start + begin, end - begin, _DTYPES[entry["dtype"]], torch.Size(entry["shape"]))
+    return ranges
+
+
+class SafetensorsSource:
+    """Reads a frozen chunk's tensors from safetensors files: the chunk's read-only "swap file".
+
+    Args:
+        layout: the frozen chunk's element layout.
+        ranges: one TensorRange per slot of `layout`, in slot order.
+        dtype: the chunk's (compute) dtype.
+        backend: the NVMe backend (O_DIRECT reads with bounce buffers); None reads buffered on `pool`.
+        pool: the thread on which reads run when there is no backend.
+    """
+
+    def __init__(
+        self,
+        layout: ChunkLayout,
+        ranges: list[TensorRange],
+        dtype: torch.dtype,
+        backend: object | None,
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        for slot, tensor in zip(layout.slots, ranges, strict=True):
+            if slot.shape != tensor.shape:
+                raise ValueError(
+                    f"{tensor.path} stores {slot.name} with shape {tuple(tensor.shape)}, the model has "
+                    f"{tuple(slot.shape)}; is it the checkpoint of this model?"
+                )
+        self.layout, self.ranges, self.dtype = layout, ranges, dtype
+        self.backend, self.pool = backend, pool
+
+    def read_into(self, buffer: torch.Tensor) -> Future:
+        """Fill the chunk's uint8 `buffer` (padding left as is). The future resolves once every range is in."""
+        return self.pool.submit(self._read, buffer)
+
+    def _read(self, buffer: torch.Tensor) -> None:
+        flat = buffer.view(self.dtype)
+        pending = []
+        for slot, tensor in zip(self.layout.slots, self.ranges):
+            view = slot.view(flat).reshape(-1)
+            # Same dtype: read straight into the slot; else into a temporary, converted below.
+            target = view.view(torch.uint8) if tensor.dtype == self.dtype else torch.empty(tensor.nbytes, dtype=torch.uint8)
+            future = None
+            if self.backend is not None:
+                # Ordering: the future resolves after every piece is in `target`; waited for below.
+                future = self.backend.read_range(tensor.path, tensor.offset, target)
+            else:
+                _pread(tensor.path, tensor.offset, target)
+            pending.append((future, target, view, tensor.dtype))
+        for future, target, view, dtype in pending:
+            if future is not None:
+                future.result()
+            if dtype != self.dtype:
+                view.copy_(target.view(dtype))
+
+
+def _pread(path: Path, offset: int, dest: torch.Tensor) -> None:
+    view = memoryview(dest.numpy())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise EOFError(f"{path} ends at byte {offset + done}, {len(view) - done} bytes short")
+            done += n
+    finally:
+        os.close(fd)
+
+
+def tensor_ranges(names: list[str], aliases: dict[str, str], directory: Path) -> list[TensorRange]:
+    """Each named parameter's byte range in `directory`'s safetensors (peft names and tied aliases resolved)."""
+    index = safetensors_index(directory)
+    headers: dict[Path, dict[str, TensorRange]] = {}
+    ranges = []
+    for name in names:
+        stored = find_stored(name, aliases, index)
+        if stored is None:
+            raise KeyError(f"{directory} has no tensor {name}; is it the checkpoint of this model's base?")
+        path = index[stored]
+        if path not in headers:
+            headers[path] = read_header(path)
+        ranges.append(headers[path][stored])
+    return ranges

@@ -1,0 +1,165 @@
+"""LoRA through the engine: a frozen base streamed read-only from its own safetensors, adapters trained.
+
+Reference: the same peft model (same seed, so the same adapter init) trained in memory with torch.optim.AdamW,
+fp32. The engine runs at its minimum budget, below a quarter of the base weights, so every frozen block is read
+from the model's files again each time it is needed; none of it is ever written to the swap directory.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_file
+from tiny_models import random_batch, save_tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import offload
+import optim
+from offload.chunks import ChunkLayout
+from offload.frozen import SafetensorsSource, tensor_ranges
+from offload.nvme import ThreadPoolBackend
+
+peft = pytest.importorskip("peft")
+
+LR, WEIGHT_DECAY, STEPS = 1e-2, 0.1, 5
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_model(path, *, meta: bool = False) -> torch.nn.Module:
+    """The peft model. meta=True: the base is built on the meta device (weights only in the files), the adapters
+    created there too and then materialised; their init is re-drawn, so compare with the same on a real base."""
+    if meta:
+        with init_empty_weights(include_buffers=False):
+            base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    else:
+        base = AutoModelForCausalLM.from_pretrained(path)
+    torch.manual_seed(7)  # the adapters' init: the same in the engine and the reference
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
+    model = peft.get_peft_model(base, config)
+    if meta:
+        _materialise_adapters(model)
+    return model
+
+
+def _materialise_adapters(model: torch.nn.Module) -> None:
+    torch.manual_seed(11)
+    for module in model.modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            for name in module.active_adapters:
+                module.lora_A[name].to_empty(device="cpu")
+                module.lora_B[name].to_empty(device="cpu")
+                module.reset_lora_parameters(name, True)
+
+
+def _batches(seed: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [random_batch(128, batch=4, seq=16, generator=generator) for _ in range(STEPS)]
+
+
+def _reference(path, batches, *, fresh_adapters: bool = False) -> tuple[torch.nn.Module, list[float]]:
+    model = _lora_model(path)
+    if fresh_adapters:
+        _materialise_adapters(model)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
+    losses = []
+    for batch in batches:
+        optimizer.zero_grad()
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return model, losses
+
+
+@pytest.mark.parametrize(
+    "arch, from_files",
+    [("llama", True), ("qwen2", True), ("llama", False)],  # untied and tied (frozen) embeddings; base in the module
+)
+def test_lora_on_streamed_base_equals_in_memory_peft(arch, from_files, tmp_path):
+    """from_files=False: no model directory, the frozen chunks are copied from the module (and swapped out once)."""
+    path = save_tiny_model(arch, tmp_path / "base", seed=0, num_hidden_layers=24)
+    batches = _batches(seed=len(arch))
+    reference, ref_losses = _reference(path, batches)
+
+    model = _lora_model(path)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    adamw = optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY)
+    device, host = offload.Engine.minimum_budget(model, adamw)
+    assert device + host < base_bytes / 4, (device, host, base_bytes)
+    swap = tmp_path / "swap"
+    budget = offload.Budget(device=device, host=host, nvme=swap)
+    engine = offload.Engine(model, adamw, budget, weights=path if from_files else None, device="cpu")
+    try:
+        losses = [engine.train_step(batch) for batch in batches]
+        frozen_bytes = sum(s.frozen.nbytes for s in engine._blocks if s.frozen is not None)
+        assert frozen_bytes >= base_bytes
+        stats = engine.stats()
+        assert stats["bytes_read"] > STEPS * frozen_bytes, stats  # the base really streams, every step
+        if from_files:
+            # No base-weight bytes go to the swap directory: every swap file is an adapter chunk's (at this budget
+            # the adapters' weights, gradients and states spill too), and no frozen chunk was ever dirty.
+            files = sorted(f.name for f in swap.rglob("*") if f.is_file())
+            assert files and all(f.rsplit(".", 1)[-1] in {"weights", "grads", "exp_avg", "exp_avg_sq"} for f in files)
+            assert all(s.frozen.dirty is None and s.frozen.source is not None for s in engine._blocks if s.frozen)
+            adapter_bytes = sum(c.nbytes for s in engine._blocks for c in [s.weights, s.grads, *s.states.values()])
+            assert stats["bytes_written"] <= 2 * STEPS * adapter_bytes, stats
+
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=1e-6)
+        adapter = engine.save_adapter(tmp_path / "adapter")
+        assert {f.name for f in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+
+        loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), adapter)
+        expected = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+        trained = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+        assert trained.keys() == expected.keys()
+        difference = max((trained[n] - expected[n]).abs().max().item() for n in expected)
+        assert difference <= 1e-6, difference
+
+        engine.model.eval()
+        loaded.eval()
+        with torch.no_grad():
+            streamed = engine.model(**batches[0], use_cache=False).logits
+            from_adapter = loaded(**batches[0], use_cache=False).logits
+        torch.testing.assert_close(from_adapter, streamed, rtol=0, atol=1e-5)
+    finally:
+        engine.close()
+
+
+def test_lora_on_a_meta_base_equals_in_memory_peft(tmp_path):
+    """The base built on the meta device: nothing of it is in memory until a block is read from the files."""
+    path = save_tiny_model("llama", tmp_path / "base", seed=0, num_hidden_layers=4)
+    batches = _batches(seed=3)[:3]
+    _, ref_losses = _reference(path, batches, fresh_adapters=True)
+    budget = offload.Budget(device="1MB", host="1MB", nvme=tmp_path / "swap")
+    adamw = optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY)
+    with offload.Engine(_lora_model(path, meta=True), adamw, budget, weights=path, device="cpu") as engine:
+        losses = [engine.train_step(batch) for batch in batches]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_backend", [True, False])
+def test_safetensors_source_reads_unaligned_ranges_and_converts_dtypes(with_backend, tmp_path):
+    """Reference: the tensors as saved (bf16 ones converted with .float())."""
+    tensors = {
+        "a": torch.randn(3, 5).to(torch.bfloat16),  # odd sizes: every later range starts unaligned
+        "b": torch.randn(7),
+        "c": torch.randn(300, 20),  # larger than one 4096-byte page
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    layout = ChunkLayout.from_shapes({name: t.shape for name, t in tensors.items()})
+    ranges = tensor_ranges(list(tensors), {}, tmp_path)
+    backend = ThreadPoolBackend(tmp_path / "swap", request_bytes=4096) if with_backend else None
+    with ThreadPoolExecutor(1) as pool:
+        source = SafetensorsSource(layout, ranges, torch.float32, backend, pool)
+        buffer = torch.zeros(layout.nbytes(torch.float32), dtype=torch.uint8)
+        source.read_into(buffer).result()
+    flat = buffer.view(torch.float32)
+    for slot, (name, tensor) in zip(layout.slots, tensors.items()):
+        assert torch.equal(slot.view(flat), tensor.float()), name
+    if backend is not None:
+        backend.close()
