@@ -2,7 +2,8 @@
 
 A checkpoint is an ordinary Hugging Face model directory (config + safetensors shards of the fp32 master
 weights, so `from_pretrained` and `finetune export` read it as a model), plus the optimizer's state chunks in
-`optimizer*.safetensors` and the engine's small state in `engine_state.pt`. It is written under a temporary
+`optimizer*.safetensors` and the engine's small state in `engine_state.pt`. A peft model whose base is read
+from its own files checkpoints only its adapter (a peft adapter directory) in place of the model. It is written under a temporary
 name next to its final place, every file and the directory are fsynced, and only then is it renamed: a crash
 or a full disk at any point leaves the previous checkpoints as they were and at most a `.partial` directory.
 """
@@ -15,9 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["ENGINE_STATE_FILE", "OPTIMIZER_PREFIX", "atomic_directory", "fsync_tree"]
+__all__ = ["ADAPTER_WEIGHTS", "ENGINE_STATE_FILE", "OPTIMIZER_PREFIX", "atomic_directory", "fsync_tree"]
 
 ENGINE_STATE_FILE = "engine_state.pt"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the file peft's save_pretrained writes an adapter's weights to
 OPTIMIZER_PREFIX = "optimizer"
 FORMAT_VERSION = 1
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from offload.blocks import Block, BlockPlan, find_blocks
 from offload.budget import Budget, detect_hardware, format_bytes
-from offload.checkpoint import ENGINE_STATE_FILE, FORMAT_VERSION, OPTIMIZER_PREFIX, atomic_directory
+from offload.checkpoint import ADAPTER_WEIGHTS, ENGINE_STATE_FILE, FORMAT_VERSION, OPTIMIZER_PREFIX, atomic_directory
 from offload.checkpointing import StreamedCheckpoint, StreamedLayer
 from offload.chunks import Chunk, ChunkLayout, Tier, chunk_nbytes
 from offload.device import make_transport
@@ -171,6 +171,7 @@ class Engine:
         backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
         self.store = ChunkStore(device_bytes, host_bytes, make_transport(self.device), backend)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
+        self._weights_dir = Path(weights) if weights is not None else None
         self._create_chunks(weights)
         self._load_weights(weights)
         model.to(self.device)  # buffers only: every parameter is an empty placeholder by now
@@ -320,14 +321,20 @@ class Engine:
         module_name, _, leaf = name.rpartition(".")
         setattr(self.model.get_submodule(module_name), leaf, parameter)
 
-    def _copy_weights_in(self, directory: str | Path | None) -> None:
-        """Weights (and fp32 masters) of every block from `directory`'s safetensors, or from the module."""
+    def _copy_weights_in(self, directory: str | Path | None, *, adapter: bool = False) -> None:
+        """Weights (and fp32 masters) of every block from `directory`'s safetensors, or from the module.
+        `adapter`: `directory` is a peft adapter directory; only the trainable (adapter) weights are copied."""
         for s in self._blocks:
             parts = [(s.layout, [c for c in (s.weights, s.master) if c is not None])] if s.trainable else []
-            if s.frozen is not None and s.frozen.source is None:  # a frozen chunk with a source reads it itself
+            if not adapter and s.frozen is not None and s.frozen.source is None:  # a source reads it itself
                 parts.append((s.frozen_layout, [s.frozen]))
             for layout, chunks in parts:
-                sources = load_block_weights(s.block, self.plan.aliases, directory, [slot.name for slot in layout.slots])
+                names = [slot.name for slot in layout.slots]
+                sources = (
+                    self._adapter_tensors(Path(directory), names)
+                    if adapter
+                    else load_block_weights(s.block, self.plan.aliases, directory, names)
+                )
                 for chunk in chunks:
                     with self._in_host(chunk, dirty=True) as flat:
                         for view, source in zip(layout.views(flat), sources):
@@ -673,7 +680,6 @@ class Engine:
         if not config:
             raise ValueError("save_adapter needs a peft model (peft.get_peft_model(model, config)); use export for a whole model")
         self._settle()
-        adapter = self.model.active_adapter
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -682,11 +688,23 @@ class Engine:
                 continue
             with self._in_host(s.master or s.weights) as flat:
                 for slot in s.layout.slots:
-                    # peft's saved keys drop the adapter name: ...lora_A.default.weight -> ...lora_A.weight
-                    tensors[slot.name.replace(f".{adapter}.", ".")] = slot.view(flat).to(torch.float32).clone()
-        save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
-        config[adapter].save_pretrained(path)
+                    tensors[self._adapter_key(slot.name)] = slot.view(flat).to(torch.float32).clone()
+        save_file(tensors, path / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        config[self.model.active_adapter].save_pretrained(path)
         return path
+
+    def _adapter_key(self, name: str) -> str:
+        """peft's saved keys drop the adapter name: ...lora_A.default.weight -> ...lora_A.weight"""
+        return name.replace(f".{self.model.active_adapter}.", ".")
+
+    def _adapter_tensors(self, directory: Path, names: list[str]) -> list[torch.Tensor]:
+        with safe_open(directory / ADAPTER_WEIGHTS, framework="pt") as file:
+            return [file.get_tensor(self._adapter_key(name)) for name in names]
+
+    def _saves_adapter_only(self) -> bool:
+        """A checkpoint of a peft model whose base is read from its files holds only the adapter: the base
+        never changes and is read from the same files on resume."""
+        return bool(getattr(self.model, "peft_config", None)) and self._weights_dir is not None
 
     @contextmanager
     def _in_host(self, chunk: Chunk, *, dirty: bool = False) -> Iterator[torch.Tensor]:
@@ -703,7 +721,9 @@ class Engine:
         """Write everything a resumed run needs into the new directory `directory`, atomically.
 
         The directory is a Hugging Face model directory of the fp32 master weights (so it can be exported or
-        loaded as a model), plus the optimizer's state chunks and the step count, plus `extra` (whatever
+        loaded as a model), or, for a peft model whose base is read from its files (`weights=`), the peft
+        adapter directory of `save_adapter` (the base is not copied), plus the optimizer's state chunks and the
+        step count, plus `extra` (whatever
         `torch.load(weights_only=True)` reads back: RNG states, data position, schedule). Nothing is visible
         under `directory` until all of it is on disk; the previous checkpoints are never touched.
 
@@ -713,7 +733,10 @@ class Engine:
         self._settle()
         states = [(f"{s.block.name}/{name}", chunk) for s in self._blocks for name, chunk in s.states.items()]
         with atomic_directory(Path(directory)) as temporary:
-            self.export(temporary)
+            if self._saves_adapter_only():
+                self.save_adapter(temporary)
+            else:
+                self.export(temporary)
             write_safetensors_shards(
                 temporary,
                 [(key, torch.Size([chunk.numel]), chunk.dtype) for key, chunk in states],
@@ -725,6 +748,7 @@ class Engine:
                 "format": FORMAT_VERSION,
                 "step": self.step_count,
                 "optimizer": type(self.optimizer).__name__,
+                "adapter_only": self._saves_adapter_only(),
                 "optimizer_state": self.optimizer.state_dict(),
                 "chunks": self._fingerprint(),
                 "extra": extra or {},
@@ -763,7 +787,7 @@ class Engine:
         self._wait_for_updates()
         if self._zeroth is not None:
             self._zeroth.pending = None  # the loaded weights replace what it would have updated
-        self._copy_weights_in(directory)
+        self._copy_weights_in(directory, adapter=engine_state.get("adapter_only", False))
         index = safetensors_index(directory, OPTIMIZER_PREFIX)
         for s in self._blocks:
             for name, chunk in s.states.items():

@@ -142,6 +142,43 @@ def test_lora_on_a_meta_base_equals_in_memory_peft(tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=1e-6)
 
 
+def _adapter_state(engine: offload.Engine, directory) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(engine.save_adapter(directory) / "adapter_model.safetensors")
+
+
+def test_resume_from_an_adapter_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    """The checkpoint holds the adapter and its optimizer state, not the base; the resumed run's adapter is
+    equal (torch.equal) to the uninterrupted run's after the same steps."""
+    path = save_tiny_model("llama", tmp_path / "base", seed=0, num_hidden_layers=4)
+    batches = _batches(seed=5)
+    budget = offload.Budget(device="1MB", host="1MB", nvme=tmp_path / "swap")
+
+    def engine() -> offload.Engine:
+        return offload.Engine(_lora_model(path), optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY), budget, weights=path,
+                              device="cpu")
+
+    with engine() as uninterrupted:
+        for batch in batches:
+            uninterrupted.train_step(batch)
+        expected = _adapter_state(uninterrupted, tmp_path / "expected")
+    with engine() as first:
+        for batch in batches[:2]:
+            first.train_step(batch)
+        first.save_checkpoint(tmp_path / "checkpoint", extra={"step": 2})
+    saved = {f.name for f in (tmp_path / "checkpoint").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= saved, saved
+    assert not any(name.startswith("model") or name == "config.json" for name in saved), saved
+    with engine() as resumed:
+        assert resumed.load_checkpoint(tmp_path / "checkpoint") == {"step": 2}
+        for batch in batches[2:]:
+            resumed.train_step(batch)
+        trained = _adapter_state(resumed, tmp_path / "resumed")
+    assert trained.keys() == expected.keys()
+    assert all(torch.equal(trained[key], expected[key]) for key in expected)
+
+
 @pytest.mark.parametrize("with_backend", [True, False])
 def test_safetensors_source_reads_unaligned_ranges_and_converts_dtypes(with_backend, tmp_path):
     """Reference: the tensors as saved (bf16 ones converted with .float())."""
