@@ -98,6 +98,7 @@ class Chunk:
     last_use: int = 0
     prefetched: bool = False  # loaded ahead of its use and not used yet: the last choice for eviction
     source: object | None = None  # read-only bytes elsewhere (frozen weights' safetensors): never written
+    keep: bool = False  # small and used every step (LoRA adapters and their state): evicted only when nothing else can be
 
     def typed(self, tier: Tier) -> torch.Tensor:
         """The resident buffer of `tier` as a flat tensor of the chunk's dtype and length."""

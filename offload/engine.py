@@ -38,6 +38,7 @@ from offload.device import make_transport
 from offload.export import write_safetensors_shards
 from offload.frozen import SafetensorsSource, tensor_ranges
 from offload.nvme import open_backend
+from offload.quantized import QUANTIZATIONS, QuantizedLayout, quantizable_weights
 from offload.store import ChunkStore
 from offload.weights import load_block_weights, safetensors_index
 from offload.zeroth_order import ZerothOrderPass
@@ -81,6 +82,9 @@ class _Streamed:
     frozen_params: list[nn.Parameter] = field(default_factory=list)
     frozen_aliases: list[tuple[nn.Parameter, int]] = field(default_factory=list)
     frozen: Chunk | None = None
+    # QLoRA: the frozen chunk holds NF4 codes in this layout; `dequantized` is their compute form while held.
+    quantized: QuantizedLayout | None = None
+    dequantized: torch.Tensor | None = None
 
     @property
     def trainable(self) -> bool:
@@ -119,6 +123,10 @@ class Engine:
         weights: a Hugging Face model directory to read the weights from, for a model built on the meta device.
             Frozen parameters (requires_grad=False, e.g. a peft model's base) are then read straight from its
             safetensors files whenever their block is loaded, and never written to the swap directory.
+        quantize_frozen: "nf4" stores the frozen nn.Linear weights of the decoder layers as 4-bit NF4 (QLoRA,
+            with bitsandbytes, as transformers' `BitsAndBytesConfig(load_in_4bit=True)` quantizes them): a
+            quarter of the bytes to hold and move. They are quantized once, when the engine is built, and
+            dequantized each time their layer computes.
         keep_swap: keep the swap files when the engine closes.
     """
 
@@ -136,9 +144,18 @@ class Engine:
         device: torch.device | str | None = None,
         compute_dtype: torch.dtype | None = None,
         weights: str | Path | None = None,
+        quantize_frozen: str | None = None,
         keep_swap: bool = False,
     ) -> None:
         errors = []
+        if quantize_frozen is not None:
+            if quantize_frozen not in QUANTIZATIONS:
+                errors.append(f"quantize_frozen={quantize_frozen!r} is not one of {QUANTIZATIONS}")
+            if all(p.requires_grad for p in model.parameters()):
+                errors.append(
+                    "quantize_frozen quantizes frozen weights, and this model has none; freeze the base (e.g. "
+                    "peft.get_peft_model) or drop quantize_frozen"
+                )
         if prefetch < 0:
             errors.append(f"prefetch={prefetch} must be >= 0")
         if accumulation_steps < 1:
@@ -163,13 +180,16 @@ class Engine:
         self.compute_dtype = compute_dtype or (
             torch.bfloat16 if self.device.type == "cuda" and not isinstance(optimizer, MeZO) else torch.float32
         )
+        self.quantize_frozen = quantize_frozen
         self.step_count = 0
         self.plan: BlockPlan = find_blocks(model)
         self._blocks = self._layouts()
         device_bytes, host_bytes = self.budget.resolved(self.device)
         self._check_budget(device_bytes, host_bytes)
         backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
-        self.store = ChunkStore(device_bytes, host_bytes, make_transport(self.device), backend)
+        # A held layer's dequantized weights are a temporary outside the chunks: their room is kept aside.
+        dequantized = max((s.frozen_layout.nbytes(self.compute_dtype) for s in self._blocks if s.quantized), default=0)
+        self.store = ChunkStore(device_bytes - dequantized, host_bytes, make_transport(self.device), backend)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
         self._weights_dir = Path(weights) if weights is not None else None
         self._create_chunks(weights)
@@ -207,34 +227,47 @@ class Engine:
     # ------------------------------------------------------------------------------------ construction
 
     def _layouts(self) -> list[_Streamed]:
+        layouts = _block_layouts(self.model, self.plan)
+        quantized = _quantized_layouts(self.model, layouts, self.quantize_frozen, self.compute_dtype)
         return [
             _Streamed(
                 block, layout, [block.params[slot.name] for slot in layout.slots], None, None, None, {},  # type: ignore[arg-type]
                 frozen_layout=frozen,
                 frozen_params=[block.params[slot.name] for slot in frozen.slots] if frozen else [],
+                quantized=quantized.get(block.name),
             )
-            for block, layout, frozen in _block_layouts(self.model, self.plan)
+            for block, layout, frozen in layouts
         ]
 
     @staticmethod
     def minimum_budget(
-        model: nn.Module, optimizer: ChunkOptimizer | MeZO, *, compute_dtype: torch.dtype = torch.float32
+        model: nn.Module,
+        optimizer: ChunkOptimizer | MeZO,
+        *,
+        compute_dtype: torch.dtype = torch.float32,
+        quantize_frozen: str | None = None,
     ) -> tuple[int, int]:
         """(device bytes, host bytes) below which `Engine(model, optimizer, ...)` refuses to start."""
-        layouts = _block_layouts(model, find_blocks(model))
-        need_device, need_host, _, _ = _minimums(layouts, optimizer, compute_dtype)
+        need_device, need_host, _, _ = _model_minimums(model, optimizer, compute_dtype, quantize_frozen)
         return need_device, need_host
 
     @staticmethod
-    def state_bytes(model: nn.Module, optimizer: ChunkOptimizer | MeZO, *, compute_dtype: torch.dtype = torch.float32) -> int:
+    def state_bytes(
+        model: nn.Module,
+        optimizer: ChunkOptimizer | MeZO,
+        *,
+        compute_dtype: torch.dtype = torch.float32,
+        quantize_frozen: str | None = None,
+    ) -> int:
         """Bytes of the whole training state (weights, gradients, masters, optimizer state, padded as chunks):
         what must fit in the budgets plus the NVMe directory."""
-        return _minimums(_block_layouts(model, find_blocks(model)), optimizer, compute_dtype)[3]
+        return _model_minimums(model, optimizer, compute_dtype, quantize_frozen)[3]
 
     def _check_budget(self, device_bytes: int, host_bytes: int) -> None:
         """Refuse now, with the numbers, rather than fail mid-step."""
         layouts = [(s.block, s.layout, s.frozen_layout) for s in self._blocks]
-        need_device, need_host, largest, total = _minimums(layouts, self.optimizer, self.compute_dtype)
+        quantized = {s.block.name: s.quantized for s in self._blocks if s.quantized}
+        need_device, need_host, largest, total = _minimums(layouts, self.optimizer, self.compute_dtype, quantized)
         problems = []
         if device_bytes < need_device:
             problems.append(
@@ -266,14 +299,21 @@ class Engine:
             raise ValueError("; ".join(problems))
 
     def _create_chunks(self, directory: str | Path | None) -> None:
+        # With a frozen base, what trains is adapters: small beside the base blocks streaming past, so kept.
+        adapters = any(s.frozen_layout is not None for s in self._blocks)
         for s in self._blocks:
             chunks = {
-                role: self.store.create(f"{s.block.name}/{role}", spec.numel, spec.dtype, chunk_nbytes(spec.numel, spec.dtype))
+                role: self.store.create(
+                    f"{s.block.name}/{role}", spec.numel, spec.dtype, chunk_nbytes(spec.numel, spec.dtype), keep=adapters
+                )
                 for role, spec in _chunk_specs(s.layout, self.compute_dtype, self.optimizer).items()
             }
             s.weights, s.grads, s.master = chunks.pop("weights"), chunks.pop("grads", None), chunks.pop("master", None)
             s.states = chunks
             if s.frozen_layout is None:
+                continue
+            if s.quantized is not None:  # quantized in `_copy_weights_in`, then swapped like a trained chunk
+                s.frozen = self.store.create(f"{s.block.name}/frozen", s.quantized.nbytes, torch.uint8, s.quantized.nbytes)
                 continue
             source = None  # without a model directory, the module's values are copied in (and may be swapped out once)
             if directory is not None:
@@ -337,6 +377,9 @@ class Engine:
                 )
                 for chunk in chunks:
                     with self._in_host(chunk, dirty=True) as flat:
+                        if chunk is s.frozen and s.quantized is not None:
+                            s.quantized.quantize_into(flat, sources)
+                            continue
                         for view, source in zip(layout.views(flat), sources):
                             view.copy_(source)
                 del sources
@@ -370,6 +413,8 @@ class Engine:
         for role, chunk, layout, bound in self._weight_parts(s):
             flat = self.store.acquire(chunk, Tier.DEVICE)
             if s.holds == 0:
+                if role == "frozen" and s.quantized is not None:
+                    s.dequantized = flat = self._dequantize(s, flat)
                 views = layout.views(flat)
                 for p, slot in bound:
                     p.data = views[slot]
@@ -392,12 +437,27 @@ class Engine:
                     p.grad = None
             self.store.release(s.grads, Tier.DEVICE, dirty=True)
         s.holds -= 1
-        for _, chunk, _, bound in self._weight_parts(s):
+        for role, chunk, _, bound in self._weight_parts(s):
             if s.holds == 0:
                 for p, _ in bound:
                     p.data = self._placeholder()
-                del self._held_storage[chunk.typed(Tier.DEVICE).untyped_storage().data_ptr()]
+                del self._held_storage[self._compute_flat(s, role).untyped_storage().data_ptr()]
             self.store.release(chunk, Tier.DEVICE)  # never dirty: compute does not write the weights
+        if s.holds == 0:
+            s.dequantized = None
+
+    def _dequantize(self, s: _Streamed, codes: torch.Tensor) -> torch.Tensor:
+        """The frozen weights of a quantized block in the compute dtype, next to its held codes."""
+        flat = torch.empty(s.frozen_layout.numel, dtype=self.compute_dtype, device=codes.device)
+        s.quantized.dequantize_into(codes, flat)
+        return flat
+
+    @staticmethod
+    def _compute_flat(s: _Streamed, role: str) -> torch.Tensor:
+        """The held buffer the parameters of `role` view: the chunk's, or a quantized block's dequantized one."""
+        if role == "frozen" and s.quantized is not None:
+            return s.dequantized
+        return getattr(s, role).typed(Tier.DEVICE)
 
     @staticmethod
     def _weight_parts(s: _Streamed) -> list[tuple[str, Chunk, ChunkLayout, list[tuple[nn.Parameter, int]]]]:
@@ -418,7 +478,7 @@ class Engine:
             if held is None:
                 return tensor
             index, role = held
-            flat = getattr(self._blocks[index], role).typed(Tier.DEVICE)
+            flat = self._compute_flat(self._blocks[index], role)
             if tensor.dtype != flat.dtype:
                 return tensor
             return index, role, tensor.storage_offset() - flat.storage_offset(), tensor.shape, tensor.stride()
@@ -430,7 +490,7 @@ class Engine:
             chunk = getattr(self._blocks[index], role)
             if not chunk.pinned(Tier.DEVICE):
                 raise RuntimeError(f"backward needs the weights of {chunk.key}, which are not held; this is a bug")
-            flat = chunk.typed(Tier.DEVICE)
+            flat = self._compute_flat(self._blocks[index], role)
             return flat.as_strided(shape, stride, flat.storage_offset() + offset)
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
@@ -657,6 +717,8 @@ class Engine:
         for s in self._blocks:
             for layout, chunk in self._export_parts(s):
                 with self._in_host(chunk) as flat:
+                    if chunk is s.frozen and s.quantized is not None:  # the weights the model computes with
+                        flat = self._dequantize(s, flat)
                     for slot in layout.slots:
                         yield slot.name, slot.view(flat).to(dtype)
         yield from buffers.items()
@@ -813,7 +875,7 @@ class Engine:
         chunks = [
             (f"{s.block.name}/{name}", chunk.numel, str(chunk.dtype)) for s in self._blocks for name, chunk in s.states.items()
         ]
-        return tensors + chunks
+        return tensors + chunks + [("quantize_frozen", str(self.quantize_frozen))]
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of chunks in memory now, per tier ("device", "host"), for progress displays."""
@@ -862,6 +924,32 @@ def _block_layouts(model: nn.Module, plan: BlockPlan) -> list[tuple[Block, Chunk
     return layouts
 
 
+def _quantized_layouts(
+    model: nn.Module,
+    layouts: list[tuple[Block, ChunkLayout, ChunkLayout | None]],
+    quantize_frozen: str | None,
+    compute_dtype: torch.dtype,
+) -> dict[str, QuantizedLayout]:
+    """Block name -> the NF4 layout of its frozen chunk, for the decoder layers with frozen nn.Linear weights
+    (the embedding and head stay in the compute dtype, as in transformers' 4-bit loading)."""
+    if quantize_frozen is None:
+        return {}
+    quantized = {}
+    for block, _, frozen in layouts:
+        names = quantizable_weights(model, [slot.name for slot in frozen.slots]) if frozen and block.is_layer else None
+        if names:
+            quantized[block.name] = QuantizedLayout(frozen, names, compute_dtype)
+    return quantized
+
+
+def _model_minimums(
+    model: nn.Module, optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype, quantize_frozen: str | None
+) -> tuple[int, int, str, int]:
+    layouts = _block_layouts(model, find_blocks(model))
+    quantized = _quantized_layouts(model, layouts, quantize_frozen, compute_dtype)
+    return _minimums(layouts, optimizer, compute_dtype, quantized)
+
+
 def _chunk_specs(
     layout: ChunkLayout, compute_dtype: torch.dtype, optimizer: ChunkOptimizer | MeZO
 ) -> dict[str, StateSpec]:
@@ -881,7 +969,10 @@ def _chunk_specs(
 
 
 def _minimums(
-    layouts: list[tuple[Block, ChunkLayout, ChunkLayout | None]], optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype
+    layouts: list[tuple[Block, ChunkLayout, ChunkLayout | None]],
+    optimizer: ChunkOptimizer | MeZO,
+    compute_dtype: torch.dtype,
+    quantized: dict[str, QuantizedLayout],
 ) -> tuple[int, int, str, int]:
     """(device minimum, host minimum, largest layer's name, total state bytes) for a model's blocks.
 
@@ -889,11 +980,18 @@ def _minimums(
     layer computes with its gradients (MeZO: held through the forward, no gradients; its perturbed copies of one
     module's weights are temporaries, like activations). Host: one block's whole update (weights, gradients,
     states) at once, or its frozen weights chunk (staged through host memory on CUDA). Frozen parameters have
-    only that chunk: no gradients, masters or states.
+    only that chunk: no gradients, masters or states. A quantized block computes with its NF4 chunk and, while
+    held, the dequantized weights.
     """
     roles = 1 if isinstance(optimizer, MeZO) else 2  # weights, and gradients unless zeroth-order
-    frozen = {b.name: frozen.nbytes(compute_dtype) if frozen else 0 for b, _, frozen in layouts}
-    compute = {b.name: roles * layout.nbytes(compute_dtype) + frozen[b.name] for b, layout, _ in layouts}
+    frozen = {
+        b.name: quantized[b.name].nbytes if b.name in quantized else frozen.nbytes(compute_dtype) if frozen else 0
+        for b, _, frozen in layouts
+    }
+    dequantized = {b.name: frozen.nbytes(compute_dtype) if b.name in quantized else 0 for b, _, frozen in layouts}
+    compute = {
+        b.name: roles * layout.nbytes(compute_dtype) + frozen[b.name] + dequantized[b.name] for b, layout, _ in layouts
+    }
     update = {
         b.name: sum(chunk_nbytes(spec.numel, spec.dtype) for spec in _chunk_specs(layout, compute_dtype, optimizer).values())
         for b, layout, _ in layouts

@@ -80,12 +80,16 @@ class ChunkStore:
 
     # ----------------------------------------------------------------------------------------- public API
 
-    def create(self, key: str, numel: int, dtype: torch.dtype, nbytes: int, *, source: object | None = None) -> Chunk:
+    def create(
+        self, key: str, numel: int, dtype: torch.dtype, nbytes: int, *, source: object | None = None, keep: bool = False
+    ) -> Chunk:
         """Register a chunk whose contents start as zeros (materialised only when first acquired).
 
         `source`: instead, the chunk is read-only and its bytes come from `source.read_into(buffer) -> Future`
-        (frozen weights in a model's safetensors). It is never written anywhere: evicting it drops it."""
-        chunk = Chunk(key=key, numel=numel, dtype=dtype, nbytes=nbytes, source=source)
+        (frozen weights in a model's safetensors). It is never written anywhere: evicting it drops it.
+        `keep`: evict it only when no other chunk can make room, so chunks used every step and small beside the
+        budget (LoRA adapters) stay in memory instead of cycling through NVMe with the blocks around them."""
+        chunk = Chunk(key=key, numel=numel, dtype=dtype, nbytes=nbytes, source=source, keep=keep)
         if source is not None:
             chunk.zero, chunk.on_nvme = False, True  # a clean copy exists below memory: the source
         with self._lock:
@@ -360,6 +364,7 @@ class ChunkStore:
             and id(chunk) not in self._moving
             and (tier is Tier.DEVICE or self._can_leave_host(chunk))
         ]
+        candidates = [chunk for chunk in candidates if not chunk.keep] or candidates
         used = [chunk for chunk in candidates if not chunk.prefetched]
         if used:
             return min(used, key=lambda chunk: chunk.last_use)

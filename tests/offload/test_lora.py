@@ -142,6 +142,70 @@ def test_lora_on_a_meta_base_equals_in_memory_peft(tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=1e-6)
 
 
+def test_adapters_stay_in_memory_when_the_budget_has_room_for_them(tmp_path):
+    """A budget of the minimum plus the adapters' chunks: the base blocks stream past, the adapters and their
+    optimizer state are never evicted, so nothing at all is written to the swap directory."""
+    path = save_tiny_model("llama", tmp_path / "base", seed=0, num_hidden_layers=24)
+    optimizer = optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY)
+    device, host = offload.Engine.minimum_budget(_lora_model(path), optimizer)
+    with offload.Engine(_lora_model(path), optimizer, offload.Budget(device=device, host=host, nvme=tmp_path / "probe"),
+                        weights=path) as probe:
+        adapter_bytes = sum(c.nbytes for s in probe._blocks for c in [s.weights, s.grads, *s.states.values()])
+        frozen_bytes = sum(s.frozen.nbytes for s in probe._blocks if s.frozen is not None)
+    budget = offload.Budget(device=device, host=host + adapter_bytes, nvme=tmp_path / "swap")
+    with offload.Engine(_lora_model(path), optimizer, budget, weights=path, device="cpu") as engine:
+        for batch in _batches(seed=4):
+            engine.train_step(batch)
+        stats = engine.stats()
+    assert stats["bytes_written"] == 0, stats
+    assert stats["bytes_read"] > 5 * frozen_bytes, stats  # the base did stream
+
+
+def test_qlora_equals_peft_on_a_bitsandbytes_4bit_base(tmp_path):
+    """quantize_frozen="nf4" against the QLoRA recipe in memory: the base loaded with transformers'
+    BitsAndBytesConfig(load_in_4bit=True, nf4) (bitsandbytes' Linear4bit layers), peft LoRA on it,
+    torch.optim.AdamW; fp32 compute. The quantized layers are under a quarter of their fp32 bytes."""
+    from transformers import BitsAndBytesConfig
+
+    path = save_tiny_model("llama", tmp_path / "base", seed=0, num_hidden_layers=24)
+    batches = _batches(seed=9)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
+    torch.manual_seed(7)
+    reference = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    reference.train()
+    adamw = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
+    ref_losses = []
+    for batch in batches:
+        adamw.zero_grad()
+        loss = reference(**batch, use_cache=False).loss
+        loss.backward()
+        adamw.step()
+        ref_losses.append(loss.item())
+
+    model = _lora_model(path)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    optimizer = optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY)
+    device, host = offload.Engine.minimum_budget(model, optimizer, quantize_frozen="nf4")
+    assert device + host < base_bytes / 4, (device, host, base_bytes)
+    budget = offload.Budget(device=device, host=host, nvme=tmp_path / "swap")
+    with offload.Engine(model, optimizer, budget, weights=path, quantize_frozen="nf4", device="cpu") as engine:
+        quantized = [s for s in engine._blocks if s.quantized is not None]
+        assert len(quantized) == 24  # every decoder layer; the embedding and head stay fp32
+        stored = sum(s.frozen.nbytes for s in quantized)
+        fp32 = sum(s.frozen_layout.nbytes(torch.float32) for s in quantized)
+        assert stored < fp32 / 4, (stored, fp32)  # about 1/7, less the page padding of these tiny layers
+        losses = [engine.train_step(batch) for batch in batches]
+        with torch.no_grad():
+            engine.model.eval()
+            streamed = engine.model(**batches[0], use_cache=False).logits
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=1e-6)
+    # In train mode (no dropout here): in eval mode bitsandbytes' Linear4bit on CPU repacks its weights for a bf16
+    # inference kernel.
+    expected = reference(**batches[0], use_cache=False).logits.detach()
+    torch.testing.assert_close(streamed, expected, rtol=0, atol=1e-5)
+
+
 def _adapter_state(engine: offload.Engine, directory) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -108,6 +108,28 @@ def test_discard_frees_memory_and_reads_back_zeros_without_io(tmp_path):
     store.close()
 
 
+def test_kept_chunks_are_evicted_only_when_nothing_else_can_be(tmp_path):
+    """The kept chunk is the least recently used, yet the other is evicted; once only kept chunks are left,
+    one of them goes."""
+    store = _store(tmp_path, device_chunks=0, host_chunks=2)
+    kept = store.create("kept", NUMEL, torch.float32, round_up(NUMEL * 4), keep=True)
+    other, newcomer = _chunks(store, 2)
+    for chunk in (kept, other):
+        store.acquire(chunk, Tier.HOST).fill_(1.0)
+        store.release(chunk, Tier.HOST, dirty=True)
+    store.acquire(newcomer, Tier.HOST)
+    store.release(newcomer, Tier.HOST)
+    assert Tier.HOST in kept.buffers and Tier.HOST not in other.buffers
+    second = store.create("second kept", NUMEL, torch.float32, round_up(NUMEL * 4), keep=True)
+    store.acquire(newcomer, Tier.HOST)  # held: only kept chunks can make room for `second`
+    store.acquire(second, Tier.HOST)
+    assert Tier.HOST not in kept.buffers
+    store.release(newcomer, Tier.HOST)
+    store.release(second, Tier.HOST)
+    assert torch.equal(store.acquire(kept, Tier.HOST), torch.ones(NUMEL))  # read back from its swap file
+    store.close()
+
+
 def test_everything_held_is_an_error_not_a_hang(tmp_path):
     store = _store(tmp_path, device_chunks=1, host_chunks=1)
     first, second = _chunks(store, 2)
