@@ -4,6 +4,7 @@ from offload.blocks import Block, BlockPlan, find_blocks
 from offload.budget import Budget, Hardware, detect_hardware, format_bytes, parse_size
 from offload.engine import ClipMode, Engine
 from offload.host_memory import return_freed_memory_to_os
+from offload.merge import merge_adapter
 from offload.store import BudgetExceeded
 
 # At import, before the first large tensor is freed: measured, the same setting made later (when the engine is
@@ -21,5 +22,6 @@ __all__ = [
     "detect_hardware",
     "find_blocks",
     "format_bytes",
+    "merge_adapter",
     "parse_size",
 ]

@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["ADAPTER_WEIGHTS", "ENGINE_STATE_FILE", "OPTIMIZER_PREFIX", "atomic_directory", "fsync_tree"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ENGINE_STATE_FILE", "OPTIMIZER_PREFIX", "atomic_directory", "fsync_tree"]
 
 ENGINE_STATE_FILE = "engine_state.pt"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the file peft's save_pretrained writes an adapter's weights to
+# The files of a peft adapter directory (PeftModel.save_pretrained): its LoraConfig and its weights.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER_PREFIX = "optimizer"
 FORMAT_VERSION = 1
 
