@@ -161,10 +161,12 @@ def test_adapters_stay_in_memory_when_the_budget_has_room_for_them(tmp_path):
     assert stats["bytes_read"] > 5 * frozen_bytes, stats  # the base did stream
 
 
-def test_qlora_equals_peft_on_a_bitsandbytes_4bit_base(tmp_path):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_qlora_equals_peft_on_a_bitsandbytes_4bit_base(recompute, tmp_path):
     """quantize_frozen="nf4" against the QLoRA recipe in memory: the base loaded with transformers'
     BitsAndBytesConfig(load_in_4bit=True, nf4) (bitsandbytes' Linear4bit layers), peft LoRA on it,
-    torch.optim.AdamW; fp32 compute. The quantized layers are under a quarter of their fp32 bytes."""
+    torch.optim.AdamW; fp32 compute. The quantized layers are under a quarter of their fp32 bytes. Without
+    recompute, backward finds its saved weights in the layer's dequantized buffer of a later hold."""
     from transformers import BitsAndBytesConfig
 
     path = save_tiny_model("llama", tmp_path / "base", seed=0, num_hidden_layers=24)
@@ -189,7 +191,8 @@ def test_qlora_equals_peft_on_a_bitsandbytes_4bit_base(tmp_path):
     device, host = offload.Engine.minimum_budget(model, optimizer, quantize_frozen="nf4")
     assert device + host < base_bytes / 4, (device, host, base_bytes)
     budget = offload.Budget(device=device, host=host, nvme=tmp_path / "swap")
-    with offload.Engine(model, optimizer, budget, weights=path, quantize_frozen="nf4", device="cpu") as engine:
+    with offload.Engine(model, optimizer, budget, weights=path, quantize_frozen="nf4", device="cpu",
+                        checkpoint_activations=recompute) as engine:
         quantized = [s for s in engine._blocks if s.quantized is not None]
         assert len(quantized) == 24  # every decoder layer; the embedding and head stay fp32
         stored = sum(s.frozen.nbytes for s in quantized)
