@@ -1,8 +1,9 @@
 """The checkpoints of a run, and the manifest that says which of them are complete.
 
     OUTPUT/checkpoints/manifest.json      {"checkpoints": [{"name", "step", "files": {path: bytes}}, ...]}
-    OUTPUT/checkpoints/step-00000100/     engine.save_checkpoint (weights as a HF model, optimizer state,
-                                          step, extra) + the tokenizer + run-config.yaml
+    OUTPUT/checkpoints/step-00000100/     engine.save_checkpoint (weights as a HF model, or with --lora only
+                                          the peft adapter; optimizer state, step, extra) + the tokenizer +
+                                          run-config.yaml
 
 The engine writes each checkpoint directory atomically. This layer adds the tokenizer and run config, fsyncs
 them, and only then replaces the manifest (write, fsync, rename, fsync the directory). A checkpoint counts only

@@ -154,6 +154,27 @@ class RunConfig:
     quarter of the columns, signSGD on the rest) or mezo (zeroth-order: forward passes only, no state; needs
     --accumulation-steps 1, ignores --max-grad-norm). See README's Optimizers section."""
 
+    lora: bool = False
+    """Train LoRA adapters instead of every weight: the base stays frozen, read straight from the model's files,
+    and checkpoints hold only the adapters. LoRA usually wants a higher --lr (1e-4 to 2e-4)."""
+
+    qlora: bool = False
+    """QLoRA: --lora with the base's frozen linear weights stored as NF4 (4-bit) in every memory tier, about a
+    quarter of their bf16 bytes."""
+
+    lora_rank: int = 16
+    """Rank of each adapter (its A is rank x in, its B out x rank)."""
+
+    lora_alpha: float | None = None
+    """Adapter scale numerator: updates are scaled by alpha / rank. Default: 2 x --lora-rank."""
+
+    lora_dropout: float = 0.05
+    """Dropout on the adapters' input while training."""
+
+    lora_targets: str = "all-linear"
+    """Modules to adapt: all-linear (the attention and MLP projections: every linear layer but the output layer),
+    or comma-separated names such as q_proj,v_proj."""
+
     memory: str | None = None
     """RAM/VRAM for the device and host tiers together, e.g. 8GB. Each tier gets its minimum, and the rest is
     split evenly. Default: taken from the machine."""
@@ -175,9 +196,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         errors = [error for name in _fields() if (error := self._coerce(name))]
-        errors = errors or self._check()  # the range checks need values of the right type
+        errors = errors or self._check() + self._check_lora()  # the range checks need values of the right type
         if errors:
             raise ConfigError("; ".join(errors))
+        self.lora = self.lora or self.qlora
+        if self.lora and self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_rank  # saved resolved, so run-config.yaml shows the scale used
 
     def _coerce(self, name: str) -> str | None:
         """Bring a value read from a file to the field's type; return a problem, or None."""
@@ -230,6 +254,26 @@ class RunConfig:
             errors.append("--memory, --device-memory and --host-memory all given; drop --memory")
         return errors
 
+    def _check_lora(self) -> list[str]:
+        lora = self.lora or self.qlora
+        errors = []
+        if self.lora_rank < 1:
+            errors.append(f"--lora-rank {self.lora_rank} must be >= 1")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            errors.append(f"--lora-alpha {self.lora_alpha} must be > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            errors.append(f"--lora-dropout {self.lora_dropout} must be in [0, 1)")
+        if not self.lora_targets.strip(" ,"):
+            errors.append("--lora-targets is empty; give module names such as q_proj,v_proj, or all-linear")
+        if not lora:  # settings that would be silently ignored
+            defaults = RunConfig.__dataclass_fields__
+            errors += [f"{flag(name)} {getattr(self, name)!r} has no effect without --lora; add --lora (or --qlora)"
+                       for name in _LORA_SETTINGS if getattr(self, name) != defaults[name].default]
+        if lora and self.optimizer is OptimizerName.MEZO:
+            errors.append("--optimizer mezo cannot train LoRA adapters (the engine's MeZO perturbs every weight, and "
+                          "the base is frozen); drop --lora/--qlora or choose another --optimizer")
+        return errors
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values (enums as their strings), as saved in run-config.yaml."""
         return {name: _plain(getattr(self, name)) for name in _fields()}
@@ -246,6 +290,9 @@ class RunConfig:
             for name in _fields()
             if name not in ignore and mine[name] != theirs[name]
         ]
+
+
+_LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 RESUMABLE_CHANGES = frozenset(

@@ -30,13 +30,15 @@ app = typer.Typer(
 )
 
 HELP = field_help(RunConfig)
-MODEL, DATA, TRAINING, MEMORY, CHECKPOINTS = "Model", "Data", "Training", "Memory", "Checkpoints"
+MODEL, DATA, TRAINING, LORA, MEMORY, CHECKPOINTS = "Model", "Data", "Training", "LoRA", "Memory", "Checkpoints"
 
 RUN_EPILOG = """[bold]Examples[/bold]
 
   finetune run ./Llama-3.2-1B ./chat.jsonl --steps 1000 --lr 2e-5 --memory 8GB --nvme /mnt/nvme/swap
 
   finetune run ./model ./data --config run.yaml --val-fraction 0.05 --eval-every 50 --pack
+
+  finetune run ./Qwen2.5-7B ./chat.jsonl --qlora --lora-rank 16 --lr 2e-4 --memory 6GB     [dim]# adapters only[/dim]
 
   finetune run --resume --output finetune-out     [dim]# continue a stopped run exactly[/dim]
 """
@@ -78,6 +80,12 @@ def run(
     clip_mode: Annotated[Optional[ClipMode], typer.Option(help=HELP["clip_mode"], rich_help_panel=TRAINING, show_default="exact")] = None,
     seed: Annotated[Optional[int], typer.Option(help=HELP["seed"], rich_help_panel=TRAINING, show_default="0")] = None,
     optimizer: Annotated[Optional[OptimizerName], typer.Option(help=HELP["optimizer"], rich_help_panel=TRAINING, show_default="adamw")] = None,
+    lora: Annotated[Optional[bool], typer.Option("--lora", help=HELP["lora"], rich_help_panel=LORA)] = None,
+    qlora: Annotated[Optional[bool], typer.Option("--qlora", help=HELP["qlora"], rich_help_panel=LORA)] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help=HELP["lora_rank"], rich_help_panel=LORA, show_default="16")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(help=HELP["lora_alpha"], rich_help_panel=LORA, show_default=False)] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help=HELP["lora_dropout"], rich_help_panel=LORA, show_default="0.05")] = None,
+    lora_targets: Annotated[Optional[str], typer.Option(help=HELP["lora_targets"], rich_help_panel=LORA, show_default="all-linear")] = None,
     memory: Annotated[Optional[str], typer.Option(help=HELP["memory"], rich_help_panel=MEMORY)] = None,
     device_memory: Annotated[Optional[str], typer.Option(help=HELP["device_memory"], rich_help_panel=MEMORY)] = None,
     host_memory: Annotated[Optional[str], typer.Option(help=HELP["host_memory"], rich_help_panel=MEMORY)] = None,
@@ -109,21 +117,43 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-@app.command(epilog="Example: finetune export finetune-out ./my-model --dtype bfloat16")
+EXPORT_EPILOG = """[bold]Examples[/bold]
+
+  finetune export finetune-out ./my-model --dtype bfloat16
+
+  finetune export lora-run ./my-adapter     [dim]# a --lora run: the peft adapter directory[/dim]
+
+  finetune export lora-run ./merged --merge --dtype bfloat16     [dim]# base + adapter as one model[/dim]
+"""
+
+
+@app.command(epilog=EXPORT_EPILOG)
 def export(
     checkpoint: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A run directory (its latest checkpoint is used) or a checkpoint directory.")],
-    out: Annotated[Path, typer.Argument(help="New directory for the Hugging Face model (save_pretrained layout).")],
-    dtype: Annotated[Dtype, typer.Option(help="dtype of the exported weights (auto: float32, the master weights).")] = Dtype.AUTO,
+    out: Annotated[Path, typer.Argument(help="New directory for the Hugging Face model (save_pretrained layout), or for a LoRA run the peft adapter.")],
+    dtype: Annotated[Dtype, typer.Option(help="dtype of the exported weights (auto: float32, the master weights; with --merge, the base model's).")] = Dtype.AUTO,
+    merge: Annotated[bool, typer.Option("--merge", help="For a LoRA run: write the base model with the adapter merged in, a model that loads without peft.")] = False,
+    base: Annotated[Optional[Path], typer.Option(help="Base model directory for --merge (default: the run's MODEL, from its run-config.yaml).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Write a checkpoint as a Hugging Face model directory that from_pretrained loads, with its tokenizer."""
-    from cli.export import export_checkpoint
+    """Write a checkpoint as a Hugging Face model directory that from_pretrained loads (or, for a LoRA run, a peft
+    adapter directory), with its tokenizer."""
+    from cli.export import export_checkpoint, is_adapter
 
-    torch_dtype = torch.float32 if dtype is Dtype.AUTO else getattr(torch, dtype.value)
+    if base is not None and not merge:
+        raise typer.BadParameter("--base is the base model for --merge; add --merge, or drop --base", param_hint="--base")
+    torch_dtype = None if dtype is Dtype.AUTO else getattr(torch, dtype.value)
     with exit_on_failure():
-        written = export_checkpoint(checkpoint, out, torch_dtype)
+        written = export_checkpoint(checkpoint, out, torch_dtype, merge=merge, base=base)
+    adapter = is_adapter(written)
     if as_json:
-        typer.echo(json.dumps({"export": str(written), "dtype": str(torch_dtype).removeprefix("torch.")}))
+        kind = "adapter" if adapter else "merged" if merge else "model"
+        written_dtype = json.loads((written / "config.json").read_text())["dtype"] if merge else \
+            str(torch_dtype or torch.float32).removeprefix("torch.")
+        typer.echo(json.dumps({"export": str(written), "kind": kind, "dtype": written_dtype}))
+    elif adapter:
+        Console().print(f"exported the LoRA adapter to {written}; load it with PeftModel.from_pretrained(base, "
+                        f"{str(written)!r}), or pass --merge for a merged model")
     else:
         Console().print(f"exported to {written}; load it with AutoModelForCausalLM.from_pretrained({str(written)!r})")
 

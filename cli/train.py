@@ -12,6 +12,7 @@ weights, optimizer state and step count. The torch RNG state travels in the chec
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import tempfile
@@ -33,6 +34,7 @@ from cli.config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig, flag
 from cli.data import Format, Sequences, detect_format, load_rows, split_rows, tokenize_rows
 from cli.errors import FinetuneError, disk_full, one_line
 from cli.files import write_atomic
+from cli.lora import base_fingerprint, lora_description, wrap_lora
 from cli.model import build_meta_model, load_tokenizer, pad_id, resolve_model
 from cli.progress import MetricsLog, RunProgress, memory_line, plot_losses, summary_table
 from cli.schedule import LearningRate
@@ -73,8 +75,9 @@ class Prepared:
     config: RunConfig
     resume_from: Entry | None
     model_dir: Path
-    model: nn.Module  # on the meta device
+    model: nn.Module  # on the meta device (with --lora: peft-wrapped, adapters materialised)
     parameters: int
+    trainable: int
     tokenizer: Any
     format: Format
     train: Sequences
@@ -93,6 +96,7 @@ def prepare(config: RunConfig, *, resume: bool) -> Prepared:
     import transformers
 
     transformers.logging.set_verbosity_error()  # its advice is for library users; ours is in the errors
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # at import: "pip install kernels" for a CPU kernel
     output = Path(config.output)
     checkpoints = Checkpoints(output)
     if output.exists() and not output.is_dir():
@@ -102,6 +106,9 @@ def prepare(config: RunConfig, *, resume: bool) -> Prepared:
         raise FinetuneError(f"--output {output} already holds a run; pass --resume to continue it, or choose a new --output")
     model_dir = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
     model = build_meta_model(model_dir, trust_remote_code=config.trust_remote_code)
+    if config.lora:
+        model = wrap_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                          targets=config.lora_targets, seed=config.seed, base_name=config.model)
     tokenizer_source = checkpoints.path(resume_from) if resume_from else (config.tokenizer or model_dir)
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=config.trust_remote_code)
     fmt, train_data, val_data = _sequences(config, tokenizer)
@@ -116,9 +123,11 @@ def prepare(config: RunConfig, *, resume: bool) -> Prepared:
                       seed=config.seed, pad_id=pad_id(tokenizer))
     total = config.steps or batches.steps_for_epochs(config.epochs or 1.0)
     budget = _budget(config, model)
-    parameters = sum(p.numel() for p in model.parameters())  # now: the engine leaves only placeholders
-    return Prepared(config, resume_from, model_dir, model, parameters, tokenizer, fmt, train_data, val_data, batches,
-                    total, budget)
+    # Counted now: the engine leaves only placeholders.
+    parameters = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Prepared(config, resume_from, model_dir, model, parameters, trainable, tokenizer, fmt, train_data, val_data,
+                    batches, total, budget)
 
 
 def _sequences(config: RunConfig, tokenizer: Any) -> tuple[Format, Sequences, Sequences | None]:
@@ -144,7 +153,8 @@ def _budget(config: RunConfig, model: nn.Module) -> Budget:
     the minimums works. Without any of them the engine takes its budgets from the machine.
     """
     compute_dtype = _compute_dtype(config)
-    need_device, need_host = Engine.minimum_budget(model, _optimizer(config), compute_dtype=compute_dtype)
+    need_device, need_host = Engine.minimum_budget(model, _optimizer(config), compute_dtype=compute_dtype,
+                                                   quantize_frozen=_quantize_frozen(config))
     memory, device, host = (parse_size(v) if v is not None else None
                             for v in (config.memory, config.device_memory, config.host_memory))
     if memory is not None:
@@ -195,6 +205,11 @@ def _optimizer(config: RunConfig) -> optim.ChunkOptimizer | optim.MeZO:
     if config.optimizer is OptimizerName.MEZO:
         return optim.MeZO(lr=config.lr, weight_decay=config.weight_decay, seed=config.seed)
     return _OPTIMIZERS[config.optimizer](lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _quantize_frozen(config: RunConfig) -> str | None:
+    """--qlora: the frozen base stored as NF4 (blockwise 4-bit), dequantized as each layer computes."""
+    return "nf4" if config.qlora else None
 
 
 def _compute_dtype(config: RunConfig) -> torch.dtype:
@@ -291,6 +306,9 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
     }
     if not finished:
         summary["resume"] = f"finetune run --resume --output {output}"
+    elif saved and config.lora:
+        summary["export"] = f"finetune export {checkpoints.path(saved)} ADAPTER_DIR"
+        summary["export_merged"] = f"finetune export {checkpoints.path(saved)} MODEL_DIR --merge"
     elif saved:
         summary["export"] = f"finetune export {checkpoints.path(saved)} EXPORT_DIR"
     if not quiet:
@@ -309,6 +327,7 @@ def _engine(prepared: Prepared) -> Engine:
             clip_mode=config.clip_mode,
             compute_dtype=_compute_dtype(config),
             weights=prepared.model_dir,
+            quantize_frozen=_quantize_frozen(config),
         )
     except ValueError as error:  # the engine's own checks (budget, architecture) name the fix
         raise FinetuneError(f"cannot stream {prepared.model_dir}: {one_line(str(error))}") from None
@@ -327,7 +346,8 @@ def _fresh(config: RunConfig) -> int:
 
 
 def _restore(engine: Engine, prepared: Prepared, checkpoints: Checkpoints) -> int:
-    """Load the latest checkpoint into `engine`, check it saw the same data, restore the RNG; returns its step."""
+    """Load the latest checkpoint into `engine`, check it saw the same data (and, for adapters, base), restore
+    the RNG; returns its step."""
     directory = checkpoints.path(prepared.resume_from)
     try:
         extra = engine.load_checkpoint(directory)
@@ -337,6 +357,11 @@ def _restore(engine: Engine, prepared: Prepared, checkpoints: Checkpoints) -> in
         raise FinetuneError(
             f"--resume: the dataset {prepared.config.dataset} is not the data checkpoint {directory} was trained on "
             "(its tokens differ); resume with the same data and tokenizer, or start a new --output"
+        )
+    if "base" in extra and extra["base"] != base_fingerprint(prepared.model_dir):
+        raise FinetuneError(
+            f"--resume: the base model {prepared.config.model} is not the one the adapters in {directory} were "
+            "trained on (its weights differ); resume with that MODEL, or start a new --output"
         )
     torch.set_rng_state(extra["rng"]["cpu"])
     if torch.cuda.is_available() and extra["rng"]["cuda"]:
@@ -386,6 +411,8 @@ def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: in
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "tokens": clock.tokens,
     }
+    if prepared.config.lora:  # the checkpoint does not hold the base: remember which one it was
+        extra["base"] = base_fingerprint(prepared.model_dir)
     return checkpoints.save(engine, step, extra=extra, tokenizer=prepared.tokenizer,
                             run_config=prepared.config.to_yaml(), keep=prepared.config.keep_checkpoints)
 
@@ -410,8 +437,10 @@ def _describe(prepared: Prepared, start: int) -> None:
     config = prepared.config
     val = f", {len(prepared.val)} validation" if prepared.val is not None else ""
     where = f"resuming at step {start} from {prepared.resume_from.name}" if prepared.resume_from else "starting"
+    lora = f" ({lora_description(prepared.model, config.qlora)}: {prepared.trainable / 1e6:.2f}M trainable)" \
+        if config.lora else ""
     Console(stderr=True).print(
-        f"{config.model}: {prepared.parameters / 1e6:.2f}M parameters · {len(prepared.train)} training sequences{val} · "
+        f"{config.model}: {prepared.parameters / 1e6:.2f}M parameters{lora} · {len(prepared.train)} training sequences{val} · "
         f"{prepared.total_steps} steps of {prepared.batches.per_step} sequences · {where}",
         highlight=False, soft_wrap=True,
     )

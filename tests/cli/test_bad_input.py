@@ -135,6 +135,11 @@ CASES = [
          ("--resume", "belongs to a different model"), run=True),
     Case("resume-changed-option", lambda s: ["run", "--resume", "--output", s.output, "--lr", "0.5"],
          ("--resume continues the run", "--lr 0.5"), run=True),
+    Case("resume-changed-lora", lambda s: ["run", "--resume", "--output", s.output, "--lora"],
+         ("--resume continues the run", "--lora True (checkpoint: False)"), run=True),
+    Case("lora-targets-unknown",
+         lambda s: _train(s, s.tiny.model, s.data, "--lora", "--lora-targets", "q_proj,attention"),
+         ("--lora-targets 'attention' matches no module", "down_proj, gate_proj, k_proj", "all-linear")),
     Case("resume-without-checkpoint", lambda s: ["run", "--resume", "--output", s.output], ("no checkpoint in",)),
     Case("output-holds-a-run", lambda s: _train(s, s.tiny.model, s.data), ("already holds a run", "--resume"), run=True),
     # More usage errors (each checked value, config files) are tested in process: test_options.py.

@@ -25,8 +25,9 @@ runner = CliRunner()
 
 @pytest.mark.parametrize(("command", "expected"), [
     ([], ["run", "export", "info"]),
-    (["run"], ["--seq-len", "--val-fraction", "--memory", "--nvme", "--resume", "--config", "Examples"]),
-    (["export"], ["checkpoint", "--dtype", "Example"]),
+    (["run"], ["--seq-len", "--val-fraction", "--memory", "--nvme", "--resume", "--config", "--lora-targets", "--qlora",
+               "Examples"]),
+    (["export"], ["checkpoint", "--dtype", "--merge", "--base", "Example"]),
     (["info"], ["--path", "--bandwidth", "Example"]),
 ])
 def test_help_renders(command: list[str], expected: list[str]) -> None:
@@ -79,6 +80,11 @@ def test_toml_config_with_dashed_names(probe: list[RunConfig], tmp_path: Path) -
     (["m", "d", "--format", "tweets"], None, "tweets"),
     (["m", "d", "--steps", "many"], None, "Invalid value for '--steps'"),
     ([], None, "MODEL is missing"),
+    (["m", "d", "--lora", "--lora-rank", "0", "--lora-alpha", "-1", "--lora-dropout", "1"], None,
+     "--lora-rank 0 must be >= 1; --lora-alpha -1.0 must be > 0; --lora-dropout 1.0 must be in [0, 1)"),
+    (["m", "d", "--qlora", "--optimizer", "mezo"], None, "--optimizer mezo cannot train LoRA adapters"),
+    (["m", "d", "--lora-rank", "8"], None, "--lora-rank 8 has no effect without --lora; add --lora"),
+    (["m", "d"], "lora: true\nlora_targets: ' , '\n", "--lora-targets is empty"),
     (["m", "d"], "lr: fast\n", "--lr 'fast': expected float"),
     (["m", "d"], "- a list\n", "expected a mapping"),
 ])
@@ -107,11 +113,23 @@ def test_resume_continues_with_the_saved_config(tmp_path: Path) -> None:
     assert (config.model, config.lr, config.seq_len, config.nvme, config.checkpoint_every) == ("m", 0.5, 32, "/fast", 7)
     with pytest.raises(FinetuneError, match=r"--seq-len 64 \(checkpoint: 32\)"):
         cli.train.configure({"output": str(output), "seq_len": 64}, resume=True)
+    with pytest.raises(FinetuneError, match=r"--lora True \(checkpoint: False\)"):
+        cli.train.configure({"output": str(output), "lora": True}, resume=True)
+
+
+def test_resume_refuses_changed_lora_settings(tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    _saved_run(output, RunConfig(model="m", dataset="d", qlora=True, lora_rank=8, output=str(output)))
+    config = cli.train.configure({"output": str(output)}, resume=True)
+    assert (config.lora, config.qlora, config.lora_rank, config.lora_alpha) == (True, True, 8, 16.0)
+    with pytest.raises(FinetuneError, match=r"--lora-alpha 8.0 \(checkpoint: 16.0\)"):
+        cli.train.configure({"output": str(output), "lora_alpha": 8}, resume=True)
 
 
 def test_config_round_trips_through_yaml() -> None:
-    config = RunConfig(model="m", dataset="d", format=Format.CHAT, steps=10, memory="1GB")
-    assert RunConfig(**yaml.safe_load(config.to_yaml())) == config
+    for config in (RunConfig(model="m", dataset="d", format=Format.CHAT, steps=10, memory="1GB"),
+                   RunConfig(model="m", dataset="d", qlora=True, lora_targets="q_proj,v_proj")):
+        assert RunConfig(**yaml.safe_load(config.to_yaml())) == config
     with pytest.raises(ConfigError, match="--seq-len 1 must be >= 2; --keep-checkpoints 0 must be >= 1"):
         RunConfig(model="m", dataset="d", keep_checkpoints=0, seq_len=1)
 
