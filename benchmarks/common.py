@@ -101,7 +101,13 @@ def rss() -> int:
 
 
 def max_rss_rusage() -> int:
-    """The kernel's peak RSS of this process over its whole life, in bytes (ru_maxrss is KiB on Linux)."""
+    """The kernel's peak RSS of this process, in bytes: VmHWM on Linux, which starts afresh at exec. (ru_maxrss
+    does not: a child started by subprocess reports its parent's peak if that was higher.) ru_maxrss elsewhere."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
