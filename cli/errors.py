@@ -20,8 +20,8 @@ checkpoint in the manifest intact (cli/checkpoints.py).
     --nvme not writable, disk full                train.py           nvme-not-writable, disk-full-*
     resume: other model, changed options, none    train.py, engine   resume-*, output-holds-a-run
     --lora-targets naming no linear layer         lora.py            lora-targets-unknown
-    export --merge: no adapter, no base, misfit   export.py          tests/cli/test_lora.py
-    resume: LoRA adapters on another base         train.py, lora.py  tests/cli/test_lora.py
+    export --merge: no adapter, no base, misfit   export.py          tests/cli/test_lora_cli.py
+    resume: LoRA adapters on another base         train.py, lora.py  tests/cli/test_lora_cli.py
     invalid option values (exit 2)                config.py          usage-*, test_options.py
 """
 
