@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import psutil
 import torch
@@ -293,3 +293,12 @@ def timed(function: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
 def environment_threads() -> dict[str, str | None]:
     keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX")
     return {key: os.environ.get(key) for key in keys}
+
+
+def child_or_parent(args: Any, main_child: Callable[[dict[str, Any]], None], main_parent: Callable[[Any], None]) -> None:
+    """Run the benchmark (`main_parent`), or, when re-invoked by it with `--child SPEC`, one measured row in this
+    fresh process (`main_child`), so each row's peak RSS is its own."""
+    if args.child is not None:
+        main_child(json.loads(args.child))
+    else:
+        main_parent(args)

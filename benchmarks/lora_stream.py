@@ -597,11 +597,7 @@ def main_parent(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    args = parse_args()
-    if args.child is not None:
-        main_child(json.loads(args.child))
-    else:
-        main_parent(args)
+    common.child_or_parent(parse_args(), main_child, main_parent)
 
 
 if __name__ == "__main__":

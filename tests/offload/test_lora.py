@@ -26,6 +26,7 @@ peft = pytest.importorskip("peft")
 
 LR, WEIGHT_DECAY, STEPS = 1e-2, 0.1, 5
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": TARGETS}
 
 
 def _lora_model(path, *, meta: bool = False) -> torch.nn.Module:
@@ -37,8 +38,7 @@ def _lora_model(path, *, meta: bool = False) -> torch.nn.Module:
     else:
         base = AutoModelForCausalLM.from_pretrained(path)
     torch.manual_seed(7)  # the adapters' init: the same in the engine and the reference
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
-    model = peft.get_peft_model(base, config)
+    model = peft.get_peft_model(base, peft.LoraConfig(**LORA))
     if meta:
         _materialise_adapters(model)
     return model
@@ -63,6 +63,11 @@ def _reference(path, batches, *, fresh_adapters: bool = False) -> tuple[torch.nn
     model = _lora_model(path)
     if fresh_adapters:
         _materialise_adapters(model)
+    return model, _train_in_memory(model, batches)
+
+
+def _train_in_memory(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """The reference: torch.optim.AdamW on the trainable parameters, in memory; the losses."""
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -73,7 +78,7 @@ def _reference(path, batches, *, fresh_adapters: bool = False) -> tuple[torch.nn
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return model, losses
+    return losses
 
 
 @pytest.mark.parametrize(
@@ -174,16 +179,8 @@ def test_qlora_equals_peft_on_a_bitsandbytes_4bit_base(recompute, tmp_path):
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
     torch.manual_seed(7)
-    reference = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
-    reference.train()
-    adamw = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
-    ref_losses = []
-    for batch in batches:
-        adamw.zero_grad()
-        loss = reference(**batch, use_cache=False).loss
-        loss.backward()
-        adamw.step()
-        ref_losses.append(loss.item())
+    reference = peft.get_peft_model(base, peft.LoraConfig(**LORA))
+    ref_losses = _train_in_memory(reference, batches)
 
     model = _lora_model(path)
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
