@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import psutil
 import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 GiB = 1 << 30

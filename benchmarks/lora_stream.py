@@ -55,10 +55,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
-
-import common  # noqa: E402
 from common import MiB, fmt_bytes  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -142,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def peft_model(base: torch.nn.Module) -> torch.nn.Module:
     """`base` with LoRA adapters initialised from a fixed seed, as `finetune run --lora` makes them, so every row
     starts from the same adapters whether the base is real or on the meta device."""
-    from cli.lora import wrap_lora
+    from finetune.cli.lora import wrap_lora
 
     return wrap_lora(base, rank=LORA["r"], alpha=LORA["lora_alpha"], dropout=LORA["lora_dropout"],
                      targets=",".join(TARGETS), seed=ADAPTER_SEED, base_name="lora_stream base")
@@ -169,8 +168,7 @@ def engine_budget(args: argparse.Namespace, configs: list[Config]) -> tuple[int,
     (Engine.minimum_budget, with quantize_frozen for the QLoRA row), rounded up to MiB.
     The minimum does not depend on the layer count: the embedding and head blocks plus one layer on the
     device, one block's update on the host."""
-    import offload
-    import optim
+    from finetune import offload, optim
 
     minimums = [
         offload.Engine.minimum_budget(meta_lora_model(llama(args, 2)), optim.AdamW(lr=LR),
@@ -268,8 +266,7 @@ def build_engine(spec: dict[str, Any]) -> Row:
     """Rows (b), (c), (q). Returns (step, stats, close)."""
     from transformers import AutoConfig
 
-    import offload
-    import optim
+    from finetune import offload, optim
 
     model = meta_lora_model(AutoConfig.from_pretrained(spec["model_dir"]))
     budget = offload.Budget(device=spec["device_budget"], host=spec["host_budget"], nvme=spec["swap_dir"])
@@ -337,8 +334,10 @@ def main_child(spec: dict[str, Any]) -> None:
     import peft  # noqa: F401  # imported here so the baseline below counts it
     import transformers  # noqa: F401
 
-    import offload  # noqa: F401  # fixes glibc's mmap threshold at import, in every row alike
-    import optim  # noqa: F401
+    from finetune import (
+        offload,  # noqa: F401  # fixes glibc's mmap threshold at import, in every row alike
+        optim,  # noqa: F401
+    )
 
     if spec["mmap_threshold"] is not None:
         set_mmap_threshold(spec["mmap_threshold"])
@@ -540,7 +539,7 @@ def main_parent(args: argparse.Namespace) -> None:
           f"params; AdamW lr {LR:g}; batch {args.batch} x {args.seq} tokens; 1 untimed + {args.steps} timed steps")
     print(f"Budget:  engine rows {fmt_bytes(device_budget)} device + {fmt_bytes(host_budget)} host = "
           f"{fmt_bytes(budget)} (base file / budget = {base_file_bytes / budget:.2f}x)")
-    import offload
+    from finetune import offload
 
     mmap_threshold = None if args.malloc_mmap_threshold is None else offload.parse_size(args.malloc_mmap_threshold)
     if mmap_threshold is not None:

@@ -158,7 +158,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def main_parent(args: argparse.Namespace) -> None:
-    import offload
+    from finetune import offload
 
     common.quiet_transformers()
     budget_bytes = offload.parse_size(args.device_budget) + offload.parse_size(args.host_budget)
@@ -209,8 +209,7 @@ def main_parent(args: argparse.Namespace) -> None:
 
 def main_child(spec: dict[str, Any]) -> None:
     """The measured process: load by streaming, train, record memory. Writes its result to spec['result_path']."""
-    import optim
-    import offload
+    from finetune import offload, optim
 
     rss_after_imports = common.rss()  # torch, transformers, psutil, offload and optim are imported by now
     common.quiet_transformers()

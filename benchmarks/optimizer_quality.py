@@ -37,11 +37,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
-import optim  # noqa: E402
+import torch  # noqa: E402
 from common import fmt_bytes  # noqa: E402
+
+from finetune import optim  # noqa: E402
 
 VOCAB = 256  # one token per byte
 LR = 1e-3
@@ -121,11 +121,11 @@ def windows(data: torch.Tensor, count: int, batch: int, seq: int, seed: int) -> 
 
 def state_bytes_per_param(model: torch.nn.Module, optimizer: optim.ChunkOptimizer | optim.MeZO) -> float:
     """The optimizer's state chunks over all blocks (padded as the engine allocates them) per model parameter."""
-    import offload
+    from finetune import offload
 
     if isinstance(optimizer, optim.MeZO):
         return 0.0  # no state: z is regenerated from seeds
-    from offload.chunks import ChunkLayout, chunk_nbytes
+    from finetune.optim.layout import ChunkLayout, chunk_nbytes
 
     embeddings = optim.embedding_names(model)
     total = 0
@@ -139,7 +139,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     """One row: build the model, train through the engine with state on NVMe, evaluate."""
     from transformers import AutoModelForCausalLM
 
-    import offload
+    from finetune import offload
 
     common.quiet_transformers()
     train_bytes, eval_bytes = stdlib_bytes()

@@ -49,12 +49,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
-import offload  # noqa: E402
-import optim  # noqa: E402
+import torch  # noqa: E402
 from common import GiB, fmt_bytes  # noqa: E402
+
+from finetune import (
+    offload,  # noqa: E402
+    optim,  # noqa: E402
+)
 
 LR = 1e-4
 MEZO = {"lr": 1e-6, "eps": 1e-3, "seed": 0}

@@ -73,9 +73,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
+import torch  # noqa: E402
 from common import GiB, fmt_bytes  # noqa: E402
 
 LR = 1e-4
@@ -296,8 +295,7 @@ def finetune_row(spec: dict[str, Any], phases: Phases) -> tuple[StepFn, FinishFn
     instance only, the model's forward, ChunkStore.acquire on the main thread (waiting for a load: I/O that
     prefetch did not hide), the wait for optimizer updates at the end of train_step, and the optimizer worker's
     per-block update (which runs concurrently with backward)."""
-    import offload
-    import optim
+    from finetune import offload, optim
 
     spec["rss_imports"] = common.rss()
     nvme = spec["key"] in "de"

@@ -1,5 +1,5 @@
 """The `finetune` command line."""
 
-from cli.main import app
+from .main import app
 
 __all__ = ["app"]

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from cli.data import IGNORE, Sequences
+from .data import IGNORE, Sequences
 
 __all__ = ["Batches", "collate", "eval_batches"]
 

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cli.errors import FinetuneError, disk_full
-from cli.files import write_atomic
-from offload.checkpoint import fsync_tree
+from ..offload.checkpoint import fsync_tree
+from .errors import FinetuneError, disk_full
+from .files import write_atomic
 
 __all__ = ["Checkpoints", "Entry", "RUN_CONFIG"]
 

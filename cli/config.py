@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
-from cli.data import Format
-from cli.schedule import Schedule
-from offload import ClipMode, parse_size
+from ..offload import ClipMode, parse_size
+from .data import Format
+from .schedule import Schedule
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cli.errors import FinetuneError, one_line
+from .errors import FinetuneError, one_line
 
 __all__ = ["Format", "Sequences", "detect_format", "load_rows", "split_rows", "tokenize_rows"]
 

@@ -19,12 +19,12 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from cli.checkpoints import MANIFEST, RUN_CONFIG, Checkpoints
-from cli.errors import FinetuneError, one_line
-from cli.model import resolve_model
-from offload.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX, atomic_directory
-from offload.export import SAFETENSORS_DTYPES, write_safetensors_shards
-from offload.weights import safetensors_index
+from ..offload.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX, atomic_directory
+from ..offload.export import SAFETENSORS_DTYPES, write_safetensors_shards
+from ..offload.weights import safetensors_index
+from .checkpoints import MANIFEST, RUN_CONFIG, Checkpoints
+from .errors import FinetuneError, one_line
+from .model import resolve_model
 
 __all__ = ["export_checkpoint", "find_checkpoint", "is_adapter"]
 
@@ -133,7 +133,7 @@ def _base_model(checkpoint: Path, base: Path | None) -> Path:
 
 def _write_merged(base: Path, adapter: Path, directory: Path, dtype: torch.dtype | None, max_shard_size: int) -> None:
     """The merged model's files, written straight into `directory` (the export's temporary directory)."""
-    from offload import merge_adapter
+    from ..offload import merge_adapter
 
     merged = directory / "merged"  # merge_adapter wants a new directory of its own
     try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from cli.errors import FinetuneError
-from offload.nvme import ThreadPoolBackend, aligned_empty
+from ..offload.nvme import ThreadPoolBackend, aligned_empty
+from .errors import FinetuneError
 
 __all__ = ["disk_bandwidth"]
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cli.errors import FinetuneError
+from .errors import FinetuneError
 
 __all__ = ["ALL_LINEAR", "base_fingerprint", "lora_description", "resolve_targets", "wrap_lora"]
 

@@ -16,11 +16,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.config import ConfigError, Dtype, OptimizerName, RunConfig, field_help, load_config_file
-from cli.data import Format
-from cli.errors import EXIT_INTERRUPTED, exit_on_failure
-from cli.schedule import Schedule
-from offload import ClipMode, detect_hardware, format_bytes, parse_size
+from ..offload import ClipMode, detect_hardware, format_bytes, parse_size
+from .config import ConfigError, Dtype, OptimizerName, RunConfig, field_help, load_config_file
+from .data import Format
+from .errors import EXIT_INTERRUPTED, exit_on_failure
+from .schedule import Schedule
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -94,7 +94,7 @@ def run(
     keep_checkpoints: Annotated[Optional[int], typer.Option(help=HELP["keep_checkpoints"], rich_help_panel=CHECKPOINTS, show_default="2")] = None,
 ) -> None:
     """Fine-tune MODEL on DATASET, streaming its training state through memory and NVMe."""
-    from cli.train import configure, prepare, train
+    from .train import configure, prepare, train
 
     # The config fields given on the command line: every option defaults to None, meaning "not given".
     given = {name: value for name, value in locals().items() if name in HELP and value is not None}
@@ -138,7 +138,7 @@ def export(
 ) -> None:
     """Write a checkpoint as a Hugging Face model directory that from_pretrained loads (or, for a LoRA run, a peft
     adapter directory), with its tokenizer."""
-    from cli.export import export_checkpoint, is_adapter
+    from .export import export_checkpoint, is_adapter
 
     if base is not None and not merge:
         raise typer.BadParameter("--base is the base model for --merge; add --merge, or drop --base", param_hint="--base")
@@ -166,7 +166,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")] = False,
 ) -> None:
     """Show the hardware the engine sees: cores, RAM, GPU memory, free disk (and disk speed on request)."""
-    from cli.hardware import disk_bandwidth
+    from .hardware import disk_bandwidth
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hardware = detect_hardware(device)

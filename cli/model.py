@@ -15,7 +15,7 @@ from typing import Any
 import transformers
 from torch import nn
 
-from cli.errors import FinetuneError, one_line
+from .errors import FinetuneError, one_line
 
 __all__ = ["build_meta_model", "load_tokenizer", "pad_id", "resolve_model"]
 

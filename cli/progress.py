@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cli.files import write_atomic
-from offload import format_bytes
+from ..offload import format_bytes
+from .files import write_atomic
 
 __all__ = ["MetricsLog", "RunProgress", "memory_line", "plot_losses", "summary_table"]
 

@@ -27,18 +27,18 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-import optim
-from cli.batches import Batches, eval_batches
-from cli.checkpoints import RUN_CONFIG, Checkpoints, Entry
-from cli.config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig, flag
-from cli.data import Format, Sequences, detect_format, load_rows, split_rows, tokenize_rows
-from cli.errors import FinetuneError, disk_full, one_line
-from cli.files import write_atomic
-from cli.lora import base_fingerprint, lora_description, wrap_lora
-from cli.model import build_meta_model, load_tokenizer, pad_id, resolve_model
-from cli.progress import MetricsLog, RunProgress, memory_line, plot_losses, summary_table
-from cli.schedule import LearningRate
-from offload import Budget, Engine, format_bytes, parse_size
+from .. import optim
+from ..offload import Budget, Engine, format_bytes, parse_size
+from .batches import Batches, eval_batches
+from .checkpoints import RUN_CONFIG, Checkpoints, Entry
+from .config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig, flag
+from .data import Format, Sequences, detect_format, load_rows, split_rows, tokenize_rows
+from .errors import FinetuneError, disk_full, one_line
+from .files import write_atomic
+from .lora import base_fingerprint, lora_description, wrap_lora
+from .model import build_meta_model, load_tokenizer, pad_id, resolve_model
+from .progress import MetricsLog, RunProgress, memory_line, plot_losses, summary_table
+from .schedule import LearningRate
 
 __all__ = ["Prepared", "configure", "prepare", "train"]
 

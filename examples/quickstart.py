@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import offload
-import optim
+from finetune import offload, optim
 
 
 def corpus_bytes(limit: int) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """Stream a model's training state through device memory, host memory and NVMe files."""
 
-from offload.blocks import Block, BlockPlan, find_blocks
-from offload.budget import Budget, Hardware, detect_hardware, format_bytes, parse_size
-from offload.engine import ClipMode, Engine
-from offload.host_memory import return_freed_memory_to_os
-from offload.merge import merge_adapter
-from offload.store import BudgetExceeded
+from .blocks import Block, BlockPlan, find_blocks
+from .budget import Budget, Hardware, detect_hardware, format_bytes, parse_size
+from .engine import ClipMode, Engine
+from .host_memory import return_freed_memory_to_os
+from .merge import merge_adapter
+from .store import BudgetExceeded
 
 # At import, before the first large tensor is freed: measured, the same setting made later (when the engine is
 # built) leaves the heap to grow as if it were not made. See offload/host_memory.py.

@@ -2,8 +2,7 @@
 
 PatrickStar's idea: moving one big buffer is cheaper and simpler than moving many small tensors, and a flat
 buffer whose address and length are multiples of 4096 can go to disk with O_DIRECT without a bounce copy.
-Every role of a block (compute weights, fp32 master weights, gradients, each optimizer state) shares one
-element layout, so element k of the gradient chunk belongs to element k of the weight chunk.
+The element layout inside a chunk is `optim.layout.ChunkLayout`; this module holds where a chunk's bytes are.
 """
 
 from __future__ import annotations
@@ -14,65 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offload.nvme import ALIGNMENT, round_up
-
-__all__ = ["SLOT_ALIGNMENT", "Chunk", "ChunkLayout", "Slot", "Tier", "chunk_nbytes"]
-
-SLOT_ALIGNMENT = 256
-"""Each tensor starts at a multiple of 256 elements, so block-wise quantizers (blocks of 256) never mix two
-tensors in one block and a state chunk can be quantized as one independent unit."""
-
-
-def chunk_nbytes(numel: int, dtype: torch.dtype) -> int:
-    """Bytes of a chunk of `numel` elements of `dtype`, padded for O_DIRECT."""
-    return round_up(numel * dtype.itemsize, ALIGNMENT)
+__all__ = ["Chunk", "Tier"]
 
 
 class Tier(enum.Enum):
-    """Where a chunk's bytes can live, fastest first."""
+    """The memory tiers a chunk's bytes can be held in, fastest first (below them: its NVMe swap file)."""
 
     DEVICE = "device"
     HOST = "host"
-    NVME = "nvme"
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Where one tensor sits inside a chunk, in elements."""
-
-    name: str
-    shape: torch.Size
-    offset: int
-    numel: int
-    embedding: bool = False  # an nn.Embedding weight (or the head tied to one): some optimizers treat it apart
-
-    def view(self, flat: torch.Tensor) -> torch.Tensor:
-        """This tensor as a view into a flat chunk buffer of any dtype."""
-        return flat[self.offset : self.offset + self.numel].view(self.shape)
-
-
-@dataclass(frozen=True)
-class ChunkLayout:
-    """The element layout shared by every role of one block."""
-
-    slots: tuple[Slot, ...]
-    numel: int  # padded total, a multiple of SLOT_ALIGNMENT
-
-    @classmethod
-    def from_shapes(cls, shapes: dict[str, torch.Size], embeddings: frozenset[str] = frozenset()) -> ChunkLayout:
-        slots, offset = [], 0
-        for name, shape in shapes.items():
-            numel = shape.numel()
-            slots.append(Slot(name, torch.Size(shape), offset, numel, name in embeddings))
-            offset += round_up(numel, SLOT_ALIGNMENT)
-        return cls(tuple(slots), max(offset, SLOT_ALIGNMENT))
-
-    def nbytes(self, dtype: torch.dtype) -> int:
-        """Bytes of a chunk of this layout in `dtype`, padded for O_DIRECT."""
-        return chunk_nbytes(self.numel, dtype)
-
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [slot.view(flat) for slot in self.slots]
 
 
 @dataclass(eq=False)

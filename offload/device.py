@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.nvme import aligned_empty
+from .nvme import aligned_empty
 
 __all__ = ["Transport", "make_transport"]
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,21 +29,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from offload.blocks import Block, BlockPlan, find_blocks
-from offload.budget import Budget, detect_hardware, format_bytes
-from offload.checkpoint import ADAPTER_WEIGHTS, ENGINE_STATE_FILE, FORMAT_VERSION, OPTIMIZER_PREFIX, atomic_directory
-from offload.checkpointing import StreamedCheckpoint, StreamedLayer
-from offload.chunks import Chunk, ChunkLayout, Tier, chunk_nbytes
-from offload.device import make_transport
-from offload.export import write_safetensors_shards
-from offload.frozen import SafetensorsSource, tensor_ranges
-from offload.nvme import open_backend
-from offload.quantized import QUANTIZATIONS, QuantizedLayout, quantizable_weights
-from offload.store import ChunkStore
-from offload.weights import load_block_weights, safetensors_index
-from offload.zeroth_order import ZerothOrderPass
-from optim.base import ChunkOptimizer, StateSpec
-from optim.mezo import MeZO
+from ..optim.base import ChunkOptimizer, StateSpec
+from ..optim.layout import ChunkLayout, chunk_nbytes
+from ..optim.mezo import MeZO
+from .blocks import Block, BlockPlan, find_blocks
+from .budget import Budget, detect_hardware, format_bytes
+from .checkpoint import ADAPTER_WEIGHTS, ENGINE_STATE_FILE, FORMAT_VERSION, OPTIMIZER_PREFIX, atomic_directory
+from .checkpointing import StreamedCheckpoint, StreamedLayer
+from .chunks import Chunk, Tier
+from .device import make_transport
+from .export import write_safetensors_shards
+from .frozen import SafetensorsSource, tensor_ranges
+from .nvme import open_backend
+from .quantized import QUANTIZATIONS, QuantizedLayout, quantizable_weights
+from .store import ChunkStore
+from .weights import load_block_weights, safetensors_index
+from .zeroth_order import ZerothOrderPass
 
 __all__ = ["ClipMode", "Engine"]
 

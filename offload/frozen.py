@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from offload.chunks import ChunkLayout
-from offload.weights import find_stored, safetensors_index
+from ..optim.layout import ChunkLayout
+from .weights import find_stored, safetensors_index
 
 __all__ = ["SafetensorsSource", "TensorRange", "read_header", "tensor_ranges"]
 

@@ -5,7 +5,7 @@ threshold is dynamic: each freed mmap-served block raises it (up to 32 MiB), so 
 is freed every gradient temporary, activation and optimizer slice below 32 MiB comes from the heap, and the heap
 only grows (measured: 620 MiB of heap for a 277M-parameter model with a 1 GiB budget, peak RSS 1.94 GiB; 1.63
 GiB with the threshold fixed, and steps no slower). A fixed threshold turns the dynamic behaviour off.
-`import offload` applies it.
+`import finetune.offload` applies it.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from offload.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory
-from offload.export import SAFETENSORS_DTYPES, write_safetensors_shards
-from offload.weights import safetensors_index, stored_name
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory
+from .export import SAFETENSORS_DTYPES, write_safetensors_shards
+from .weights import safetensors_index, stored_name
 
 __all__ = ["merge_adapter"]
 

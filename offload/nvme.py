@@ -20,14 +20,10 @@ from typing import Any, Callable
 
 import torch
 
-ALIGNMENT: int = 4096
+from ..optim.layout import ALIGNMENT, round_up
 
 _fallback_warned = False
 _fallback_lock = threading.Lock()
-
-
-def round_up(nbytes: int, alignment: int = ALIGNMENT) -> int:
-    return -(-nbytes // alignment) * alignment
 
 
 def aligned_empty(nbytes: int, *, pin_memory: bool = False) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from offload.chunks import ChunkLayout, chunk_nbytes
+from ..optim.layout import ChunkLayout, chunk_nbytes
 
 __all__ = ["QUANTIZATIONS", "QuantizedLayout", "quantizable_weights"]
 

@@ -26,10 +26,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from offload.budget import format_bytes
-from offload.chunks import Chunk, Tier
-from offload.device import Transport
-from offload.nvme import SwapFile, ThreadPoolBackend
+from .budget import format_bytes
+from .chunks import Chunk, Tier
+from .device import Transport
+from .nvme import SwapFile, ThreadPoolBackend
 
 __all__ = ["BudgetExceeded", "ChunkStore"]
 
@@ -364,7 +364,10 @@ class ChunkStore:
             and id(chunk) not in self._moving
             and (tier is Tier.DEVICE or self._can_leave_host(chunk))
         ]
-        candidates = [chunk for chunk in candidates if not chunk.keep] or candidates
+        unkept = [chunk for chunk in candidates if not chunk.keep]
+        if not unkept and self._writing:
+            return None  # a write in flight frees room without evicting a kept chunk (adapters stay resident)
+        candidates = unkept or candidates
         used = [chunk for chunk in candidates if not chunk.prefetched]
         if used:
             return min(used, key=lambda chunk: chunk.last_use)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from offload.blocks import Block
+from .blocks import Block
 
 __all__ = ["find_stored", "load_block_weights", "safetensors_index", "stored_name"]
 

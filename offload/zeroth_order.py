@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from offload.chunks import Tier
-from optim.mezo import MeZO
+from ..optim.mezo import MeZO
+from .chunks import Tier
 
 if TYPE_CHECKING:
-    from offload.engine import Engine
+    from .engine import Engine
 
 __all__ = ["ZerothOrderPass"]
 

@@ -1,12 +1,12 @@
 """Memory-light optimizers that update one chunk at a time, so their state streams with its block."""
 
-from optim.adamw import AdamW, adamw_update
-from optim.adamw8bit import AdamW8bit
-from optim.base import ChunkOptimizer, StateSpec
-from optim.frugal import Frugal
-from optim.galore import GaLore
-from optim.mezo import InMemoryMeZO, MeZO, mezo_update
-from optim.torch_adapter import InMemory, embedding_names
+from .adamw import AdamW, adamw_update
+from .adamw8bit import AdamW8bit
+from .base import ChunkOptimizer, StateSpec
+from .frugal import Frugal
+from .galore import GaLore
+from .mezo import InMemoryMeZO, MeZO, mezo_update
+from .torch_adapter import InMemory, embedding_names
 
 __all__ = [
     "AdamW",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from offload.chunks import ChunkLayout
-from optim.base import ChunkOptimizer, StateSpec
+from .base import ChunkOptimizer, StateSpec
+from .layout import ChunkLayout
 
 __all__ = ["AdamW", "adamw_update"]
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from offload.chunks import SLOT_ALIGNMENT, ChunkLayout, Slot
-from optim.base import ChunkOptimizer, StateSpec
-from optim.hyperparameters import adam_errors
-from optim.packing import Region, pack
+from .base import ChunkOptimizer, StateSpec
+from .hyperparameters import adam_errors
+from .layout import SLOT_ALIGNMENT, ChunkLayout, Slot
+from .packing import Region, pack
 
 __all__ = ["AdamW8bit"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from offload.chunks import ChunkLayout
+from .layout import ChunkLayout
 
 __all__ = ["ChunkOptimizer", "StateSpec"]
 

@@ -41,13 +41,13 @@ from typing import Literal
 
 import torch
 
-from offload.chunks import ChunkLayout, Slot
-from optim import projection
-from optim.adamw import adamw_update
-from optim.base import ChunkOptimizer, StateSpec
-from optim.hyperparameters import adam_errors
-from optim.packing import Region, pack
-from optim.projection import HEADS, Side
+from . import projection
+from .adamw import adamw_update
+from .base import ChunkOptimizer, StateSpec
+from .hyperparameters import adam_errors
+from .layout import ChunkLayout, Slot
+from .packing import Region, pack
+from .projection import HEADS, Side
 
 __all__ = ["Frugal", "column_subset"]
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from offload.chunks import ChunkLayout, Slot
-from optim import projection
-from optim.base import ChunkOptimizer, StateSpec
-from optim.hyperparameters import adam_errors
-from optim.packing import Region, pack
-from optim.projection import HEADS, Side
+from . import projection
+from .base import ChunkOptimizer, StateSpec
+from .hyperparameters import adam_errors
+from .layout import ChunkLayout, Slot
+from .packing import Region, pack
+from .projection import HEADS, Side
 
 __all__ = ["GaLore", "galore_adam_update"]
 

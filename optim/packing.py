@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offload.chunks import SLOT_ALIGNMENT
-from offload.nvme import round_up
+from .layout import SLOT_ALIGNMENT, round_up
 
 __all__ = ["Region", "pack"]
 

@@ -18,8 +18,8 @@ from typing import Literal
 
 import torch
 
-from offload.chunks import Slot
-from optim.base import StateSpec
+from .base import StateSpec
+from .layout import Slot
 
 __all__ = [
     "HEADS",

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from offload.chunks import ChunkLayout
-from optim.base import ChunkOptimizer
+from .base import ChunkOptimizer
+from .layout import ChunkLayout
 
 __all__ = ["InMemory", "embedding_names"]
 

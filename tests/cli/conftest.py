@@ -14,15 +14,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from cli_support import RUN_ARGS, WORDS, Tiny, counting, example_module, interrupt_at, run_finetune, summary, write_jsonl
+from cli_support import (
+    RUN_ARGS,
+    WORDS,
+    Tiny,
+    counting,
+    example_module,
+    interrupt_at,
+    run_finetune,
+    summary,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
-    import offload
-    import optim
-    from cli.model import build_meta_model
+    from finetune import offload, optim
+    from finetune.cli.model import build_meta_model
 
     example = example_module()
     directory = tmp_path_factory.mktemp("tiny") / "model"

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from cli_support import Tiny, counting, example_module, run_finetune, write_jsonl
 
 pytestmark = pytest.mark.integration

@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 
 import pytest
+from cli_support import Tiny, counting
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from cli.batches import Batches, eval_batches
-from cli.data import IGNORE, Format, Sequences, detect_format, split_rows, tokenize_rows
-from cli.errors import FinetuneError
-from cli.schedule import LearningRate, Schedule
-from cli_support import Tiny, counting
+from finetune.cli.batches import Batches, eval_batches
+from finetune.cli.data import IGNORE, Format, Sequences, detect_format, split_rows, tokenize_rows
+from finetune.cli.errors import FinetuneError
+from finetune.cli.schedule import LearningRate, Schedule
 
 
 @pytest.fixture(scope="module")

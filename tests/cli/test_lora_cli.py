@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_support import Tiny, counting, run_finetune, summary
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cli.main import app
-from cli_support import Tiny, counting, run_finetune, summary
+from finetune.cli.main import app
 
 pytestmark = pytest.mark.integration
 
@@ -71,10 +71,9 @@ def _batch(directory: Path) -> dict[str, torch.Tensor]:
 
 def _engine_logits(tiny: Tiny, checkpoint: Path, batch: dict[str, torch.Tensor], swap: Path) -> torch.Tensor:
     """The logits of the engine that trained the run, restored from `checkpoint` (LoRA as `finetune run` builds it)."""
-    import offload
-    import optim
-    from cli.lora import wrap_lora
-    from cli.model import build_meta_model
+    from finetune import offload, optim
+    from finetune.cli.lora import wrap_lora
+    from finetune.cli.model import build_meta_model
 
     model = wrap_lora(build_meta_model(tiny.model), rank=4, alpha=8.0, dropout=0.05, targets="all-linear", seed=0,
                       base_name=str(tiny.model))
@@ -185,9 +184,9 @@ def test_qlora_run_trains(tiny: Tiny, learnable: Path, env, tmp_path: Path) -> N
 
 
 def test_targets_are_checked_against_the_model(tiny: Tiny) -> None:
-    from cli.errors import FinetuneError
-    from cli.lora import resolve_targets
-    from cli.model import build_meta_model
+    from finetune.cli.errors import FinetuneError
+    from finetune.cli.lora import resolve_targets
+    from finetune.cli.model import build_meta_model
 
     model = build_meta_model(tiny.model)
     assert resolve_targets(model, "all-linear") == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",

@@ -11,14 +11,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import cli.train
-from cli.checkpoints import MANIFEST, RUN_CONFIG
-from cli.config import ConfigError, RunConfig, field_help
-from cli.data import Format
-from cli.errors import FinetuneError
-from cli.main import app
-from cli.schedule import Schedule
-from offload import ClipMode
+from finetune.cli import train as cli_train
+from finetune.cli.checkpoints import MANIFEST, RUN_CONFIG
+from finetune.cli.config import ConfigError, RunConfig, field_help
+from finetune.cli.data import Format
+from finetune.cli.errors import FinetuneError
+from finetune.cli.main import app
+from finetune.cli.schedule import Schedule
+from finetune.offload import ClipMode
 
 runner = CliRunner()
 
@@ -50,7 +50,7 @@ def probe(monkeypatch: pytest.MonkeyPatch) -> list[RunConfig]:
         seen.append(config)
         raise FinetuneError("probe")
 
-    monkeypatch.setattr(cli.train, "prepare", prepare)
+    monkeypatch.setattr(cli_train, "prepare", prepare)
     return seen
 
 
@@ -109,21 +109,21 @@ def _saved_run(output: Path, config: RunConfig) -> None:
 def test_resume_continues_with_the_saved_config(tmp_path: Path) -> None:
     output = tmp_path / "run"
     _saved_run(output, RunConfig(model="m", dataset="d", lr=0.5, seq_len=32, output=str(output)))
-    config = cli.train.configure({"output": str(output), "nvme": "/fast", "checkpoint_every": 7}, resume=True)
+    config = cli_train.configure({"output": str(output), "nvme": "/fast", "checkpoint_every": 7}, resume=True)
     assert (config.model, config.lr, config.seq_len, config.nvme, config.checkpoint_every) == ("m", 0.5, 32, "/fast", 7)
     with pytest.raises(FinetuneError, match=r"--seq-len 64 \(checkpoint: 32\)"):
-        cli.train.configure({"output": str(output), "seq_len": 64}, resume=True)
+        cli_train.configure({"output": str(output), "seq_len": 64}, resume=True)
     with pytest.raises(FinetuneError, match=r"--lora True \(checkpoint: False\)"):
-        cli.train.configure({"output": str(output), "lora": True}, resume=True)
+        cli_train.configure({"output": str(output), "lora": True}, resume=True)
 
 
 def test_resume_refuses_changed_lora_settings(tmp_path: Path) -> None:
     output = tmp_path / "run"
     _saved_run(output, RunConfig(model="m", dataset="d", qlora=True, lora_rank=8, output=str(output)))
-    config = cli.train.configure({"output": str(output)}, resume=True)
+    config = cli_train.configure({"output": str(output)}, resume=True)
     assert (config.lora, config.qlora, config.lora_rank, config.lora_alpha) == (True, True, 8, 16.0)
     with pytest.raises(FinetuneError, match=r"--lora-alpha 8.0 \(checkpoint: 16.0\)"):
-        cli.train.configure({"output": str(output), "lora_alpha": 8}, resume=True)
+        cli_train.configure({"output": str(output), "lora_alpha": 8}, resume=True)
 
 
 def test_config_round_trips_through_yaml() -> None:

@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from cli_support import Tiny, counting, interrupt_at, run_finetune, summary
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
 
@@ -130,9 +129,9 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(interrupted_run, reference
 
 
 def test_export_round_trip_matches_engine_logits(reference_run, tiny: Tiny, env, tmp_path: Path) -> None:
-    import offload
-    import optim
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import offload, optim
 
     output, _ = reference_run
     exported = tmp_path / "exported"

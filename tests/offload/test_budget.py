@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from offload import Budget, detect_hardware, parse_size
+from finetune.offload import Budget, detect_hardware, parse_size
 
 
 @pytest.mark.parametrize(

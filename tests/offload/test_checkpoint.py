@@ -12,8 +12,7 @@ import torch
 from tiny_models import random_batch, save_tiny_model
 from transformers import AutoModelForCausalLM
 
-import offload
-import optim
+from finetune import offload, optim
 
 
 def _engine(path, swap, **optimizer_options) -> offload.Engine:

@@ -14,8 +14,7 @@ import torch
 from tiny_models import ARCHITECTURES, random_batch, save_tiny_model
 from transformers import AutoModelForCausalLM
 
-import offload
-import optim
+from finetune import offload, optim
 
 LR, WEIGHT_DECAY, STEPS, ACCUMULATION = 1e-2, 0.1, 5, 2
 

@@ -16,11 +16,10 @@ from safetensors.torch import save_file
 from tiny_models import random_batch, save_tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import offload
-import optim
-from offload.chunks import ChunkLayout
-from offload.frozen import SafetensorsSource, tensor_ranges
-from offload.nvme import ThreadPoolBackend
+from finetune import offload, optim
+from finetune.offload.frozen import SafetensorsSource, tensor_ranges
+from finetune.offload.nvme import ThreadPoolBackend
+from finetune.optim.layout import ChunkLayout
 
 peft = pytest.importorskip("peft")
 

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from tiny_models import VOCAB, save_tiny_model
 from transformers import AutoModelForCausalLM
 
-import offload.merge
-from offload import merge_adapter
-from offload.weights import safetensors_index
+from finetune.offload import merge as merge_module
+from finetune.offload import merge_adapter
+from finetune.offload.weights import safetensors_index
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -161,7 +161,7 @@ def test_streams_one_base_tensor_at_a_time(llama: Path, tmp_path: Path, monkeypa
                 weakref.finalize(tensor, released)
             return tensor
 
-    monkeypatch.setattr(offload.merge, "safe_open", CountingFile)
+    monkeypatch.setattr(merge_module, "safe_open", CountingFile)
     merge_adapter(llama, tmp_path / "adapter", tmp_path / "merged")
     assert sorted(reads) == sorted(_stored_names(llama))
     assert alive[1] <= 2, f"{alive[1]} base tensors alive at once"

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from offload import nvme
-from offload.nvme import ALIGNMENT, ThreadPoolBackend, aligned_empty, open_backend, round_up
+from finetune.offload import nvme
+from finetune.offload.nvme import ThreadPoolBackend, aligned_empty, open_backend
+from finetune.optim.layout import ALIGNMENT, round_up
 
 MiB = 1 << 20
 

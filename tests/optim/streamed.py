@@ -15,10 +15,9 @@ from tiny_models import random_batch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-import offload
-import optim
-from offload.chunks import ChunkLayout
-from optim.base import ChunkOptimizer
+from finetune import offload, optim
+from finetune.optim.base import ChunkOptimizer
+from finetune.optim.layout import ChunkLayout
 
 
 def flatten(tensors: dict[str, torch.Tensor], layout: ChunkLayout) -> torch.Tensor:

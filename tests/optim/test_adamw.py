@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import optim
-from offload.chunks import ChunkLayout
+from finetune import optim
+from finetune.optim.layout import ChunkLayout
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])

@@ -20,11 +20,11 @@ from streamed import (
 )
 from tiny_models import save_tiny_model
 
-import optim
-from offload.checkpoint import OPTIMIZER_PREFIX
-from offload.chunks import ChunkLayout, chunk_nbytes
-from offload.weights import safetensors_index
-from optim.adamw8bit import _plan
+from finetune import optim
+from finetune.offload.checkpoint import OPTIMIZER_PREFIX
+from finetune.offload.weights import safetensors_index
+from finetune.optim.adamw8bit import _plan
+from finetune.optim.layout import ChunkLayout, chunk_nbytes
 
 LR, WEIGHT_DECAY, STEPS = 1e-2, 0.1, 5
 

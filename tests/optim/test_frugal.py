@@ -10,11 +10,10 @@ from streamed import batches, flatten, max_difference, train_in_memory, train_st
 from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM
 
-import offload
-import optim
-from offload.chunks import ChunkLayout, chunk_nbytes
-from optim.frugal import _plan, column_subset
-from optim.projection import HEADS
+from finetune import offload, optim
+from finetune.optim.frugal import _plan, column_subset
+from finetune.optim.layout import ChunkLayout, chunk_nbytes
+from finetune.optim.projection import HEADS
 
 LR, WEIGHT_DECAY, BETAS, EPS = 1e-2, 0.1, (0.9, 0.99), 1e-8
 SHAPES = {

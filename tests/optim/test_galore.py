@@ -13,9 +13,9 @@ import torch
 from streamed import batches, flatten, max_difference, train_in_memory, train_streamed, zero_state
 from tiny_models import save_tiny_model
 
-import optim
-from offload.chunks import ChunkLayout, chunk_nbytes
-from optim.projection import is_projectable
+from finetune import optim
+from finetune.optim.layout import ChunkLayout, chunk_nbytes
+from finetune.optim.projection import is_projectable
 
 LR, WEIGHT_DECAY, RANK, GAP, SCALE = 1e-2, 0.1, 8, 7, 0.25
 

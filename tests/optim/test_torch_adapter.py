@@ -14,7 +14,7 @@ from streamed import batches
 from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM
 
-import optim
+from finetune import optim
 
 OPTIMIZERS = {
     "adamw": lambda: optim.AdamW(lr=1e-2),
