@@ -15,6 +15,7 @@ from typing import Any
 import transformers
 from torch import nn
 
+from ..offload import meta_model
 from .errors import FinetuneError, one_line
 
 __all__ = ["build_meta_model", "load_tokenizer", "pad_id", "resolve_model"]
@@ -83,8 +84,7 @@ def build_meta_model(directory: Path, *, trust_remote_code: bool = False) -> nn.
         FinetuneError: a model type transformers does not know, custom code without --trust-remote-code, or a
             model that is not a causal LM.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -101,15 +101,12 @@ def build_meta_model(directory: Path, *, trust_remote_code: bool = False) -> nn.
             f"code"
         ) from None
     try:
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return meta_model(config, trust_remote_code=trust_remote_code)
     except ValueError:
         raise FinetuneError(
             f"model {directory} is a {config.model_type!r} model, which is not a causal language model; finetune "
             "trains models that AutoModelForCausalLM loads"
         ) from None
-    model.tie_weights()  # meta parameters are not tied by construction: tie them so each is owned once
-    return model
 
 
 def _model_type(directory: Path) -> str:

@@ -28,7 +28,7 @@ from rich.console import Console
 from torch import nn
 
 from .. import optim
-from ..offload import Budget, Engine, format_bytes, parse_size
+from ..offload import Budget, Engine, default_compute_dtype, format_bytes, parse_size
 from .batches import Batches, eval_batches
 from .checkpoints import RUN_CONFIG, Checkpoints, Entry
 from .config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig, flag
@@ -213,9 +213,8 @@ def _quantize_frozen(config: RunConfig) -> str | None:
 
 
 def _compute_dtype(config: RunConfig) -> torch.dtype:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mezo = config.optimizer is OptimizerName.MEZO  # perturbs and updates the weights themselves: fp32
-    default = torch.bfloat16 if device == "cuda" and not mezo else torch.float32
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    default = default_compute_dtype(device, zeroth_order=config.optimizer is OptimizerName.MEZO)
     return _DTYPES[config.dtype] or default
 
 

@@ -2,9 +2,11 @@
 
 from .blocks import Block, BlockPlan, find_blocks
 from .budget import Budget, Hardware, detect_hardware, format_bytes, parse_size
+from .device import default_compute_dtype
 from .engine import ClipMode, Engine
 from .host_memory import return_freed_memory_to_os
 from .merge import merge_adapter
+from .meta_model import meta_model
 from .store import BudgetExceeded
 
 # At import, before the first large tensor is freed: measured, the same setting made later (when the engine is
@@ -19,9 +21,11 @@ __all__ = [
     "ClipMode",
     "Engine",
     "Hardware",
+    "default_compute_dtype",
     "detect_hardware",
     "find_blocks",
     "format_bytes",
     "merge_adapter",
+    "meta_model",
     "parse_size",
 ]

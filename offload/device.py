@@ -12,7 +12,7 @@ import torch
 
 from .nvme import aligned_empty
 
-__all__ = ["Transport", "make_transport"]
+__all__ = ["Transport", "default_compute_dtype", "make_transport"]
 
 
 class Transport:
@@ -83,3 +83,9 @@ class CudaTransport(Transport):
 def make_transport(device: torch.device) -> Transport:
     """The transport for `device`; anything but CUDA computes in host RAM."""
     return CudaTransport(device) if device.type == "cuda" else Transport(device)
+
+
+def default_compute_dtype(device: torch.device, *, zeroth_order: bool) -> torch.dtype:
+    """bfloat16 on CUDA, float32 elsewhere: bf16 matrix products are far slower than fp32 on most CPUs. Zeroth-order
+    training (MeZO) perturbs and updates the weights themselves, whose tiny steps bf16 would round away: fp32."""
+    return torch.bfloat16 if device.type == "cuda" and not zeroth_order else torch.float32

@@ -37,9 +37,10 @@ from .budget import Budget, detect_hardware, format_bytes
 from .checkpoint import ADAPTER_WEIGHTS, ENGINE_STATE_FILE, FORMAT_VERSION, OPTIMIZER_PREFIX, atomic_directory
 from .checkpointing import StreamedCheckpoint, StreamedLayer
 from .chunks import Chunk, Tier
-from .device import make_transport
+from .device import default_compute_dtype, make_transport
 from .export import write_safetensors_shards
 from .frozen import SafetensorsSource, tensor_ranges
+from .meta_model import meta_model
 from .nvme import open_backend
 from .quantized import QUANTIZATIONS, QuantizedLayout, quantizable_weights
 from .store import ChunkStore
@@ -178,9 +179,7 @@ class Engine:
         self.max_grad_norm, self.clip_mode = max_grad_norm, ClipMode(clip_mode)
         self.checkpoint_activations = checkpoint_activations
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.compute_dtype = compute_dtype or (
-            torch.bfloat16 if self.device.type == "cuda" and not isinstance(optimizer, MeZO) else torch.float32
-        )
+        self.compute_dtype = compute_dtype or default_compute_dtype(self.device, zeroth_order=isinstance(optimizer, MeZO))
         self.quantize_frozen = quantize_frozen
         self.step_count = 0
         self.plan: BlockPlan = find_blocks(model)
@@ -216,14 +215,9 @@ class Engine:
     ) -> Engine:
         """Build the model on the meta device and stream its weights from `path`'s safetensors, block by block,
         so a model larger than RAM never has to be whole in memory."""
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(path)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
-        model.tie_weights()  # meta parameters are not tied by construction: tie them so they are owned once
-        return cls(model, optimizer, budget, weights=path, **options)
+        return cls(meta_model(AutoConfig.from_pretrained(path)), optimizer, budget, weights=path, **options)
 
     # ------------------------------------------------------------------------------------ construction
 
