@@ -298,7 +298,7 @@ class EngineProbe:
                 self._add(load_wait_s=time.perf_counter() - start)
 
         engine.store.acquire = timed_acquire
-        for s in engine._blocks:
+        for s in engine.blocks:
             source = getattr(s.frozen, "source", None)
             if source is not None and hasattr(source, "ranges"):  # a SafetensorsSource
                 self._wrap_source(source, s.frozen.nbytes, sum(r.nbytes for r in source.ranges))

@@ -220,7 +220,7 @@ def main_child(spec: dict[str, Any]) -> None:
         engine = offload.Engine.from_pretrained(Path(spec["model_dir"]), optimizer, budget, prefetch=spec["prefetch"])
         load_s = time.perf_counter() - start
         # Parameters the engine trains, from its chunk layouts (the module's parameters are empty placeholders).
-        engine_params = sum(slot.numel for streamed in engine._blocks for slot in streamed.layout.slots)
+        engine_params = sum(slot.numel for streamed in engine.blocks for slot in streamed.layout.slots)
         print(f"  loaded in {load_s:.1f} s; RSS now {fmt_bytes(common.rss())}", flush=True)
         batches = common.random_batches(spec["warmup"] + spec["steps"], spec["batch"], spec["seq"],
                                         spec["vocab"], spec["seed"])

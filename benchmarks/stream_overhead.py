@@ -162,33 +162,20 @@ class Row:
 
 
 class EngineProbe:
-    """Times, per step, where an engine's step goes, by wrapping methods on the instance."""
+    """Seconds of where an engine's steps go, from the engine's timers hook (`Engine(timers=...)`, offload/timers.py)."""
 
-    def __init__(self, engine: offload.Engine) -> None:
-        self.seconds = {"acquire_wait": 0.0, "update_wait": 0.0, "update_busy": 0.0, "optimizer_math": 0.0}
-        self._lock = threading.Lock()
-        main = threading.get_ident()
-        store = engine.store
-        store.acquire = self._timed(store.acquire, "acquire_wait", only_thread=main)
-        engine._wait_for_updates = self._timed(engine._wait_for_updates, "update_wait")
-        engine._update = self._timed(engine._update, "update_busy")  # what the optimizer worker runs per block
-        if isinstance(engine.optimizer, optim.MeZO):  # no worker: its update runs when a block is loaded
-            engine.optimizer.update = self._timed(engine.optimizer.update, "optimizer_math")
-        else:
-            engine.optimizer.step = self._timed(engine.optimizer.step, "optimizer_math")
+    PHASES = {"load wait": "acquire_wait", "wait for updates": "update_wait", "update": "update_busy",
+              "optimizer math": "optimizer_math"}  # the engine's phase -> this table's column
 
-    def _timed(self, function: Callable[..., Any], name: str, only_thread: int | None = None) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if only_thread is not None and threading.get_ident() != only_thread:
-                return function(*args, **kwargs)
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                with self._lock:
-                    self.seconds[name] += time.perf_counter() - start
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PHASES.values(), 0.0)
+        self._lock = threading.Lock()  # the optimizer worker reports from its own thread
 
-        return wrapper
+    def add(self, name: str, seconds: float) -> None:
+        column = self.PHASES.get(name)
+        if column is not None:
+            with self._lock:
+                self.seconds[column] += seconds
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:
@@ -273,9 +260,10 @@ def run_engine(key: str, label: str, model_dir: Path, batches: list[dict[str, to
     sampler.reset()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     optimizer = optim.MeZO(**MEZO) if zeroth_order else optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY)
-    engine = offload.Engine(model, optimizer, budget, prefetch=prefetch, checkpoint_activations=checkpoint_activations)
+    probe = EngineProbe()
+    engine = offload.Engine(model, optimizer, budget, prefetch=prefetch, checkpoint_activations=checkpoint_activations,
+                            timers=probe)
     del model  # the engine holds the weights in its chunks now
-    probe = EngineProbe(engine)
     before: dict[str, Any] = {}
 
     def on_measure_start() -> None:
@@ -292,7 +280,6 @@ def run_engine(key: str, label: str, model_dir: Path, batches: list[dict[str, to
         row.peak_rss = sampler.peak
     finally:
         engine.close()
-    del engine, probe
     return row
 
 

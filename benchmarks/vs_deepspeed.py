@@ -229,6 +229,21 @@ class Phases:
         return timed
 
 
+class EngineTimers:
+    """The engine's phases (offload/timers.py) under this table's names; its backward is computed from
+    train_step instead (see phase_medians)."""
+
+    NAMES = {"forward": ENGINE_PHASES[0], "wait for updates": ENGINE_PHASES[2], "load wait": ENGINE_PHASES[3],
+             "update": ENGINE_PHASES[4], "optimizer math": ENGINE_PHASES[5]}
+
+    def __init__(self, phases: Phases) -> None:
+        self.phases = phases
+
+    def add(self, name: str, seconds: float) -> None:
+        if name in self.NAMES:
+            self.phases.add(self.NAMES[name], seconds)
+
+
 def plain_row(spec: dict[str, Any], phases: Phases) -> tuple[StepFn, FinishFn]:
     """Row (a): the model in RAM, torch.optim.AdamW. Returns (step, finish)."""
     from transformers import AutoModelForCausalLM
@@ -291,10 +306,10 @@ def deepspeed_row(spec: dict[str, Any], phases: Phases) -> tuple[StepFn, FinishF
 
 
 def finetune_row(spec: dict[str, Any], phases: Phases) -> tuple[StepFn, FinishFn]:
-    """Rows (d)-(g): offload.Engine.from_pretrained. Where the time goes is measured by wrapping, on the
-    instance only, the model's forward, ChunkStore.acquire on the main thread (waiting for a load: I/O that
-    prefetch did not hide), the wait for optimizer updates at the end of train_step, and the optimizer worker's
-    per-block update (which runs concurrently with backward)."""
+    """Rows (d)-(g): offload.Engine.from_pretrained. Where the time goes comes from the engine's timers hook
+    (offload/timers.py): its forward, the waits for loads that prefetch did not hide, the wait for optimizer
+    updates at the end of train_step, and the optimizer worker's per-block update (which runs concurrently with
+    backward)."""
     from finetune import offload, optim
 
     spec["rss_imports"] = common.rss()
@@ -303,15 +318,7 @@ def finetune_row(spec: dict[str, Any], phases: Phases) -> tuple[StepFn, FinishFn
               else offload.Budget(device=64 * GiB, host=64 * GiB, nvme=None))  # no limit that matters, no NVMe
     engine = offload.Engine.from_pretrained(spec["model_dir"], optim.AdamW(lr=LR, betas=BETAS, eps=EPS,
                                             weight_decay=0.0), budget,
-                                            checkpoint_activations=spec["key"] in "df")
-    main = threading.get_ident()
-    acquire = engine.store.acquire
-    timed_acquire = phases.wrap(acquire, ENGINE_PHASES[3])
-    engine.store.acquire = lambda *a, **k: timed_acquire(*a, **k) if threading.get_ident() == main else acquire(*a, **k)
-    engine.model.forward = phases.wrap(engine.model.forward, "forward")
-    engine._wait_for_updates = phases.wrap(engine._wait_for_updates, ENGINE_PHASES[2])
-    engine._update = phases.wrap(engine._update, ENGINE_PHASES[4])
-    engine.optimizer.step = phases.wrap(engine.optimizer.step, ENGINE_PHASES[5])
+                                            checkpoint_activations=spec["key"] in "df", timers=EngineTimers(phases))
 
     def step(batch: dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()

@@ -30,14 +30,14 @@ from .hyperparameters import adam_errors
 from .layout import SLOT_ALIGNMENT, ChunkLayout, Slot
 from .packing import Region, pack
 
-__all__ = ["AdamW8bit"]
+__all__ = ["AdamW8bit", "StatePlan", "state_plan"]
 
 MIN_8BIT_SIZE = 4096
 """bitsandbytes' default: smaller tensors keep fp32 state (their codes would save little and cost accuracy)."""
 
 
 @dataclass(frozen=True)
-class _Plan:
+class StatePlan:
     """Where each tensor's state sits: codes (absmax at offset // 256) or fp32 moments."""
 
     quantized: tuple[tuple[Slot, Region], ...]
@@ -47,12 +47,13 @@ class _Plan:
 
 
 @functools.cache
-def _plan(layout: ChunkLayout, min_8bit_size: int, fp32_embeddings: bool) -> _Plan:
+def state_plan(layout: ChunkLayout, min_8bit_size: int, fp32_embeddings: bool) -> StatePlan:
+    """Where each tensor's state sits in the state chunks of a block of `layout` (tests compare states with it)."""
     quantized = [s for s in layout.slots if s.numel >= min_8bit_size and not (fp32_embeddings and s.embedding)]
     full = [s for s in layout.slots if s not in quantized]
     codes, codes_numel = pack((s.numel,) for s in quantized)
     moments, full_numel = pack((s.numel,) for s in full)
-    return _Plan(
+    return StatePlan(
         tuple(zip(quantized, codes, strict=True)), tuple(zip(full, moments, strict=True)), codes_numel, full_numel
     )
 
@@ -108,7 +109,7 @@ class AdamW8bit(ChunkOptimizer):
         self._unsigned_map = bnb_functional.create_dynamic_map(signed=False)  # (256,) of the second moment
 
     def state_specs(self, layout: ChunkLayout) -> dict[str, StateSpec]:
-        plan = _plan(layout, self.min_8bit_size, self.fp32_embeddings)
+        plan = state_plan(layout, self.min_8bit_size, self.fp32_embeddings)
         specs = {}
         if plan.codes_numel:
             blocks = plan.codes_numel // SLOT_ALIGNMENT
@@ -134,7 +135,7 @@ class AdamW8bit(ChunkOptimizer):
         step: int,
         layout: ChunkLayout,
     ) -> None:
-        plan = _plan(layout, self.min_8bit_size, self.fp32_embeddings)
+        plan = state_plan(layout, self.min_8bit_size, self.fp32_embeddings)
         beta1, beta2 = self.betas
         for slot, region in plan.quantized:
             self._bnb.optimizer_update_8bit_blockwise(

@@ -49,7 +49,7 @@ from .layout import ChunkLayout, Slot
 from .packing import Region, pack
 from .projection import HEADS, Side
 
-__all__ = ["Frugal", "column_subset"]
+__all__ = ["Frugal", "TensorPlan", "column_subset", "tensor_plans"]
 
 Subspace = Literal["columns", "svd"]
 SUBSPACES: tuple[str, ...] = ("columns", "svd")
@@ -58,7 +58,7 @@ _Moments = tuple[torch.Tensor, torch.Tensor] | None  # (exp_avg, exp_avg_sq) of 
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class TensorPlan:
     """One tensor's plan. `mode` None is full AdamW; `size` is the number of columns or the rank."""
 
     slot: Slot
@@ -70,9 +70,9 @@ class _Tensor:
 
 
 @functools.cache
-def _plan(
+def tensor_plans(
     layout: ChunkLayout, subspace: Subspace, density: float, full_rank: tuple[str, ...]
-) -> tuple[tuple[_Tensor, ...], int, int]:
+) -> tuple[tuple[TensorPlan, ...], int, int]:
     """Each tensor's plan, the projector chunk's length and the moment chunks' length."""
     plans, projector_shapes, moment_shapes = [], [], []
     for slot in layout.slots:
@@ -91,7 +91,7 @@ def _plan(
         moment_shapes.append(moments)
     projectors, projector_numel = pack(projector_shapes)
     regions, moment_numel = pack(moment_shapes)
-    tensors = tuple(_Tensor(*plan, p, m) for plan, p, m in zip(plans, projectors, regions, strict=True))
+    tensors = tuple(TensorPlan(*plan, p, m) for plan, p, m in zip(plans, projectors, regions, strict=True))
     return tensors, projector_numel, moment_numel
 
 
@@ -163,7 +163,7 @@ class Frugal(ChunkOptimizer):
         self.seed, self.full_rank = seed, tuple(full_rank)
 
     def state_specs(self, layout: ChunkLayout) -> dict[str, StateSpec]:
-        _, projector_numel, moment_numel = _plan(layout, self.subspace, self.density, self.full_rank)
+        _, projector_numel, moment_numel = tensor_plans(layout, self.subspace, self.density, self.full_rank)
         return projection.state_specs(moment_numel, projector_numel)
 
     def step(
@@ -175,7 +175,7 @@ class Frugal(ChunkOptimizer):
         step: int,
         layout: ChunkLayout,
     ) -> None:
-        tensors, _, _ = _plan(layout, self.subspace, self.density, self.full_rank)
+        tensors, _, _ = tensor_plans(layout, self.subspace, self.density, self.full_rank)
         period_start = step - (step - 1) % self.update_gap
         adam_step = step - period_start + 1 if self.reset_statistics else step
         for t in tensors:
@@ -202,7 +202,7 @@ class Frugal(ChunkOptimizer):
 
     def _update_columns(
         self,
-        t: _Tensor,
+        t: TensorPlan,
         param: torch.Tensor,
         grad: torch.Tensor,
         moments: _Moments,
@@ -221,7 +221,7 @@ class Frugal(ChunkOptimizer):
 
     def _update_svd(
         self,
-        t: _Tensor,
+        t: TensorPlan,
         param: torch.Tensor,
         grad: torch.Tensor,
         moments: _Moments,

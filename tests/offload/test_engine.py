@@ -118,7 +118,7 @@ def test_tied_head_without_accumulation_stays_exact(arch, tmp_path):
     batches = _batches(vocab_size=128, seed=int(torch.randint(0, 2**31, ())))
     reference, ref_losses, _ = _reference(path, batches, max_grad_norm=0.5, accumulation=1)
     engine = _engine(path, tmp_path, accumulation_steps=1, max_grad_norm=0.5)
-    assert any(s.aliases for s in engine._blocks), "the tied head should have a twin Parameter"
+    assert any(s.aliases for s in engine.blocks), "the tied head should have a twin Parameter"
     losses = _train_and_export(engine, batches, tmp_path / "out")
     torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-5)
     assert _max_difference(tmp_path / "out", reference) <= 1e-6
@@ -248,7 +248,7 @@ def test_batch_not_divisible_by_accumulation(tmp_path):
 def test_embedding_weights_are_marked_in_layouts(arch, tmp_path):
     path = save_tiny_model(arch, tmp_path / "model", seed=0)
     with _engine(path, tmp_path) as engine:
-        marked = {slot.name for s in engine._blocks for slot in s.layout.slots if slot.embedding}
+        marked = {slot.name for s in engine.blocks for slot in s.layout.slots if slot.embedding}
         model = AutoModelForCausalLM.from_pretrained(path)
     expected = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
     assert marked == expected and marked

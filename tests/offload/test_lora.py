@@ -100,7 +100,7 @@ def test_lora_on_streamed_base_equals_in_memory_peft(arch, from_files, tmp_path)
     engine = offload.Engine(model, adamw, budget, weights=path if from_files else None, device="cpu")
     try:
         losses = [engine.train_step(batch) for batch in batches]
-        frozen_bytes = sum(s.frozen.nbytes for s in engine._blocks if s.frozen is not None)
+        frozen_bytes = sum(s.frozen.nbytes for s in engine.blocks if s.frozen is not None)
         assert frozen_bytes >= base_bytes
         stats = engine.stats()
         assert stats["bytes_read"] > STEPS * frozen_bytes, stats  # the base really streams, every step
@@ -109,8 +109,8 @@ def test_lora_on_streamed_base_equals_in_memory_peft(arch, from_files, tmp_path)
             # the adapters' weights, gradients and states spill too), and no frozen chunk was ever dirty.
             files = sorted(f.name for f in swap.rglob("*") if f.is_file())
             assert files and all(f.rsplit(".", 1)[-1] in {"weights", "grads", "exp_avg", "exp_avg_sq"} for f in files)
-            assert all(s.frozen.dirty is None and s.frozen.source is not None for s in engine._blocks if s.frozen)
-            adapter_bytes = sum(c.nbytes for s in engine._blocks for c in [s.weights, s.grads, *s.states.values()])
+            assert all(s.frozen.dirty is None and s.frozen.source is not None for s in engine.blocks if s.frozen)
+            adapter_bytes = sum(c.nbytes for s in engine.blocks for c in [s.weights, s.grads, *s.states.values()])
             assert stats["bytes_written"] <= 2 * STEPS * adapter_bytes, stats
 
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=0, atol=1e-6)
@@ -154,8 +154,8 @@ def test_adapters_stay_in_memory_when_the_budget_has_room_for_them(tmp_path):
     device, host = offload.Engine.minimum_budget(_lora_model(path), optimizer)
     with offload.Engine(_lora_model(path), optimizer, offload.Budget(device=device, host=host, nvme=tmp_path / "probe"),
                         weights=path) as probe:
-        adapter_bytes = sum(c.nbytes for s in probe._blocks for c in [s.weights, s.grads, *s.states.values()])
-        frozen_bytes = sum(s.frozen.nbytes for s in probe._blocks if s.frozen is not None)
+        adapter_bytes = sum(c.nbytes for s in probe.blocks for c in [s.weights, s.grads, *s.states.values()])
+        frozen_bytes = sum(s.frozen.nbytes for s in probe.blocks if s.frozen is not None)
     budget = offload.Budget(device=device, host=host + adapter_bytes, nvme=tmp_path / "swap")
     with offload.Engine(_lora_model(path), optimizer, budget, weights=path, device="cpu") as engine:
         for batch in _batches(seed=4):
@@ -189,7 +189,7 @@ def test_qlora_equals_peft_on_a_bitsandbytes_4bit_base(recompute, tmp_path):
     budget = offload.Budget(device=device, host=host, nvme=tmp_path / "swap")
     with offload.Engine(model, optimizer, budget, weights=path, quantize_frozen="nf4", device="cpu",
                         checkpoint_activations=recompute) as engine:
-        quantized = [s for s in engine._blocks if s.quantized is not None]
+        quantized = [s for s in engine.blocks if s.quantized is not None]
         assert len(quantized) == 24  # every decoder layer; the embedding and head stay fp32
         stored = sum(s.frozen.nbytes for s in quantized)
         fp32 = sum(s.frozen_layout.nbytes(torch.float32) for s in quantized)

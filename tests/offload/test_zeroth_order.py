@@ -85,7 +85,7 @@ def test_each_block_is_read_and_written_once_per_step(tmp_path):
     path = save_tiny_model("llama", tmp_path / "model", seed=2, num_hidden_layers=6)
     mezo = optim.MeZO(lr=1e-3, seed=3)
     with _engine(path, tmp_path, mezo) as engine:
-        weight_bytes = sum(s.weights.nbytes for s in engine._blocks)
+        weight_bytes = sum(s.weights.nbytes for s in engine.blocks)
         assert engine.store.limits[offload.chunks.Tier.DEVICE] + engine.store.limits[offload.chunks.Tier.HOST] < weight_bytes
         per_step = []
         for batch in _batches(seed=4)[:4]:

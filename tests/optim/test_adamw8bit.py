@@ -23,7 +23,7 @@ from tiny_models import save_tiny_model
 from finetune import optim
 from finetune.offload.checkpoint import OPTIMIZER_PREFIX
 from finetune.offload.weights import safetensors_index
-from finetune.optim.adamw8bit import _plan
+from finetune.optim.adamw8bit import state_plan
 from finetune.optim.layout import ChunkLayout, chunk_nbytes
 
 LR, WEIGHT_DECAY, STEPS = 1e-2, 0.1, 5
@@ -41,7 +41,7 @@ def _reference(named: dict[str, torch.nn.Parameter], embeddings: frozenset[str],
 
 def _assert_state_equal(ours: optim.AdamW8bit, layout: ChunkLayout, state: dict, reference_state: dict) -> int:
     """Codes, absmax and fp32 moments of every tensor equal bitsandbytes'; returns how many were quantized."""
-    plan = _plan(layout, ours.min_8bit_size, ours.fp32_embeddings)
+    plan = state_plan(layout, ours.min_8bit_size, ours.fp32_embeddings)
     for slot, region in plan.quantized:
         theirs, start = reference_state[slot.name], region.offset // 256
         blocks = theirs["absmax1"].numel()

@@ -11,7 +11,7 @@ from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from finetune import offload, optim
-from finetune.optim.frugal import _plan, column_subset
+from finetune.optim.frugal import column_subset, tensor_plans
 from finetune.optim.layout import ChunkLayout, chunk_nbytes
 from finetune.optim.projection import HEADS
 
@@ -130,7 +130,7 @@ def _subspace(
         select = torch.zeros(columns, len(picked), dtype=torch.float64)
         select[picked, torch.arange(len(picked))] = 1.0
         return torch.eye(rows, dtype=torch.float64), select
-    tensors, _, _ = _plan(LAYOUT, "svd", density, HEADS)
+    tensors, _, _ = tensor_plans(LAYOUT, "svd", density, HEADS)
     basis = next(t.projector for t in tensors if t.slot.name == name).view(projectors).double()
     ours = basis.t() if rows >= columns else basis  # orthonormal columns spanning the subspace
     if check:

@@ -1,4 +1,5 @@
-"""Streamed layer calls: a layer's weights need only be resident while it runs forward and while it runs backward.
+"""Streamed layer calls, with or without activation recompute: a layer's weights need only be resident while it
+runs forward and while it runs backward.
 
 Two ways to bridge the gap between a layer's forward and its backward:
 
@@ -73,7 +74,9 @@ def _input_grads(ctx: Any, nargs: int) -> tuple[torch.Tensor | None, ...]:
     return (None, None, None, None, *grads)
 
 
-def _remember_call(ctx: Any, runner: LayerRunner, index: int, device: torch.device, function: Callable, args: Sequence[Any]) -> None:
+def _remember_call(
+    ctx: Any, runner: LayerRunner, index: int, device: torch.device, function: Callable, args: Sequence[Any]
+) -> None:
     ctx.runner, ctx.index, ctx.device, ctx.function = runner, index, device, function
     ctx.tensor_positions = [i for i, arg in enumerate(args) if torch.is_tensor(arg)]
     ctx.args = [None if torch.is_tensor(arg) else arg for arg in args]

@@ -1,0 +1,67 @@
+"""Gradient clipping over a model whose gradients are never all in memory at once.
+
+Each block's per-tensor gradient norms are taken when its gradient is final (the data is hot then); the global
+norm is the norm of all of them, stacked in `model.parameters()` order as `torch.nn.utils.clip_grad_norm_` does,
+so EXACT clipping equals it to the bit.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from .block_state import BlockState
+
+__all__ = ["ClipMode", "Clipping"]
+
+
+class ClipMode(str, enum.Enum):
+    """How `max_grad_norm` is applied.
+
+    EXACT: the norm of the whole model's gradient, as torch.nn.utils.clip_grad_norm_; every update waits for the
+    end of backward (gradient chunks are kept, on NVMe if need be, and read again for the update).
+    PER_BLOCK: each block's gradient is clipped to its share of `max_grad_norm` (max_grad_norm * sqrt(block
+    numel / model numel)) as soon as the block's backward ends, so updates overlap backward. If every block
+    sits at its threshold the global norm is exactly max_grad_norm; a spike in one block is clipped there.
+    """
+
+    EXACT = "exact"
+    PER_BLOCK = "per-block"
+
+
+class Clipping:
+    """The clipping of one engine: `max_grad_norm` None means no clipping."""
+
+    def __init__(self, max_grad_norm: float | None, mode: ClipMode, blocks: list[BlockState]) -> None:
+        self.max_grad_norm, self.mode = max_grad_norm, mode
+        # Layout sizes, not Block.numel: parameters of blocks not resident have empty placeholders.
+        self._total_numel = sum(slot.numel for b in blocks for slot in b.layout.slots)
+
+    @property
+    def updates_in_backward(self) -> bool:
+        """Whether a block's update may start as soon as its backward ends (else after the whole backward)."""
+        return self.max_grad_norm is None or self.mode is ClipMode.PER_BLOCK
+
+    def finish_block(self, s: BlockState) -> None:
+        """The block's gradient is final (its parameters' .grad view the held gradient chunk): keep the
+        per-tensor norms. Compute thread, before the block's update is submitted."""
+        if self.max_grad_norm is not None:
+            s.norms = [torch.linalg.vector_norm(p.grad, 2) for p in s.params]
+
+    def global_coefficient(self, blocks: list[BlockState]) -> torch.Tensor | None:
+        """clip_grad_norm_'s coefficient over every block; None without clipping. After the whole backward."""
+        if self.max_grad_norm is None:
+            return None
+        norms = [norm for s in blocks for norm in s.norms or []]  # model.parameters() order, as torch stacks them
+        total = torch.linalg.vector_norm(torch.stack(norms), 2)
+        return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+
+    def block_coefficient(self, s: BlockState) -> torch.Tensor | None:
+        """PER_BLOCK: the block's own coefficient (on the worker, from the norms the compute thread kept)."""
+        if self.max_grad_norm is None or self.mode is ClipMode.EXACT:
+            return None
+        block_numel = sum(slot.numel for slot in s.layout.slots)
+        threshold = self.max_grad_norm * (block_numel / self._total_numel) ** 0.5
+        norm = torch.linalg.vector_norm(torch.stack(s.norms), 2)
+        return torch.clamp(threshold / (norm + 1e-6), max=1.0)

@@ -1,0 +1,118 @@
+"""An engine's checkpoint: what a resumed run needs, written into a new directory atomically, and read back.
+
+The directory is a Hugging Face model directory of the fp32 master weights (so it can be exported or loaded as a
+model), or, for a peft model whose base is read from its files, the peft adapter directory (the base is not
+copied); plus the optimizer's state chunks (`optimizer*.safetensors`) and the engine's small state
+(`engine_state.pt`: format version, step, optimizer name and state outside the chunks, a fingerprint of every
+tensor and chunk shape, and the caller's `extra`). See checkpoint.py for the atomic directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .binding import InHost
+from .block_state import BlockState
+from .checkpoint import ENGINE_STATE_FILE, FORMAT_VERSION, OPTIMIZER_PREFIX, atomic_directory
+from .chunks import Chunk
+from .export import write_safetensors_shards
+from .weights import safetensors_index
+
+__all__ = ["fingerprint", "read_engine_state", "restore_states", "write_checkpoint"]
+
+
+def fingerprint(blocks: list[BlockState], quantize_frozen: str | None) -> list[tuple]:
+    """What must match between a checkpoint and an engine: every tensor's name and shape, every state chunk's size
+    and dtype, and the storage of frozen weights."""
+    tensors = [(slot.name, tuple(slot.shape)) for s in blocks for slot in s.layout.slots]
+    tensors += [(slot.name, tuple(slot.shape)) for s in blocks if s.frozen_layout for slot in s.frozen_layout.slots]
+    chunks = [(f"{s.block.name}/{name}", c.numel, str(c.dtype)) for s in blocks for name, c in s.states.items()]
+    return tensors + chunks + [("quantize_frozen", str(quantize_frozen))]
+
+
+def write_checkpoint(
+    directory: Path,
+    write_model: Callable[[Path], Any],
+    blocks: list[BlockState],
+    in_host: InHost,
+    engine_state: dict[str, Any],
+) -> Path:
+    """Write the model (by `write_model`), the state chunks and `engine_state` into the new `directory`.
+
+    Nothing is visible under `directory` until all of it is on disk; the previous checkpoints are never touched.
+
+    Raises:
+        FileExistsError: `directory` exists.
+        ValueError: `engine_state` holds something `torch.load(weights_only=True)` cannot read back.
+    """
+    states = [(f"{s.block.name}/{name}", chunk) for s in blocks for name, chunk in s.states.items()]
+    with atomic_directory(directory) as temporary:
+        write_model(temporary)
+        write_safetensors_shards(
+            temporary,
+            [(key, torch.Size([chunk.numel]), chunk.dtype) for key, chunk in states],
+            _state_stream(states, in_host),
+            max_shard_bytes=2 << 30,
+            prefix=OPTIMIZER_PREFIX,
+        )
+        torch.save({"format": FORMAT_VERSION, **engine_state}, temporary / ENGINE_STATE_FILE)
+        try:  # refuse now what load_checkpoint could not read back
+            torch.load(temporary / ENGINE_STATE_FILE, weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"save_checkpoint: extra holds something torch.load(weights_only=True) cannot read "
+                f"({str(error).splitlines()[0]}); keep to dicts, lists, numbers, strings and tensors"
+            ) from None
+    return directory
+
+
+def _state_stream(states: list[tuple[str, Chunk]], in_host: InHost) -> Iterator[tuple[str, torch.Tensor]]:
+    for key, chunk in states:
+        with in_host(chunk) as flat:
+            yield key, flat
+
+
+def read_engine_state(directory: Path, *, optimizer: str, expected: list[tuple]) -> dict[str, Any]:
+    """The engine state of checkpoint `directory`, checked against this engine's optimizer and `fingerprint`.
+
+    Raises:
+        ValueError: not a checkpoint, another format version, another optimizer, or another model.
+    """
+    if not (directory / ENGINE_STATE_FILE).is_file():
+        raise ValueError(
+            f"{directory} is not a checkpoint (no {ENGINE_STATE_FILE}); pass a directory written by save_checkpoint"
+        )
+    state = torch.load(directory / ENGINE_STATE_FILE, weights_only=True)
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {directory} has format {state.get('format')!r}, and this version of finetune reads format "
+            f"{FORMAT_VERSION}; resume it with the finetune version that wrote it"
+        )
+    if state["optimizer"] != optimizer:
+        raise ValueError(
+            f"checkpoint {directory} was trained with {state['optimizer']}, not {optimizer}; "
+            f"resume with the same optimizer"
+        )
+    if state["chunks"] != expected:
+        raise ValueError(
+            f"checkpoint {directory} belongs to a different model (its tensors or state shapes differ); "
+            "resume with the model and optimizer settings it was trained with"
+        )
+    return state
+
+
+def restore_states(directory: Path, blocks: list[BlockState], in_host: InHost) -> None:
+    """Copy every state chunk back from checkpoint `directory`."""
+    index = safetensors_index(directory, OPTIMIZER_PREFIX)
+    for s in blocks:
+        for name, chunk in s.states.items():
+            key = f"{s.block.name}/{name}"
+            with safe_open(index[key], framework="pt") as file:
+                saved = file.get_tensor(key)
+            with in_host(chunk, dirty=True) as flat:
+                flat.copy_(saved)

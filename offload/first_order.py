@@ -1,0 +1,168 @@
+"""The first-order training step, read top to bottom; its hooks follow in the order they fire.
+
+    forward:  for each block i: hold i (waits for its prefetch) -> run -> release i; prefetch i+1 .. i+k
+    backward: for each layer i, last first: hold i with its gradient chunk -> recompute (recompute.py) ->
+              backward -> release; on the last micro-batch its optimizer update starts on the worker thread,
+              overlapped with the backward of layer i-1 (Fuyou)
+
+The embedding and head blocks run under ordinary autograd: they are held again, just before their backward, by a
+hook on their output's gradient, and released when backward ends. With exact clipping every update waits for the
+whole-model gradient norm, so the updates run after backward instead of inside it.
+
+Threads: the step and every hook run on the compute thread (autograd runs backward hooks on the thread that
+called backward, on CPU and CUDA alike). Updates run on the worker: Note [The worker owns a block's chunks].
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from .block_state import BlockState
+from .chunks import Tier
+from .clipping import Clipping
+from .residency import Residency, tensors_of
+from .timers import Timers
+from .updates import UpdateWorker
+
+__all__ = ["FirstOrderStep", "micro_batches", "to_device"]
+
+Batch = dict[str, torch.Tensor]
+
+
+class FirstOrderStep:
+    """Forward and backward over the micro-batches of one optimizer step, with the updates they start.
+
+    Also the `LayerRunner` that the streamed layer calls (recompute.py) report their backward to."""
+
+    def __init__(
+        self, model: nn.Module, residency: Residency, updates: UpdateWorker, clipping: Clipping, timers: Timers
+    ) -> None:
+        self.model, self.residency, self.updates, self.clipping = model, residency, updates, clipping
+        self.blocks: list[BlockState] = residency.blocks
+        self.timers = timers
+        self.first_layer = min(index for index, s in enumerate(self.blocks) if s.block.is_layer)
+        self._training = False  # inside __call__: forward hooks the outer blocks' backward
+        self._last_micro = True  # the micro-batch whose backward finishes the gradients
+        self._outer_held: list[int] = []  # embedding/head blocks held from their backward to the end of backward
+        self._step = 0  # the optimizer step being computed: what the updates it starts are numbered
+        residency.observers.append(self._after_outer_forward)
+
+    def __call__(self, micro_batches: list[Batch], step: int) -> float:
+        """Optimizer step `step` over `micro_batches`; returns the mean loss."""
+        self.model.train()
+        self._step = step
+        self._training = self.residency.prefetch_grads = True
+        losses = []
+        try:
+            for k, micro in enumerate(micro_batches):
+                self._last_micro = k == len(micro_batches) - 1
+                start = time.perf_counter()
+                with self.residency.saved_weights():
+                    loss = self.model(**micro, use_cache=False).loss
+                forward_end = time.perf_counter()
+                (loss / len(micro_batches)).backward()
+                self._end_backward()
+                self.timers.add("forward", forward_end - start)
+                self.timers.add("backward", time.perf_counter() - forward_end)
+                losses.append(loss.detach())
+            if not self.clipping.updates_in_backward:
+                coefficient = self.clipping.global_coefficient(self.blocks)
+                for index, s in enumerate(self.blocks):
+                    if s.trainable:
+                        self.updates.submit(index, step, coefficient)
+            self.updates.wait()  # the next forward must not see half-updated weights
+        finally:
+            self._training = self.residency.prefetch_grads = False
+        self.residency.prefetch(range(self.residency.prefetch_depth))  # the next step's first blocks
+        return float(torch.stack(losses).mean())  # host sync: the loss value
+
+    def saved_weights(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """For StreamedLayer's kept graphs: Note [Saved weight views] (residency.py)."""
+        return self.residency.saved_weights()
+
+    # ------------------------------------------------------------------------- the hooks, in firing order
+
+    def _after_outer_forward(self, blocks: tuple[int, ...], output: Any) -> None:
+        """Forward, after an embedding or head module: hook its backward (layers hook theirs in recompute.py)."""
+        is_layer = len(blocks) == 1 and self.blocks[blocks[0]].block.is_layer
+        if not self._training or not torch.is_grad_enabled() or is_layer:
+            return
+        tensor = next((t for t in tensors_of(output) if t.requires_grad), None)
+        if tensor is not None:
+            tensor.register_hook(partial(self._before_outer_backward, blocks))
+        elif blocks[0] < self.first_layer:
+            # A frozen embedding's output needs no gradient, but the layers' streamed calls only run their
+            # backward (and so train the adapters inside them) for an input that requires one.
+            for t in tensors_of(output):
+                if t.is_floating_point() and t.is_leaf:
+                    t.requires_grad_(True)
+
+    def _before_outer_backward(self, blocks: tuple[int, ...], grad: torch.Tensor) -> None:
+        """Backward, when the gradient of an outer module's output is ready, just before that module's backward:
+        the head first, the embedding last."""
+        for index in blocks:
+            self.residency.hold(index, grads=self.blocks[index].trainable)
+            self._outer_held.append(index)
+
+    def begin_layer_backward(self, index: int) -> None:
+        """Backward of layer `index` starts (called by its streamed call): hold it with its gradient chunk."""
+        self.residency.hold(index, grads=self.blocks[index].trainable)
+        self.residency.prefetch(range(index - 1, index - 1 - self.residency.prefetch_depth, -1), grads=True)
+        if self._last_micro:
+            # This layer's optimizer state, for its update; with the first layer, also the embedding's and head's,
+            # whose updates come last, right after backward, with nothing left to hide their loads behind.
+            upcoming = [index]
+            if index == self.first_layer:
+                upcoming += [i for i, s in enumerate(self.blocks) if not s.block.is_layer]
+            for chunk in [chunk for i in upcoming for chunk in self.blocks[i].states.values()]:
+                self.residency.store.prefetch(chunk, Tier.HOST)
+
+    def end_layer_backward(self, index: int) -> None:
+        """Backward of layer `index` is done: on the last micro-batch its gradient is final, its update may start."""
+        trainable = self.blocks[index].trainable
+        if self._last_micro and trainable:
+            self.clipping.finish_block(self.blocks[index])
+        self.residency.release(index, grads=trainable)
+        if self._last_micro and trainable and self.clipping.updates_in_backward:
+            self.updates.submit(index, self._step)
+
+    def _end_backward(self) -> None:
+        """Backward is over: release the embedding and head blocks held through it; their updates start now."""
+        held, self._outer_held = self._outer_held, []
+        finished = []
+        for index in held:
+            trainable = self.blocks[index].trainable
+            if self._last_micro and trainable and index not in finished:
+                self.clipping.finish_block(self.blocks[index])
+                finished.append(index)
+            self.residency.release(index, grads=trainable)
+        if self._last_micro and self.clipping.updates_in_backward:
+            for index in finished:
+                self.updates.submit(index, self._step)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def micro_batches(batch: Batch | list[Batch], accumulation_steps: int, device: torch.device) -> list[Batch]:
+    """`batch` cut into `accumulation_steps` micro-batches (a list is taken as the micro-batches), on `device`.
+
+    Raises:
+        ValueError: the batch size is not a multiple of `accumulation_steps`.
+    """
+    if isinstance(batch, list):
+        return [to_device(micro, device) for micro in batch]
+    size = len(next(iter(batch.values())))
+    if size % accumulation_steps:
+        raise ValueError(
+            f"batch size {size} is not divisible by accumulation_steps={accumulation_steps}; "
+            "use a batch size that is a multiple of it"
+        )
+    parts = [dict(zip(batch, values)) for values in zip(*(v.chunk(accumulation_steps) for v in batch.values()))]
+    return [to_device(micro, device) for micro in parts]

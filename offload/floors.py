@@ -1,0 +1,101 @@
+"""Budget floors: the least device and host memory a model's blocks can stream through, and the whole state.
+
+The engine refuses at construction, with these numbers, a budget it could only fail with mid-step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..optim.base import ChunkOptimizer
+from ..optim.layout import chunk_nbytes
+from ..optim.mezo import MeZO
+from .block_layout import BlockLayout, block_layouts, chunk_specs
+from .blocks import find_blocks
+from .budget import detect_hardware, format_bytes
+
+__all__ = ["Floors", "check_budget", "floors", "model_floors"]
+
+
+@dataclass(frozen=True)
+class Floors:
+    """Bytes below which a tier cannot hold what one step needs at once, and of the whole training state."""
+
+    device: int
+    host: int
+    largest_layer: str  # the layer whose working set sets the device floor, for messages
+    state: int  # weights, gradients, masters, optimizer state and frozen weights, padded as chunks
+
+
+def floors(layouts: list[BlockLayout], optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype) -> Floors:
+    """The floors of a model's blocks.
+
+    Device: the embedding and head blocks are held from their backward hook to the end of backward, while one
+    layer computes with its gradients (MeZO: held through the forward, no gradients; its perturbed copies of one
+    module's weights are temporaries, like activations). Host: one block's whole update (weights, gradients,
+    states) at once, or its frozen weights chunk (staged through host memory on CUDA). Frozen parameters have
+    only that chunk: no gradients, masters or states. A quantized block computes with its NF4 chunk and, while
+    held, the dequantized weights.
+    """
+    roles = 1 if isinstance(optimizer, MeZO) else 2  # weights, and gradients unless zeroth-order
+    frozen, compute, update = {}, {}, {}
+    for b in layouts:
+        name = b.block.name
+        frozen[name] = b.quantized.nbytes if b.quantized else b.frozen.nbytes(compute_dtype) if b.frozen else 0
+        dequantized = b.frozen.nbytes(compute_dtype) if b.quantized else 0
+        compute[name] = roles * b.trainable.nbytes(compute_dtype) + frozen[name] + dequantized
+        specs = chunk_specs(b.trainable, compute_dtype, optimizer).values()
+        update[name] = sum(chunk_nbytes(spec.numel, spec.dtype) for spec in specs)
+    outer = sum(compute[b.block.name] for b in layouts if not b.block.is_layer)
+    largest = max((b.block.name for b in layouts if b.block.is_layer), key=compute.__getitem__)
+    host = max(max(update.values()), max(frozen.values()))
+    return Floors(outer + compute[largest], host, largest, sum(update.values()) + sum(frozen.values()))
+
+
+def model_floors(
+    model: nn.Module, optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype, quantize_frozen: str | None
+) -> Floors:
+    """The floors of `model` (on the meta device or not), without building an engine."""
+    return floors(block_layouts(model, find_blocks(model), quantize_frozen, compute_dtype), optimizer, compute_dtype)
+
+
+def check_budget(need: Floors, device_bytes: int, host_bytes: int, nvme: Path | None) -> None:
+    """Refuse now, with the numbers, rather than fail mid-step.
+
+    Raises:
+        ValueError: every problem found, each with the value to raise or the directory to change.
+    """
+    problems = []
+    if device_bytes < need.device:
+        problems.append(
+            f"Budget.device={format_bytes(device_bytes)} is below the minimum {format_bytes(need.device)} "
+            f"(the largest layer, {need.largest_layer}, with its gradients, plus the embedding and head "
+            f"blocks held through backward); raise it to at least {format_bytes(need.device)}"
+        )
+    if host_bytes < need.host:
+        problems.append(
+            f"Budget.host={format_bytes(host_bytes)} is below the minimum {format_bytes(need.host)} "
+            f"(one block's weights, gradients and optimizer state at once); raise it to at least "
+            f"{format_bytes(need.host)}"
+        )
+    in_memory = device_bytes + host_bytes
+    if nvme is None and in_memory < need.state:
+        problems.append(
+            f"the training state needs {format_bytes(need.state)} but Budget.device + Budget.host is "
+            f"{format_bytes(in_memory)} and no NVMe directory was given; set Budget.nvme "
+            f"to a directory on a fast disk, or raise the budgets"
+        )
+    if nvme is not None and in_memory < need.state:
+        free = detect_hardware().disk_free(nvme)
+        if free < need.state:
+            problems.append(
+                f"Budget.nvme={nvme} has {format_bytes(free)} free but the swap files can grow to "
+                f"{format_bytes(need.state)} (every chunk of the training state may be evicted); free space there "
+                "or choose a directory on a disk with more room"
+            )
+    if problems:
+        raise ValueError("; ".join(problems))

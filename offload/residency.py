@@ -1,0 +1,220 @@
+"""Residency: which blocks are held on the compute device, and the parameters pointed at them while they are.
+
+Holding a block acquires its weight chunks in the device tier (waiting for their prefetch) and points its
+parameters' `.data` at views of them; releasing it points them back at empty placeholders and lets the store
+evict the chunks. Holds are counted, so a block used by two modules (a tied head) stays until both release it.
+The forward hooks here hold the blocks a module needs just before it runs, prefetch the next ones and release
+them after; the first-order and zeroth-order steps build on `hold`, `release` and `prefetch`.
+
+Threads: everything here runs on the compute thread, except `in_host`, which the optimizer worker does not use
+(it acquires host chunks from the store itself).
+
+Note [Saved weight views]: autograd saves views of weights for backward (a matmul saves its weight). Those views
+would keep a chunk's buffer alive outside the budget, and once the store hands that buffer to another chunk they
+would read that chunk's bytes. `saved_weights` packs each saved view of a held weight chunk as (block, role,
+offset, shape, stride) and re-makes it at backward from the buffer the block is held in then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..optim.layout import ChunkLayout
+from .block_state import BlockState, Bound, placeholder
+from .chunks import Chunk, Tier
+from .store import ChunkStore
+from .timers import Timers
+
+__all__ = ["ForwardObserver", "Residency", "tensors_of"]
+
+ForwardObserver = Callable[[tuple[int, ...], Any], None]
+"""Called with (blocks, output) after a module that needs `blocks` ran forward, before they are released."""
+
+
+class Residency:
+    """Holds blocks on the compute device for the modules that run, within the store's device budget.
+
+    Args:
+        blocks: every block's state, in model order.
+        store: where the chunks live.
+        compute_dtype, device: of the placeholders parameters point at while not held.
+        prefetch_depth: how many blocks ahead a forward starts loading.
+        timers: receives "load wait", the seconds the compute thread waits for chunk loads prefetch did not hide.
+    """
+
+    def __init__(
+        self,
+        blocks: list[BlockState],
+        store: ChunkStore,
+        compute_dtype: torch.dtype,
+        device: torch.device,
+        prefetch_depth: int,
+        timers: Timers,
+    ) -> None:
+        self.blocks, self.store = blocks, store
+        self.compute_dtype, self.device = compute_dtype, device
+        self.prefetch_depth = prefetch_depth
+        self.timers = timers
+        self.observers: list[ForwardObserver] = []
+        self.prefetch_grads = False  # set by the first-order step while it runs: forward also loads kept gradients
+        self._held_storage: dict[int, tuple[int, str]] = {}  # storage address of a held weight buffer -> (block, role)
+        self._slot_of: dict[int, tuple[int, int]] | None = None  # id(Parameter) -> (block, slot), once bound
+
+    # ------------------------------------------------------------------------------------ hold and release
+
+    def hold(self, index: int, *, grads: bool = False) -> None:
+        """Make block `index`'s weights (and with `grads`, its gradient chunk) resident and bind its parameters."""
+        s = self.blocks[index]
+        for role, chunk, layout, bound in _weight_parts(s):
+            flat = self._acquire(chunk)
+            if s.holds == 0:
+                if role == "frozen" and s.quantized is not None:
+                    s.dequantized = flat = self.dequantize(s, flat)
+                views = layout.views(flat)
+                for p, slot in bound:
+                    p.data = views[slot]
+                self._held_storage[flat.untyped_storage().data_ptr()] = (index, role)
+        s.holds += 1
+        if grads:
+            flat = self._acquire(s.grads)
+            if s.grad_holds == 0:
+                views = s.layout.views(flat)
+                for p, slot in s.bound():
+                    p.grad = views[slot]  # autograd accumulates into the chunk in place
+            s.grad_holds += 1
+
+    def release(self, index: int, *, grads: bool = False) -> None:
+        """Undo one `hold`; the last release unbinds the parameters (the gradient chunk is released dirty)."""
+        s = self.blocks[index]
+        if grads:
+            s.grad_holds -= 1
+            if s.grad_holds == 0:
+                for p, _ in s.bound():
+                    p.grad = None
+            self.store.release(s.grads, Tier.DEVICE, dirty=True)
+        s.holds -= 1
+        for role, chunk, _, bound in _weight_parts(s):
+            if s.holds == 0:
+                for p, _ in bound:
+                    p.data = placeholder(self.compute_dtype, self.device)
+                del self._held_storage[self._compute_flat(s, role).untyped_storage().data_ptr()]
+            self.store.release(chunk, Tier.DEVICE)  # never dirty: compute does not write the weights
+        if s.holds == 0:
+            s.dequantized = None
+
+    def prefetch(self, indices: range, *, grads: bool = False) -> None:
+        """Start loading the weight chunks of the blocks in `indices` (those that exist); with `grads`, also
+        gradient chunks that hold accumulated gradients (a zero one needs no read)."""
+        for index in indices:
+            if 0 <= index < len(self.blocks):
+                s = self.blocks[index]
+                self.store.prefetch(s.weights, Tier.DEVICE)
+                if s.frozen is not None:
+                    self.store.prefetch(s.frozen, Tier.DEVICE)
+                if grads and not s.grads.zero:
+                    self.store.prefetch(s.grads, Tier.DEVICE)
+
+    @contextmanager
+    def in_host(self, chunk: Chunk, *, dirty: bool = False) -> Iterator[torch.Tensor]:
+        """`chunk` held in host memory for the body of a with-statement (outside any training step)."""
+        flat = self.store.acquire(chunk, Tier.HOST)
+        try:
+            yield flat
+        finally:
+            self.store.release(chunk, Tier.HOST, dirty=dirty)
+
+    def slot_of(self, parameter: nn.Parameter) -> tuple[int, int]:
+        """(block index, slot) of a Parameter object over a trainable chunk, tied twins included. Asked only once
+        the parameters are bound (binding.bind_parameters makes new Parameter objects)."""
+        if self._slot_of is None:
+            self._slot_of = {id(p): (i, slot) for i, s in enumerate(self.blocks) for p, slot in s.bound()}
+        return self._slot_of[id(parameter)]
+
+    def weight_view(self, index: int, slot: int) -> torch.Tensor:
+        """Slot `slot` of held block `index`'s weight chunk, as the tensor its parameter views."""
+        s = self.blocks[index]
+        return s.layout.slots[slot].view(s.weights.typed(Tier.DEVICE))
+
+    def dequantize(self, s: BlockState, codes: torch.Tensor) -> torch.Tensor:
+        """The frozen weights of a quantized block in the compute dtype, next to its held codes."""
+        flat = torch.empty(s.frozen_layout.numel, dtype=self.compute_dtype, device=codes.device)
+        s.quantized.dequantize_into(codes, flat)
+        return flat
+
+    def _acquire(self, chunk: Chunk) -> torch.Tensor:
+        start = time.perf_counter()
+        flat = self.store.acquire(chunk, Tier.DEVICE)
+        self.timers.add("load wait", time.perf_counter() - start)
+        return flat
+
+    @staticmethod
+    def _compute_flat(s: BlockState, role: str) -> torch.Tensor:
+        """The held buffer the parameters of `role` view: the chunk's, or a quantized block's dequantized one."""
+        if role == "frozen" and s.quantized is not None:
+            return s.dequantized
+        return getattr(s, role).typed(Tier.DEVICE)
+
+    # ---------------------------------------------------------------------------------------- forward hooks
+
+    def before_forward(self, blocks: tuple[int, ...], module: nn.Module, args: Any) -> None:
+        """Forward pre-hook: hold what the module needs, and start loading the blocks after it."""
+        for index in blocks:
+            self.hold(index)
+        self.prefetch(range(blocks[-1] + 1, blocks[-1] + 1 + self.prefetch_depth), grads=self.prefetch_grads)
+
+    def after_forward(self, blocks: tuple[int, ...], module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook: tell the observers (the first-order step hooks the outer blocks' backward), release."""
+        for observe in self.observers:
+            observe(blocks, output)
+        for index in blocks:
+            self.release(index)
+
+    # ---------------------------------------------------------------------------------- saved weight views
+
+    def saved_weights(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """Autograd hooks that keep saved views of held weights as references: Note [Saved weight views]."""
+
+        def pack(tensor: torch.Tensor) -> Any:
+            held = self._held_storage.get(tensor.untyped_storage().data_ptr())
+            if held is None:
+                return tensor
+            index, role = held
+            flat = self._compute_flat(self.blocks[index], role)
+            if tensor.dtype != flat.dtype:
+                return tensor
+            return index, role, tensor.storage_offset() - flat.storage_offset(), tensor.shape, tensor.stride()
+
+        def unpack(packed: Any) -> torch.Tensor:
+            if torch.is_tensor(packed):
+                return packed
+            index, role, offset, shape, stride = packed
+            chunk = getattr(self.blocks[index], role)
+            if not chunk.pinned(Tier.DEVICE):
+                raise RuntimeError(f"backward needs the weights of {chunk.key}, which are not held; this is a bug")
+            flat = self._compute_flat(self.blocks[index], role)
+            return flat.as_strided(shape, stride, flat.storage_offset() + offset)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def _weight_parts(s: BlockState) -> list[tuple[str, Chunk, ChunkLayout, Bound]]:
+    """(role, chunk, layout, bound parameters) of the weight chunks a forward needs: trained, then frozen."""
+    parts = [("weights", s.weights, s.layout, s.bound())]
+    if s.frozen is not None:
+        parts.append(("frozen", s.frozen, s.frozen_layout, s.frozen_bound()))
+    return parts
+
+
+def tensors_of(output: Any) -> list[torch.Tensor]:
+    """Every tensor in a module's output (nested tuples and lists)."""
+    if torch.is_tensor(output):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in tensors_of(item)]
+    return []

@@ -1,0 +1,80 @@
+"""The optimizer worker: one thread that applies each block's optimizer step in host memory (Fuyou's overlap).
+
+Note [The worker owns a block's chunks]: from `submit` until the update finishes, the block's weights, masters,
+gradients and states belong to the worker thread: the compute thread does not touch them (the block's backward is
+over, and its next use is the next step's forward, which starts only after `wait`). The store's lock orders the
+two threads' acquires and releases; nothing else is shared but `BlockState.norms` (see block_state.py).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ..optim.base import ChunkOptimizer
+from .block_state import BlockState
+from .chunks import Tier
+from .clipping import Clipping
+from .store import ChunkStore
+from .timers import Timers
+
+__all__ = ["UpdateWorker"]
+
+
+class UpdateWorker:
+    """Runs block updates on its thread, in submission order."""
+
+    def __init__(
+        self, blocks: list[BlockState], store: ChunkStore, optimizer: ChunkOptimizer, clipping: Clipping,
+        timers: Timers,
+    ) -> None:
+        self.blocks, self.store, self.optimizer, self.clipping = blocks, store, optimizer, clipping
+        self.timers = timers
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="optimizer")
+        self._pending: list[Future] = []  # compute thread only
+
+    def submit(self, index: int, step: int, coefficient: torch.Tensor | None = None) -> None:
+        """Start block `index`'s update for optimizer step `step`: Note [The worker owns a block's chunks].
+        `coefficient`: the global clipping coefficient (exact clipping), else the block's own is used."""
+        self._pending.append(self._pool.submit(self._update, index, coefficient, step))
+
+    def wait(self) -> None:
+        """Block until every submitted update is done; re-raises the first failure. Hands the chunks back."""
+        start = time.perf_counter()
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        self.timers.add("wait for updates", time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown(wait=True)
+
+    def _update(self, index: int, coefficient: torch.Tensor | None, step: int) -> None:
+        """One block's optimizer step, on the worker thread, in host memory."""
+        start = time.perf_counter()
+        s = self.blocks[index]
+        if coefficient is None:
+            coefficient = self.clipping.block_coefficient(s)
+        weights = self.store.acquire(s.weights, Tier.HOST)
+        master = self.store.acquire(s.master, Tier.HOST) if s.master is not None else weights
+        grads = self.store.acquire(s.grads, Tier.HOST)
+        states = {name: self.store.acquire(chunk, Tier.HOST) for name, chunk in s.states.items()}
+        grads = grads if grads.dtype == torch.float32 else grads.float()
+        if coefficient is not None:
+            grads.mul_(coefficient)
+        math_start = time.perf_counter()
+        self.optimizer.step(master, grads, states, step=step, layout=s.layout)
+        self.timers.add("optimizer math", time.perf_counter() - math_start)
+        if s.master is not None:
+            weights.copy_(master)
+            self.store.release(s.master, Tier.HOST, dirty=True)
+        self.store.release(s.weights, Tier.HOST, dirty=True)
+        for chunk in s.states.values():
+            self.store.release(chunk, Tier.HOST, dirty=True)
+        self.store.release(s.grads, Tier.HOST)
+        self.store.discard(s.grads)  # used up: the next step starts from zeros without reading anything
+        s.norms = None
+        self.timers.add("update", time.perf_counter() - start)
