@@ -91,3 +91,15 @@ def test_checkpoint_of_another_model_or_optimizer_is_refused(tmp_path):
             engine.load_checkpoint(tmp_path / "checkpoint")
         with pytest.raises(ValueError, match="not a checkpoint"):
             engine.load_checkpoint(tmp_path / "small")
+
+
+def test_checkpoint_of_another_format_version_is_refused(tmp_path):
+    path = save_tiny_model("llama", tmp_path / "model", seed=8)
+    with _engine(path, tmp_path / "swap-a") as engine:
+        engine.save_checkpoint(tmp_path / "checkpoint")
+    state_file = tmp_path / "checkpoint" / "engine_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "format": state["format"] + 1}, state_file)
+    with _engine(path, tmp_path / "swap-b") as engine:
+        with pytest.raises(ValueError, match=f"has format {state['format'] + 1}, and this version of finetune reads"):
+            engine.load_checkpoint(tmp_path / "checkpoint")
