@@ -38,28 +38,28 @@ def copy_weights_in(
 
     `adapter_tensors`: `directory` is a peft adapter directory, read by this function; only the trainable
     (adapter) weights are copied, the frozen base is left as it is."""
-    for s in blocks:
-        for layout, chunks in _parts_to_fill(s, adapter=adapter_tensors is not None):
+    for state in blocks:
+        for layout, chunks in _parts_to_fill(state, adapter=adapter_tensors is not None):
             names = [slot.name for slot in layout.slots]
             if adapter_tensors is not None:
                 sources = adapter_tensors(directory, names)
             else:
-                sources = load_block_weights(s.block, plan.aliases, directory, names)
+                sources = load_block_weights(state.block, plan.aliases, directory, names)
             for chunk in chunks:
                 with in_host(chunk, dirty=True) as flat:
-                    if chunk is s.frozen and s.quantized is not None:
-                        s.quantized.quantize_into(flat, sources)
+                    if chunk is state.frozen and state.quantized is not None:
+                        state.quantized.quantize_into(flat, sources)
                         continue
                     for view, source in zip(layout.views(flat), sources):
                         view.copy_(source)
             del sources  # one block's tensors in memory at a time
 
 
-def _parts_to_fill(s: BlockState, *, adapter: bool) -> Iterator[tuple[ChunkLayout, list[Chunk]]]:
-    if s.trainable:
-        yield s.layout, [c for c in (s.weights, s.master) if c is not None]
-    if not adapter and s.frozen is not None and s.frozen.source is None:  # a source reads it itself
-        yield s.frozen_layout, [s.frozen]
+def _parts_to_fill(state: BlockState, *, adapter: bool) -> Iterator[tuple[ChunkLayout, list[Chunk]]]:
+    if state.trainable:
+        yield state.layout, [c for c in (state.weights, state.master) if c is not None]
+    if not adapter and state.frozen is not None and state.frozen.source is None:  # a source reads it itself
+        yield state.frozen_layout, [state.frozen]
 
 
 def bind_parameters(
@@ -75,19 +75,21 @@ def bind_parameters(
     PyTorch adds the two uses' sum into the accumulated gradient, and only that order is equal to in-memory
     training to the bit.
     """
-    for s in blocks:
-        parts: list[tuple[ChunkLayout, list[nn.Parameter], Bound, bool]] = [(s.layout, s.params, s.aliases, True)]
-        if s.frozen_layout is not None:
-            parts.append((s.frozen_layout, s.frozen_params, s.frozen_aliases, False))
+    for state in blocks:
+        parts: list[tuple[ChunkLayout, list[nn.Parameter], Bound, bool]] = [
+            (state.layout, state.params, state.aliases, True)
+        ]
+        if state.frozen_layout is not None:
+            parts.append((state.frozen_layout, state.frozen_params, state.frozen_aliases, False))
         for layout, params, twins, trainable in parts:
             for i, slot in enumerate(layout.slots):
-                name, p = slot.name, s.block.params[slot.name]
+                name, p = slot.name, state.block.params[slot.name]
                 aliases = [alias for alias, owner in plan.aliases.items() if owner == name]
                 if p.is_meta:  # a meta tensor cannot take CPU data in place: give the module a real Parameter
                     p = nn.Parameter(placeholder(dtype, device), requires_grad=trainable)
                     for target in [name] + ([] if untie else aliases):
                         _set_parameter(model, target, p)
-                    s.block.params[name] = params[i] = p
+                    state.block.params[name] = params[i] = p
                 p.data = placeholder(dtype, device)
                 p.requires_grad_(trainable)
                 for alias in aliases if untie else []:

@@ -43,25 +43,26 @@ class Clipping:
         """Whether a block's update may start as soon as its backward ends (else after the whole backward)."""
         return self.max_grad_norm is None or self.mode is ClipMode.PER_BLOCK
 
-    def finish_block(self, s: BlockState) -> None:
+    def finish_block(self, state: BlockState) -> None:
         """The block's gradient is final (its parameters' .grad view the held gradient chunk): keep the
         per-tensor norms. Compute thread, before the block's update is submitted."""
         if self.max_grad_norm is not None:
-            s.norms = [torch.linalg.vector_norm(p.grad, 2) for p in s.params]
+            state.norms = [torch.linalg.vector_norm(p.grad, 2) for p in state.params]
 
     def global_coefficient(self, blocks: list[BlockState]) -> torch.Tensor | None:
         """clip_grad_norm_'s coefficient over every block; None without clipping. After the whole backward."""
         if self.max_grad_norm is None:
             return None
-        norms = [norm for s in blocks for norm in s.norms or []]  # model.parameters() order, as torch stacks them
+        # model.parameters() order, as torch stacks them
+        norms = [norm for state in blocks for norm in state.norms or []]
         total = torch.linalg.vector_norm(torch.stack(norms), 2)
         return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
 
-    def block_coefficient(self, s: BlockState) -> torch.Tensor | None:
+    def block_coefficient(self, state: BlockState) -> torch.Tensor | None:
         """PER_BLOCK: the block's own coefficient (on the worker, from the norms the compute thread kept)."""
         if self.max_grad_norm is None or self.mode is ClipMode.EXACT:
             return None
-        block_numel = sum(slot.numel for slot in s.layout.slots)
+        block_numel = sum(slot.numel for slot in state.layout.slots)
         threshold = self.max_grad_norm * (block_numel / self._total_numel) ** 0.5
-        norm = torch.linalg.vector_norm(torch.stack(s.norms), 2)
+        norm = torch.linalg.vector_norm(torch.stack(state.norms), 2)
         return torch.clamp(threshold / (norm + 1e-6), max=1.0)

@@ -45,7 +45,7 @@ class FirstOrderStep:
         self.model, self.residency, self.updates, self.clipping = model, residency, updates, clipping
         self.blocks: list[BlockState] = residency.blocks
         self.timers = timers
-        self.first_layer = min(index for index, s in enumerate(self.blocks) if s.block.is_layer)
+        self.first_layer = min(index for index, state in enumerate(self.blocks) if state.block.is_layer)
         self._training = False  # inside __call__: forward hooks the outer blocks' backward
         self._last_micro = True  # the micro-batch whose backward finishes the gradients
         self._outer_held: list[int] = []  # embedding/head blocks held from their backward to the end of backward
@@ -72,8 +72,8 @@ class FirstOrderStep:
                 losses.append(loss.detach())
             if not self.clipping.updates_in_backward:
                 coefficient = self.clipping.global_coefficient(self.blocks)
-                for index, s in enumerate(self.blocks):
-                    if s.trainable:
+                for index, state in enumerate(self.blocks):
+                    if state.trainable:
                         self.updates.submit(index, step, coefficient)
             self.updates.wait()  # the next forward must not see half-updated weights
         finally:
@@ -118,7 +118,7 @@ class FirstOrderStep:
             # whose updates come last, right after backward, with nothing left to hide their loads behind.
             upcoming = [index]
             if index == self.first_layer:
-                upcoming += [i for i, s in enumerate(self.blocks) if not s.block.is_layer]
+                upcoming += [i for i, state in enumerate(self.blocks) if not state.block.is_layer]
             for chunk in [chunk for i in upcoming for chunk in self.blocks[i].states.values()]:
                 self.residency.store.prefetch(chunk, Tier.HOST)
 

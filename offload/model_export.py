@@ -37,7 +37,7 @@ def export_model(
         if not isinstance(buffer, nn.Parameter) and name not in plan.aliases
     }
     blocks = residency.blocks
-    specs = [(slot.name, slot.shape, dtype) for s in blocks for layout, _ in _parts(s) for slot in layout.slots]
+    specs = [(slot.name, slot.shape, dtype) for state in blocks for layout, _ in _parts(state) for slot in layout.slots]
     specs += [(name, buffer.shape, buffer.dtype) for name, buffer in buffers.items()]
     write_safetensors_shards(path, specs, _weights(residency, dtype, buffers), max_shard_bytes=max_shard_size)
     model.config.save_pretrained(path)
@@ -49,20 +49,20 @@ def export_model(
 
 def _weights(residency: Residency, dtype: torch.dtype, buffers: dict[str, torch.Tensor]) -> Iterator[tuple]:
     """(name, tensor) in `export_model`'s spec order, one block's chunk in host memory at a time."""
-    for s in residency.blocks:
-        for layout, chunk in _parts(s):
+    for state in residency.blocks:
+        for layout, chunk in _parts(state):
             with residency.in_host(chunk) as flat:
-                if chunk is s.frozen and s.quantized is not None:  # the weights the model computes with
-                    flat = residency.dequantize(s, flat)
+                if chunk is state.frozen and state.quantized is not None:  # the weights the model computes with
+                    flat = residency.dequantize(state, flat)
                 for slot in layout.slots:
                     yield slot.name, slot.view(flat).to(dtype)
     yield from buffers.items()
 
 
-def _parts(s: BlockState) -> list[tuple[ChunkLayout, Chunk]]:
-    parts = [(s.layout, s.master or s.weights)]
-    if s.frozen is not None:
-        parts.append((s.frozen_layout, s.frozen))
+def _parts(state: BlockState) -> list[tuple[ChunkLayout, Chunk]]:
+    parts = [(state.layout, state.master or state.weights)]
+    if state.frozen is not None:
+        parts.append((state.frozen_layout, state.frozen))
     return parts
 
 
@@ -84,11 +84,11 @@ def save_adapter(path: Path, model: nn.Module, blocks: list[BlockState], in_host
         )
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for s in blocks:
-        if not s.trainable:
+    for state in blocks:
+        if not state.trainable:
             continue
-        with in_host(s.master or s.weights) as flat:
-            for slot in s.layout.slots:
+        with in_host(state.master or state.weights) as flat:
+            for slot in state.layout.slots:
                 tensors[_adapter_key(model, slot.name)] = slot.view(flat).to(torch.float32).clone()
     save_file(tensors, path / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     model.peft_config[model.active_adapter].save_pretrained(path)

@@ -70,55 +70,55 @@ class Residency:
 
     def hold(self, index: int, *, grads: bool = False) -> None:
         """Make block `index`'s weights (and with `grads`, its gradient chunk) resident and bind its parameters."""
-        s = self.blocks[index]
-        for role, chunk, layout, bound in _weight_parts(s):
+        state = self.blocks[index]
+        for role, chunk, layout, bound in _weight_parts(state):
             flat = self._acquire(chunk)
-            if s.holds == 0:
-                if role == "frozen" and s.quantized is not None:
-                    s.dequantized = flat = self.dequantize(s, flat)
+            if state.holds == 0:
+                if role == "frozen" and state.quantized is not None:
+                    state.dequantized = flat = self.dequantize(state, flat)
                 views = layout.views(flat)
                 for p, slot in bound:
                     p.data = views[slot]
                 self._held_storage[flat.untyped_storage().data_ptr()] = (index, role)
-        s.holds += 1
+        state.holds += 1
         if grads:
-            flat = self._acquire(s.grads)
-            if s.grad_holds == 0:
-                views = s.layout.views(flat)
-                for p, slot in s.bound():
+            flat = self._acquire(state.grads)
+            if state.grad_holds == 0:
+                views = state.layout.views(flat)
+                for p, slot in state.bound():
                     p.grad = views[slot]  # autograd accumulates into the chunk in place
-            s.grad_holds += 1
+            state.grad_holds += 1
 
     def release(self, index: int, *, grads: bool = False) -> None:
         """Undo one `hold`; the last release unbinds the parameters (the gradient chunk is released dirty)."""
-        s = self.blocks[index]
+        state = self.blocks[index]
         if grads:
-            s.grad_holds -= 1
-            if s.grad_holds == 0:
-                for p, _ in s.bound():
+            state.grad_holds -= 1
+            if state.grad_holds == 0:
+                for p, _ in state.bound():
                     p.grad = None
-            self.store.release(s.grads, Tier.DEVICE, dirty=True)
-        s.holds -= 1
-        for role, chunk, _, bound in _weight_parts(s):
-            if s.holds == 0:
+            self.store.release(state.grads, Tier.DEVICE, dirty=True)
+        state.holds -= 1
+        for role, chunk, _, bound in _weight_parts(state):
+            if state.holds == 0:
                 for p, _ in bound:
                     p.data = placeholder(self.compute_dtype, self.device)
-                del self._held_storage[self._compute_flat(s, role).untyped_storage().data_ptr()]
+                del self._held_storage[self._compute_flat(state, role).untyped_storage().data_ptr()]
             self.store.release(chunk, Tier.DEVICE)  # never dirty: compute does not write the weights
-        if s.holds == 0:
-            s.dequantized = None
+        if state.holds == 0:
+            state.dequantized = None
 
     def prefetch(self, indices: range, *, grads: bool = False) -> None:
         """Start loading the weight chunks of the blocks in `indices` (those that exist); with `grads`, also
         gradient chunks that hold accumulated gradients (a zero one needs no read)."""
         for index in indices:
             if 0 <= index < len(self.blocks):
-                s = self.blocks[index]
-                self.store.prefetch(s.weights, Tier.DEVICE)
-                if s.frozen is not None:
-                    self.store.prefetch(s.frozen, Tier.DEVICE)
-                if grads and not s.grads.zero:
-                    self.store.prefetch(s.grads, Tier.DEVICE)
+                state = self.blocks[index]
+                self.store.prefetch(state.weights, Tier.DEVICE)
+                if state.frozen is not None:
+                    self.store.prefetch(state.frozen, Tier.DEVICE)
+                if grads and not state.grads.zero:
+                    self.store.prefetch(state.grads, Tier.DEVICE)
 
     @contextmanager
     def in_host(self, chunk: Chunk, *, dirty: bool = False) -> Iterator[torch.Tensor]:
@@ -133,18 +133,18 @@ class Residency:
         """(block index, slot) of a Parameter object over a trainable chunk, tied twins included. Asked only once
         the parameters are bound (binding.bind_parameters makes new Parameter objects)."""
         if self._slot_of is None:
-            self._slot_of = {id(p): (i, slot) for i, s in enumerate(self.blocks) for p, slot in s.bound()}
+            self._slot_of = {id(p): (i, slot) for i, state in enumerate(self.blocks) for p, slot in state.bound()}
         return self._slot_of[id(parameter)]
 
     def weight_view(self, index: int, slot: int) -> torch.Tensor:
         """Slot `slot` of held block `index`'s weight chunk, as the tensor its parameter views."""
-        s = self.blocks[index]
-        return s.layout.slots[slot].view(s.weights.typed(Tier.DEVICE))
+        state = self.blocks[index]
+        return state.layout.slots[slot].view(state.weights.typed(Tier.DEVICE))
 
-    def dequantize(self, s: BlockState, codes: torch.Tensor) -> torch.Tensor:
+    def dequantize(self, state: BlockState, codes: torch.Tensor) -> torch.Tensor:
         """The frozen weights of a quantized block in the compute dtype, next to its held codes."""
-        flat = torch.empty(s.frozen_layout.numel, dtype=self.compute_dtype, device=codes.device)
-        s.quantized.dequantize_into(codes, flat)
+        flat = torch.empty(state.frozen_layout.numel, dtype=self.compute_dtype, device=codes.device)
+        state.quantized.dequantize_into(codes, flat)
         return flat
 
     def _acquire(self, chunk: Chunk) -> torch.Tensor:
@@ -154,11 +154,11 @@ class Residency:
         return flat
 
     @staticmethod
-    def _compute_flat(s: BlockState, role: str) -> torch.Tensor:
+    def _compute_flat(state: BlockState, role: str) -> torch.Tensor:
         """The held buffer the parameters of `role` view: the chunk's, or a quantized block's dequantized one."""
-        if role == "frozen" and s.quantized is not None:
-            return s.dequantized
-        return getattr(s, role).typed(Tier.DEVICE)
+        if role == "frozen" and state.quantized is not None:
+            return state.dequantized
+        return getattr(state, role).typed(Tier.DEVICE)
 
     # ---------------------------------------------------------------------------------------- forward hooks
 
@@ -203,11 +203,11 @@ class Residency:
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def _weight_parts(s: BlockState) -> list[tuple[str, Chunk, ChunkLayout, Bound]]:
+def _weight_parts(state: BlockState) -> list[tuple[str, Chunk, ChunkLayout, Bound]]:
     """(role, chunk, layout, bound parameters) of the weight chunks a forward needs: trained, then frozen."""
-    parts = [("weights", s.weights, s.layout, s.bound())]
-    if s.frozen is not None:
-        parts.append(("frozen", s.frozen, s.frozen_layout, s.frozen_bound()))
+    parts = [("weights", state.weights, state.layout, state.bound())]
+    if state.frozen is not None:
+        parts.append(("frozen", state.frozen, state.frozen_layout, state.frozen_bound()))
     return parts
 
 

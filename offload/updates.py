@@ -55,26 +55,26 @@ class UpdateWorker:
     def _update(self, index: int, coefficient: torch.Tensor | None, step: int) -> None:
         """One block's optimizer step, on the worker thread, in host memory."""
         start = time.perf_counter()
-        s = self.blocks[index]
+        state = self.blocks[index]
         if coefficient is None:
-            coefficient = self.clipping.block_coefficient(s)
-        weights = self.store.acquire(s.weights, Tier.HOST)
-        master = self.store.acquire(s.master, Tier.HOST) if s.master is not None else weights
-        grads = self.store.acquire(s.grads, Tier.HOST)
-        states = {name: self.store.acquire(chunk, Tier.HOST) for name, chunk in s.states.items()}
+            coefficient = self.clipping.block_coefficient(state)
+        weights = self.store.acquire(state.weights, Tier.HOST)
+        master = self.store.acquire(state.master, Tier.HOST) if state.master is not None else weights
+        grads = self.store.acquire(state.grads, Tier.HOST)
+        optimizer_states = {name: self.store.acquire(chunk, Tier.HOST) for name, chunk in state.states.items()}
         grads = grads if grads.dtype == torch.float32 else grads.float()
         if coefficient is not None:
             grads.mul_(coefficient)
         math_start = time.perf_counter()
-        self.optimizer.step(master, grads, states, step=step, layout=s.layout)
+        self.optimizer.step(master, grads, optimizer_states, step=step, layout=state.layout)
         self.timers.add("optimizer math", time.perf_counter() - math_start)
-        if s.master is not None:
+        if state.master is not None:
             weights.copy_(master)
-            self.store.release(s.master, Tier.HOST, dirty=True)
-        self.store.release(s.weights, Tier.HOST, dirty=True)
-        for chunk in s.states.values():
+            self.store.release(state.master, Tier.HOST, dirty=True)
+        self.store.release(state.weights, Tier.HOST, dirty=True)
+        for chunk in state.states.values():
             self.store.release(chunk, Tier.HOST, dirty=True)
-        self.store.release(s.grads, Tier.HOST)
-        self.store.discard(s.grads)  # used up: the next step starts from zeros without reading anything
-        s.norms = None
+        self.store.release(state.grads, Tier.HOST)
+        self.store.discard(state.grads)  # used up: the next step starts from zeros without reading anything
+        state.norms = None
         self.timers.add("update", time.perf_counter() - start)

@@ -62,7 +62,7 @@ class ZerothOrderStep:
         self._passes, self._rows, self._step = 2 * self.optimizer.samples, len(labels), step
         inputs = {k: v.repeat(self._passes, *[1] * (v.dim() - 1)) for k, v in batch.items() if k != "labels"}
         self._fresh = set()
-        outer = [index for index, s in enumerate(self.blocks) if not s.block.is_layer]
+        outer = [index for index, state in enumerate(self.blocks) if not state.block.is_layer]
         self.model.eval()  # MeZO measures the loss without dropout, as its reference does
         try:
             for index in outer:
@@ -89,9 +89,9 @@ class ZerothOrderStep:
         """Apply the pending update to every block now."""
         if self.pending is None:
             return
-        for s in self.blocks:
-            with self.residency.in_host(s.weights, dirty=True) as flat:
-                for slot in s.layout.slots:
+        for state in self.blocks:
+            with self.residency.in_host(state.weights, dirty=True) as flat:
+                for slot in state.layout.slots:
                     self.optimizer.update(slot.view(flat), slot.name, *self.pending)
         self.pending = None
 
@@ -106,13 +106,13 @@ class ZerothOrderStep:
         self._fresh.add(index)
         if self.pending is None:
             return
-        s, store = self.blocks[index], self.residency.store
-        flat = store.acquire(s.weights, Tier.DEVICE)
+        state, store = self.blocks[index], self.residency.store
+        flat = store.acquire(state.weights, Tier.DEVICE)
         start = time.perf_counter()
-        for slot in s.layout.slots:
+        for slot in state.layout.slots:
             self.optimizer.update(slot.view(flat), slot.name, *self.pending)
         self.timers.add("optimizer math", time.perf_counter() - start)
-        store.release(s.weights, Tier.DEVICE, dirty=True)
+        store.release(state.weights, Tier.DEVICE, dirty=True)
 
     # -------------------------------------------------------------------------------------- the hooks
 
