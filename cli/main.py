@@ -137,11 +137,21 @@ EXPORT_EPILOG = """[bold]Examples[/bold]
 
 @app.command(epilog=EXPORT_EPILOG)
 def export(
-    checkpoint: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A run directory (its latest checkpoint is used) or a checkpoint directory.")],
-    out: Annotated[Path, typer.Argument(help="New directory for the Hugging Face model (save_pretrained layout), or for a LoRA run the peft adapter.")],
-    dtype: Annotated[Dtype, typer.Option(help="dtype of the exported weights (auto: float32, the master weights; with --merge, the base model's).")] = Dtype.AUTO,
-    merge: Annotated[bool, typer.Option("--merge", help="For a LoRA run: write the base model with the adapter merged in, a model that loads without peft.")] = False,
-    base: Annotated[Optional[Path], typer.Option(help="Base model directory for --merge (default: the run's MODEL, from its run-config.yaml).", show_default=False)] = None,
+    checkpoint: Annotated[Path, typer.Argument(
+        exists=True, file_okay=False,
+        help="A run directory (its latest checkpoint is used) or a checkpoint directory.")],
+    out: Annotated[Path, typer.Argument(
+        help="New directory for the Hugging Face model (save_pretrained layout), or for a LoRA run the peft adapter.")],
+    dtype: Annotated[Dtype, typer.Option(
+        help="dtype of the exported weights (auto: float32, the master weights; with --merge, the base model's).",
+    )] = Dtype.AUTO,
+    merge: Annotated[bool, typer.Option(
+        "--merge",
+        help="For a LoRA run: write the base model with the adapter merged in, a model that loads without peft.",
+    )] = False,
+    base: Annotated[Optional[Path], typer.Option(
+        help="Base model directory for --merge (default: the run's MODEL, from its run-config.yaml).",
+        show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write a checkpoint as a Hugging Face model directory that from_pretrained loads (or, for a LoRA run, a peft
@@ -149,7 +159,8 @@ def export(
     from .export import export_checkpoint, is_adapter
 
     if base is not None and not merge:
-        raise typer.BadParameter("--base is the base model for --merge; add --merge, or drop --base", param_hint="--base")
+        raise typer.BadParameter("--base is the base model for --merge; add --merge, or drop --base",
+                                 param_hint="--base")
     torch_dtype = None if dtype is Dtype.AUTO else getattr(torch, dtype.value)
     with exit_on_failure():
         written = export_checkpoint(checkpoint, out, torch_dtype, merge=merge, base=base)
@@ -168,8 +179,10 @@ def export(
 
 @app.command(epilog="Example: finetune info --path /mnt/nvme --bandwidth --json")
 def info(
-    path: Annotated[list[Path], typer.Option("--path", help="Report free disk space here (repeatable).")] = [Path(".")],
-    bandwidth: Annotated[bool, typer.Option("--bandwidth", help="Also measure write and read speed at each --path (writes a temporary file).")] = False,
+    path: Annotated[list[Path], typer.Option(
+        "--path", help="Report free disk space here (repeatable).")] = (Path("."),),  # a tuple: nothing can mutate it
+    bandwidth: Annotated[bool, typer.Option(
+        "--bandwidth", help="Also measure write and read speed at each --path (writes a temporary file).")] = False,
     bandwidth_size: Annotated[str, typer.Option(help="Size of the --bandwidth test file.")] = "256MB",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")] = False,
 ) -> None:
