@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..offload.nvme import ThreadPoolBackend, aligned_empty
+from ..offload import ThreadPoolBackend, aligned_empty
 from .errors import FinetuneError
 
 __all__ = ["disk_bandwidth"]
@@ -35,5 +35,7 @@ def disk_bandwidth(directory: Path, nbytes: int) -> tuple[float, float]:
             file.read_into(buffer).result()
             read = nbytes / (time.perf_counter() - started)
     except OSError as error:
-        raise FinetuneError(f"cannot measure the disk at {directory} ({error.strerror}); pass a writable --path") from None
+        raise FinetuneError(
+            f"cannot measure the disk at {directory} ({error.strerror}); pass a writable --path"
+        ) from None
     return write, read
