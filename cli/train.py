@@ -37,7 +37,7 @@ from .files import write_atomic
 from .hardware import run_budget
 from .lora import base_fingerprint, lora_description, wrap_lora
 from .model import build_meta_model, load_tokenizer, pad_id, resolve_model
-from .progress import MetricsLog, RunProgress, memory_line, plot_losses, summary_table
+from .progress import Clock, MetricsLog, RunProgress, memory_line, plot_losses, summary_table
 from .schedule import LearningRate
 
 __all__ = ["Prepared", "configure", "prepare", "train"]
@@ -215,7 +215,7 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
         metrics = MetricsLog(output / "metrics.jsonl", resume_step=start)
         _describe(prepared, start)
         progress = RunProgress(console, total=prepared.total_steps, start=start, quiet=quiet)
-        clock = _Clock()
+        clock = Clock()
         last_loss, last_eval, saved = math.nan, None, prepared.resume_from
         with progress, _Interrupts(progress) as interrupts:
             if start == 0 and prepared.val is not None:
@@ -240,14 +240,25 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
         metrics.close()
         plot_losses(output / "metrics.jsonl", output / "loss.png")
         stats = engine.stats()
+    summary = _summary(prepared, checkpoints, stats, clock, step=step, train_loss=last_loss, eval_loss=last_eval,
+                       saved=saved)
+    if not quiet:
+        console.print(summary_table(summary))
+    return summary
+
+
+def _summary(prepared: Prepared, checkpoints: Checkpoints, stats: dict[str, int], clock: Clock, *, step: int,
+             train_loss: float, eval_loss: float | None, saved: Entry | None) -> dict[str, Any]:
+    """What the run did, for the table or --json, with the command to run next (resume, or export)."""
+    output = Path(prepared.config.output)
     finished = step == prepared.total_steps
     summary = {
         "status": "completed" if finished else "interrupted",
         "format": prepared.format.value,
         "step": step,
         "total_steps": prepared.total_steps,
-        "train_loss": last_loss,
-        "eval_loss": last_eval,
+        "train_loss": train_loss,
+        "eval_loss": eval_loss,
         "tokens": clock.tokens,
         "seconds": clock.elapsed,
         "tokens_per_s": clock.rate,
@@ -261,13 +272,11 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
     }
     if not finished:
         summary["resume"] = f"finetune run --resume --output {output}"
-    elif saved and config.lora:
+    elif saved and prepared.config.lora:
         summary["export"] = f"finetune export {checkpoints.path(saved)} ADAPTER_DIR"
         summary["export_merged"] = f"finetune export {checkpoints.path(saved)} MODEL_DIR --merge"
     elif saved:
         summary["export"] = f"finetune export {checkpoints.path(saved)} EXPORT_DIR"
-    if not quiet:
-        console.print(summary_table(summary))
     return summary
 
 
@@ -325,7 +334,7 @@ def _restore(engine: Engine, prepared: Prepared, checkpoints: Checkpoints) -> in
 
 
 def _step(engine: Engine, micro_batches: list[dict[str, torch.Tensor]], step: int, checkpoints: Checkpoints,
-          clock: _Clock, tokens: int) -> float:
+          clock: Clock, tokens: int) -> float:
     """One engine step; a full disk or a diverged loss ends the run with the last checkpoint named."""
     started = time.perf_counter()
     try:
@@ -334,13 +343,14 @@ def _step(engine: Engine, micro_batches: list[dict[str, torch.Tensor]], step: in
         if not disk_full(error):
             raise
         entries = checkpoints.entries()
-        then = (f"the last checkpoint {checkpoints.path(entries[-1])} is intact; free space on --nvme and --output, then "
-                f"run: finetune run --resume --output {checkpoints.output}") if entries else \
+        then = (f"the last checkpoint {checkpoints.path(entries[-1])} is intact; free space on --nvme and --output, "
+                f"then run: finetune run --resume --output {checkpoints.output}") if entries else \
             "this was before the first checkpoint; free space on --nvme and --output and run the same command again"
         raise FinetuneError(f"no space left on a disk at step {step} ({error.strerror}); {then}") from None
     clock.add(tokens, time.perf_counter() - started)
     if not math.isfinite(loss):
-        raise FinetuneError(f"the loss is {loss} at step {step}; lower --lr or raise --warmup-steps and start a new run")
+        raise FinetuneError(f"the loss is {loss} at step {step}; lower --lr or raise --warmup-steps and start a new "
+                            "run")
     return loss
 
 
@@ -356,7 +366,7 @@ def _evaluate(engine: Engine, prepared: Prepared, metrics: MetricsLog, progress:
     return loss
 
 
-def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: int, clock: _Clock) -> Entry:
+def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: int, clock: Clock) -> Entry:
     extra = {
         "step": step,
         "data": prepared.train.fingerprint(),
@@ -372,21 +382,6 @@ def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: in
                             run_config=prepared.config.to_yaml(), keep=prepared.config.keep_checkpoints)
 
 
-class _Clock:
-    """Tokens and seconds spent in train_step by this process, for tokens/s."""
-
-    def __init__(self) -> None:
-        self.tokens, self.elapsed = 0, 0.0
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.tokens += tokens
-        self.elapsed += seconds
-
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.elapsed if self.elapsed else 0.0
-
-
 def _describe(prepared: Prepared, start: int) -> None:
     """What is about to run, on stderr (diagnostics, not results)."""
     config = prepared.config
@@ -395,7 +390,7 @@ def _describe(prepared: Prepared, start: int) -> None:
     lora = f" ({lora_description(prepared.model, config.qlora)}: {prepared.trainable / 1e6:.2f}M trainable)" \
         if config.lora else ""
     Console(stderr=True).print(
-        f"{config.model}: {prepared.parameters / 1e6:.2f}M parameters{lora} · {len(prepared.train)} training sequences{val} · "
-        f"{prepared.total_steps} steps of {prepared.batches.per_step} sequences · {where}",
+        f"{config.model}: {prepared.parameters / 1e6:.2f}M parameters{lora} · {len(prepared.train)} training "
+        f"sequences{val} · {prepared.total_steps} steps of {prepared.batches.per_step} sequences · {where}",
         highlight=False, soft_wrap=True,
     )
