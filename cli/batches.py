@@ -19,7 +19,8 @@ __all__ = ["Batches", "collate", "eval_batches"]
 class Batches:
     """Micro-batches for each step of a run over `sequences`."""
 
-    def __init__(self, sequences: Sequences, *, batch_size: int, accumulation_steps: int, seed: int, pad_id: int) -> None:
+    def __init__(self, sequences: Sequences, *, batch_size: int, accumulation_steps: int, seed: int,
+                 pad_id: int) -> None:
         self.sequences, self.batch_size, self.accumulation_steps = sequences, batch_size, accumulation_steps
         self.seed, self.pad_id = seed, pad_id
         self._orders: dict[int, list[int]] = {}

@@ -1,9 +1,10 @@
 """The run configuration: one dataclass, filled from its defaults, then a YAML or TOML file, then the flags.
 
-Field names are the names used everywhere: `seq_len` in a config file is `--seq-len` on the command line. Each
-field's docstring is also its `--help` text (`field_help`), so there is one place to describe an option. The
-effective configuration is saved with the run (`run-config.yaml`) and with each checkpoint. `--resume` starts
-from that saved copy.
+Field names are the names used everywhere: `seq_len` in a config file is `--seq-len` on the command line. A field
+is the one place that describes an option: its type and default, its docstring (the `--help` text, `field_help`),
+and its `option(...)` metadata (its `--help` panel and flags); cli/main.py builds `finetune run`'s options from
+these. The effective configuration is saved with the run (`run-config.yaml`) and with each checkpoint.
+`--resume` starts from that saved copy.
 """
 
 from __future__ import annotations
@@ -33,16 +34,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - python 3.10
     import tomli as tomllib
 
-__all__ = [
-    "ConfigError",
-    "Dtype",
-    "OptimizerName",
-    "RESUMABLE_CHANGES",
-    "RunConfig",
-    "field_help",
-    "flag",
-    "load_config_file",
-]
+__all__ = ["ConfigError", "Dtype", "OptimizerName", "Panel", "RESUMABLE_CHANGES", "RunConfig", "field_help",
+           "field_types", "flag", "load_config_file"]
 
 
 class ConfigError(ValueError):
@@ -68,130 +61,143 @@ class OptimizerName(str, enum.Enum):
     MEZO = "mezo"
 
 
+class Panel:
+    """The panels of `finetune run --help`; an option with none is listed under Options."""
+
+    MODEL, DATA, TRAINING, LORA, MEMORY, CHECKPOINTS = "Model", "Data", "Training", "LoRA", "Memory", "Checkpoints"
+
+
+def option(default: Any, panel: str | None = None, *, flags: tuple[str, ...] = (), argument: bool = False) -> Any:
+    """A field with its default, and with what `finetune run` needs beyond the type and docstring: its --help
+    `panel`, its `flags` where they are more than --field-name (a short form; a --no- form, so a flag can undo
+    a config file's `true`), or `argument` for a value given by position (MODEL, DATASET)."""
+    return dataclasses.field(default=default, metadata={"panel": panel, "flags": flags, "argument": argument})
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a fine-tuning run."""
 
-    model: str | None = None
+    model: str | None = option(None, argument=True)
     """Local Hugging Face model directory (config.json + safetensors), or a hub id such as org/name."""
 
-    dataset: str | None = None
+    dataset: str | None = option(None, argument=True)
     """A .jsonl/.json/.csv/.parquet/.txt file, a directory of them, or a `datasets` hub name."""
 
-    output: str = "finetune-out"
+    output: str = option("finetune-out", flags=("--output", "-o"))
     """Run directory: checkpoints, metrics.jsonl, loss.png and the effective run-config.yaml."""
 
-    tokenizer: str | None = None
+    tokenizer: str | None = option(None, Panel.MODEL)
     """Tokenizer directory or hub id, when the model directory has none."""
 
-    dtype: Dtype = Dtype.AUTO
+    dtype: Dtype = option(Dtype.AUTO, Panel.MODEL)
     """Compute dtype: auto is bfloat16 on CUDA and float32 on CPU."""
 
-    trust_remote_code: bool = False
+    trust_remote_code: bool = option(False, Panel.MODEL)
     """Run the model's own Python code from its directory or hub repo. Only for models you trust."""
 
-    format: Format = Format.AUTO
+    format: Format = option(Format.AUTO, Panel.DATA)
     """Dataset format. auto detects it from the fields: text, prompt/completion, instruction/input/output,
     or messages (chat)."""
 
-    train_on_prompt: bool = False
+    train_on_prompt: bool = option(False, Panel.DATA)
     """Compute the loss on prompt tokens too. By default only completion tokens count."""
 
-    seq_len: int = 512
+    seq_len: int = option(512, Panel.DATA)
     """Tokens per sequence. Longer examples are truncated, or split across sequences with --pack."""
 
-    pack: bool = False
+    pack: bool = option(False, Panel.DATA, flags=("--pack/--no-pack",))
     """Concatenate examples and cut them into full sequences of --seq-len tokens (no padding)."""
 
-    val_fraction: float = 0.0
+    val_fraction: float = option(0.0, Panel.DATA)
     """Fraction of the examples held out for the eval loss (e.g. 0.05)."""
 
-    val_file: str | None = None
+    val_file: str | None = option(None, Panel.DATA)
     """A separate validation dataset, in the same format, instead of --val-fraction."""
 
-    eval_every: int = 100
+    eval_every: int = option(100, Panel.DATA)
     """Compute the eval loss every N steps and at the end (0: only at the end)."""
 
-    steps: int | None = None
+    steps: int | None = option(None, Panel.TRAINING)
     """Optimizer steps to run. Give this or --epochs (default: 1 epoch)."""
 
-    epochs: float | None = None
+    epochs: float | None = option(None, Panel.TRAINING)
     """Passes over the training set (may be fractional). Give this or --steps."""
 
-    batch_size: int = 1
+    batch_size: int = option(1, Panel.TRAINING)
     """Sequences per micro-batch."""
 
-    accumulation_steps: int = 1
+    accumulation_steps: int = option(1, Panel.TRAINING)
     """Micro-batches per optimizer step. One step sees batch_size * accumulation_steps sequences."""
 
-    lr: float = 2e-5
+    lr: float = option(2e-5, Panel.TRAINING)
     """Peak learning rate."""
 
-    schedule: Schedule = Schedule.COSINE
+    schedule: Schedule = option(Schedule.COSINE, Panel.TRAINING)
     """Decay after warmup: cosine, linear (both to --min-lr at the last step), or constant."""
 
-    warmup_steps: int = 0
+    warmup_steps: int = option(0, Panel.TRAINING)
     """Steps of linear warmup up to --lr."""
 
-    min_lr: float = 0.0
+    min_lr: float = option(0.0, Panel.TRAINING)
     """Learning rate at the last step of a cosine or linear schedule."""
 
-    weight_decay: float = 0.0
+    weight_decay: float = option(0.0, Panel.TRAINING)
     """Decoupled weight decay (AdamW)."""
 
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = option(1.0, Panel.TRAINING)
     """Clip the gradient to this global norm (0: no clipping)."""
 
-    clip_mode: ClipMode = ClipMode.EXACT
+    clip_mode: ClipMode = option(ClipMode.EXACT, Panel.TRAINING)
     """exact: the whole-model norm (updates wait for backward). per-block: each block clipped to its share, so
     updates overlap backward."""
 
-    seed: int = 0
+    seed: int = option(0, Panel.TRAINING)
     """Seed of the data order, the validation split and the torch RNG."""
 
-    optimizer: OptimizerName = OptimizerName.ADAMW
+    optimizer: OptimizerName = option(OptimizerName.ADAMW, Panel.TRAINING)
     """adamw (fp32, 8 B/param of state), adamw8bit (2 B/param), galore (rank 128 projection), frugal (AdamW on a
     quarter of the columns, signSGD on the rest) or mezo (zeroth-order: forward passes only, no state; needs
     --accumulation-steps 1, ignores --max-grad-norm). See README's Optimizers section."""
 
-    lora: bool = False
+    lora: bool = option(False, Panel.LORA)
     """Train LoRA adapters instead of every weight: the base stays frozen, read straight from the model's files,
     and checkpoints hold only the adapters. LoRA usually wants a higher --lr (1e-4 to 2e-4)."""
 
-    qlora: bool = False
+    qlora: bool = option(False, Panel.LORA)
     """QLoRA: --lora with the base's frozen linear weights stored as NF4 (4-bit) in every memory tier, about a
     quarter of their bf16 bytes."""
 
-    lora_rank: int = 16
+    lora_rank: int = option(16, Panel.LORA)
     """Rank of each adapter (its A is rank x in, its B out x rank)."""
 
-    lora_alpha: float | None = None
+    lora_alpha: float | None = option(None, Panel.LORA)
     """Adapter scale numerator: updates are scaled by alpha / rank. Default: 2 x --lora-rank."""
 
-    lora_dropout: float = 0.05
+    lora_dropout: float = option(0.05, Panel.LORA)
     """Dropout on the adapters' input while training."""
 
-    lora_targets: str = "all-linear"
+    lora_targets: str = option("all-linear", Panel.LORA)
     """Modules to adapt: all-linear (the attention and MLP projections: every linear layer but the output layer),
     or comma-separated names such as q_proj,v_proj."""
 
-    memory: str | None = None
+    memory: str | None = option(None, Panel.MEMORY)
     """RAM/VRAM for the device and host tiers together, e.g. 8GB. Each tier gets its minimum, and the rest is
     split evenly. Default: taken from the machine."""
 
-    device_memory: str | None = None
+    device_memory: str | None = option(None, Panel.MEMORY)
     """Bytes for the device tier (GPU memory on CUDA), e.g. 6GB. Overrides its share of --memory."""
 
-    host_memory: str | None = None
+    host_memory: str | None = option(None, Panel.MEMORY)
     """Bytes for the host tier (RAM), e.g. 16GB. Overrides its share of --memory."""
 
-    nvme: str | None = None
+    nvme: str | None = option(None, Panel.MEMORY)
     """Swap directory on a fast disk for the state that does not fit in memory."""
 
-    checkpoint_every: int = 100
+    checkpoint_every: int = option(100, Panel.CHECKPOINTS)
     """Save a checkpoint every N steps, and always at the end (0: only at the end)."""
 
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = option(2, Panel.CHECKPOINTS)
     """Keep only the newest K checkpoints."""
 
     def __post_init__(self) -> None:
@@ -205,7 +211,7 @@ class RunConfig:
 
     def _coerce(self, name: str) -> str | None:
         """Bring a value read from a file to the field's type; return a problem, or None."""
-        value, (kind, optional) = getattr(self, name), _field_types()[name]
+        value, (kind, optional) = getattr(self, name), field_types()[name]
         if value is None and optional:
             return None
         try:
@@ -231,8 +237,8 @@ class RunConfig:
             if getattr(self, name) < 0:
                 errors.append(f"{flag(name)} {getattr(self, name)} must be >= 0")
         if self.optimizer is OptimizerName.MEZO and self.accumulation_steps != 1:
-            errors.append(f"--accumulation-steps {self.accumulation_steps} cannot be used with --optimizer mezo (it has "
-                          "no gradients to accumulate); use --batch-size for larger steps")
+            errors.append(f"--accumulation-steps {self.accumulation_steps} cannot be used with --optimizer mezo (it "
+                          "has no gradients to accumulate); use --batch-size for larger steps")
         if 0 <= self.lr < self.min_lr:
             errors.append(f"--min-lr {self.min_lr} is above --lr {self.lr}; lower it")
         if self.epochs is not None and self.epochs <= 0:
@@ -266,9 +272,9 @@ class RunConfig:
         if not self.lora_targets.strip(" ,"):
             errors.append("--lora-targets is empty; give module names such as q_proj,v_proj, or all-linear")
         if not lora:  # settings that would be silently ignored
-            defaults = RunConfig.__dataclass_fields__
+            defaults = {field.name: field.default for field in dataclasses.fields(RunConfig)}
             errors += [f"{flag(name)} {getattr(self, name)!r} has no effect without --lora; add --lora (or --qlora)"
-                       for name in _LORA_SETTINGS if getattr(self, name) != defaults[name].default]
+                       for name in _LORA_SETTINGS if getattr(self, name) != defaults[name]]
         if lora and self.optimizer is OptimizerName.MEZO:
             errors.append("--optimizer mezo cannot train LoRA adapters (the engine's MeZO perturbs every weight, and "
                           "the base is frozen); drop --lora/--qlora or choose another --optimizer")
@@ -353,8 +359,9 @@ def _fields() -> list[str]:
 
 
 @functools.cache
-def _field_types() -> dict[str, tuple[Any, bool]]:
-    """Each field's (type without `| None`, whether None is allowed)."""
+def field_types() -> dict[str, tuple[Any, bool]]:
+    """Each field's (type without `| None`, whether None is allowed): what a config file's value is coerced to,
+    and the type of its `finetune run` option."""
     types_ = {}
     for name, kind in typing.get_type_hints(RunConfig).items():
         optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)

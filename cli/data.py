@@ -288,7 +288,8 @@ def _chat_segments(messages: Any, tokenizer: Any, source: str, number: int) -> l
     return pieces + [(whole[len(done):], False)]
 
 
-def _encode(rows: list[list[tuple[str, bool]]], tokenizer: Any, *, with_bos_eos: bool) -> list[tuple[list[int], list[int]] | None]:
+def _encode(rows: list[list[tuple[str, bool]]], tokenizer: Any, *,
+            with_bos_eos: bool) -> list[tuple[list[int], list[int]] | None]:
     """(ids, labels) per row, tokenizing all segments in large batches (the fast tokenizer's strength)."""
     texts = [text for segments in rows for text, _ in segments]
     ids_flat: list[list[int]] = []

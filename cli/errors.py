@@ -16,8 +16,9 @@ checkpoint in the manifest intact (cli/checkpoints.py).
     dataset missing, empty, malformed line N      data.py            dataset-missing, -empty, -malformed-line
     unknown format (lists the fields found)       data.py            dataset-unknown-fields, format-missing-fields
     --seq-len below a prompt                      data.py            seq-len-below-prompt
-    budget below the minimum (gives it)           train.py           budget-too-small
-    --nvme not writable, disk full                train.py           nvme-not-writable, disk-full-*
+    budget below the minimum (gives it)           hardware.py        budget-too-small
+    --nvme not writable                           hardware.py        nvme-not-writable
+    disk full during the run                      train.py           disk-full-*
     resume: other model, changed options, none    train.py, engine   resume-*, output-holds-a-run
     --lora-targets naming no linear layer         lora.py            lora-targets-unknown
     export --merge: no adapter, no base, misfit   export.py          tests/cli/test_lora_cli.py

@@ -1,18 +1,71 @@
-"""Disk speed as the engine sees it, for `finetune info --bandwidth`.
+"""What the machine gives a run, as the engine sees it: memory budgets, a swap directory, disk speed.
 
-The test goes through the engine's own NVMe backend (O_DIRECT where the filesystem allows it), so the number
-is what swapping will get, not what the page cache makes a disk look like.
+`finetune run` checks --memory / --device-memory / --host-memory against the engine's minimum for the model,
+and --nvme with a real file, before anything is written. `finetune info --bandwidth` measures a disk through
+the engine's own NVMe backend (O_DIRECT where the filesystem allows it), so the number is what swapping will
+get, not what the page cache makes a disk look like.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
-from ..offload.nvme import ThreadPoolBackend, aligned_empty
+from ..offload import Budget, ThreadPoolBackend, aligned_empty, format_bytes, parse_size
+from .config import RunConfig, flag
 from .errors import FinetuneError
 
-__all__ = ["disk_bandwidth"]
+__all__ = ["disk_bandwidth", "run_budget"]
+
+
+def run_budget(config: RunConfig, need_device: int, need_host: int) -> Budget:
+    """The tier budgets of `config`, checked against the engine's minimum (`need_device`, `need_host` bytes).
+
+    --memory alone gives each tier its minimum and splits the rest evenly, so any --memory above the sum of
+    the minimums works. Without any of them the engine takes its budgets from the machine.
+
+    Raises:
+        FinetuneError: a budget below the minimum (the message gives the minimum), or an --nvme that cannot be
+            written.
+    """
+    memory, device, host = (parse_size(v) if v is not None else None
+                            for v in (config.memory, config.device_memory, config.host_memory))
+    if memory is not None:
+        if memory < need_device + need_host:
+            raise FinetuneError(
+                f"--memory {config.memory} is below the minimum {format_bytes(need_device + need_host)} for this model "
+                f"(device {format_bytes(need_device)} + host {format_bytes(need_host)}); raise --memory to at least "
+                f"{format_bytes(need_device + need_host)}"
+            )
+        if device is None and host is None:
+            device = need_device + (memory - need_device - need_host) // 2
+        device, host = (device, memory - device) if host is None else (memory - host, host)
+    for name, value, need in (("device_memory", device, need_device), ("host_memory", host, need_host)):
+        if value is not None and value < need:
+            raise FinetuneError(
+                f"{flag(name)} {format_bytes(value)} is below the minimum {format_bytes(need)} for this model; raise "
+                f"{flag(name)} to at least {format_bytes(need)}"
+            )
+    if config.nvme:
+        _check_writable(Path(config.nvme))
+    return Budget(device=device, host=host, nvme=config.nvme)
+
+
+def _check_writable(directory: Path) -> None:
+    """Probe with a real file: os.access says yes to root on a read-only mount."""
+    created = not directory.exists()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+        if created:
+            directory.rmdir()  # the engine creates (and later removes) it
+    except OSError as error:
+        raise FinetuneError(
+            f"--nvme {directory} is not a writable directory ({error.strerror}); pass a directory on a disk you "
+            "can write"
+        ) from None
 
 
 def disk_bandwidth(directory: Path, nbytes: int) -> tuple[float, float]:
@@ -35,5 +88,7 @@ def disk_bandwidth(directory: Path, nbytes: int) -> tuple[float, float]:
             file.read_into(buffer).result()
             read = nbytes / (time.perf_counter() - started)
     except OSError as error:
-        raise FinetuneError(f"cannot measure the disk at {directory} ({error.strerror}); pass a writable --path") from None
+        raise FinetuneError(
+            f"cannot measure the disk at {directory} ({error.strerror}); pass a writable --path"
+        ) from None
     return write, read

@@ -73,7 +73,8 @@ def resolve_targets(model: nn.Module, targets: str) -> list[str]:
     for target in names:
         matches = [name for name in modules if name == target or name.endswith(f".{target}")]
         if not matches or any(name not in linear for name in matches):
-            problem = "matches no module" if not matches else "matches modules that are not linear layers (or the output layer)"
+            problem = "matches no module" if not matches else \
+                "matches modules that are not linear layers (or the output layer)"
             raise FinetuneError(
                 f"--lora-targets {target!r} {problem} of this model; its linear layers are named "
                 f"{_some(linear_names)} (or use --lora-targets {ALL_LINEAR})"

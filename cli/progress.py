@@ -19,7 +19,23 @@ from rich.table import Table
 from ..offload import format_bytes
 from .files import write_atomic
 
-__all__ = ["MetricsLog", "RunProgress", "memory_line", "plot_losses", "summary_table"]
+__all__ = ["Clock", "MetricsLog", "RunProgress", "memory_line", "plot_losses", "summary_table"]
+
+
+class Clock:
+    """Tokens and seconds spent in train_step by this process: the tokens/s of the bar, metrics.jsonl and the
+    summary."""
+
+    def __init__(self) -> None:
+        self.tokens, self.elapsed = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.elapsed += seconds
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.elapsed if self.elapsed else 0.0
 
 
 class MetricsLog:

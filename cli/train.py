@@ -1,10 +1,10 @@
 """`finetune run`: check everything, then train through the engine, with evals, checkpoints and resume.
 
-The run has two phases. `prepare` reads and checks the model, tokenizer, data and budget, and writes nothing,
-so any bad input fails before the output directory is touched. `train` then builds the engine and is the only
-writer: run-config.yaml, metrics.jsonl, checkpoints, loss.png. Training itself is the engine's `train_step`.
-This module decides only what each step sees (cli/batches.py), its learning rate (cli/schedule.py), and when
-to evaluate and save.
+The run has two phases. `prepare` reads and checks the model (cli/model.py), tokenizer, data (cli/data.py) and
+budget (cli/hardware.py), and writes nothing, so any bad input fails before the output directory is touched.
+`train` then builds the engine and is the only writer: run-config.yaml, metrics.jsonl, checkpoints, loss.png.
+Training itself is the engine's `train_step`. This module decides only what each step sees (cli/batches.py),
+its learning rate (cli/schedule.py), and when to evaluate and save.
 
 Resume is exact. Step s always sees the same batches, the rate is a function of s, and the engine restores
 weights, optimizer state and step count. The torch RNG state travels in the checkpoint's `extra`.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +27,17 @@ from rich.console import Console
 from torch import nn
 
 from .. import optim
-from ..offload import Budget, Engine, default_compute_dtype, format_bytes, parse_size
+from ..offload import Budget, Engine, default_compute_dtype
 from .batches import Batches, eval_batches
 from .checkpoints import RUN_CONFIG, Checkpoints, Entry
-from .config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig, flag
+from .config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig
 from .data import Format, Sequences, detect_format, load_rows, split_rows, tokenize_rows
 from .errors import FinetuneError, disk_full, one_line
 from .files import write_atomic
+from .hardware import run_budget
 from .lora import base_fingerprint, lora_description, wrap_lora
 from .model import build_meta_model, load_tokenizer, pad_id, resolve_model
-from .progress import MetricsLog, RunProgress, memory_line, plot_losses, summary_table
+from .progress import Clock, MetricsLog, RunProgress, memory_line, plot_losses, summary_table
 from .schedule import LearningRate
 
 __all__ = ["Prepared", "configure", "prepare", "train"]
@@ -103,7 +103,8 @@ def prepare(config: RunConfig, *, resume: bool) -> Prepared:
         raise FinetuneError(f"--output {output} is a file; pass a directory")
     resume_from = checkpoints.latest() if resume else None
     if resume_from is None and checkpoints.entries():  # a run without a checkpoint has nothing to lose
-        raise FinetuneError(f"--output {output} already holds a run; pass --resume to continue it, or choose a new --output")
+        raise FinetuneError(f"--output {output} already holds a run; pass --resume to continue it, or choose a new "
+                            "--output")
     model_dir = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
     model = build_meta_model(model_dir, trust_remote_code=config.trust_remote_code)
     if config.lora:
@@ -122,7 +123,9 @@ def prepare(config: RunConfig, *, resume: bool) -> Prepared:
     batches = Batches(train_data, batch_size=config.batch_size, accumulation_steps=config.accumulation_steps,
                       seed=config.seed, pad_id=pad_id(tokenizer))
     total = config.steps or batches.steps_for_epochs(config.epochs or 1.0)
-    budget = _budget(config, model)
+    need_device, need_host = Engine.minimum_budget(model, _optimizer(config), compute_dtype=_compute_dtype(config),
+                                                   quantize_frozen=_quantize_frozen(config))
+    budget = run_budget(config, need_device, need_host)
     # Counted now: the engine leaves only placeholders.
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -144,53 +147,6 @@ def _sequences(config: RunConfig, tokenizer: Any) -> tuple[Format, Sequences, Se
     val_data = tokenize_rows(val_rows, fmt, tokenizer, source=config.val_file or config.dataset, **options) \
         if len(val_rows) else None
     return fmt, train_data, val_data
-
-
-def _budget(config: RunConfig, model: nn.Module) -> Budget:
-    """The tier budgets from --memory / --device-memory / --host-memory, checked against the engine's minimum.
-
-    --memory alone gives each tier its minimum and splits the rest evenly, so any --memory above the sum of
-    the minimums works. Without any of them the engine takes its budgets from the machine.
-    """
-    compute_dtype = _compute_dtype(config)
-    need_device, need_host = Engine.minimum_budget(model, _optimizer(config), compute_dtype=compute_dtype,
-                                                   quantize_frozen=_quantize_frozen(config))
-    memory, device, host = (parse_size(v) if v is not None else None
-                            for v in (config.memory, config.device_memory, config.host_memory))
-    if memory is not None:
-        if memory < need_device + need_host:
-            raise FinetuneError(
-                f"--memory {config.memory} is below the minimum {format_bytes(need_device + need_host)} for this model "
-                f"(device {format_bytes(need_device)} + host {format_bytes(need_host)}); raise --memory to at least "
-                f"{format_bytes(need_device + need_host)}"
-            )
-        if device is None and host is None:
-            device = need_device + (memory - need_device - need_host) // 2
-        device, host = (device, memory - device) if host is None else (memory - host, host)
-    for name, value, need in (("device_memory", device, need_device), ("host_memory", host, need_host)):
-        if value is not None and value < need:
-            raise FinetuneError(
-                f"{flag(name)} {format_bytes(value)} is below the minimum {format_bytes(need)} for this model; raise "
-                f"{flag(name)} to at least {format_bytes(need)}"
-            )
-    if config.nvme:
-        _check_writable(Path(config.nvme))
-    return Budget(device=device, host=host, nvme=config.nvme)
-
-
-def _check_writable(directory: Path) -> None:
-    """Probe with a real file: os.access says yes to root on a read-only mount."""
-    created = not directory.exists()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-        if created:
-            directory.rmdir()  # the engine creates (and later removes) it
-    except OSError as error:
-        raise FinetuneError(
-            f"--nvme {directory} is not a writable directory ({error.strerror}); pass a directory on a disk you can write"
-        ) from None
 
 
 _OPTIMIZERS = {
@@ -259,7 +215,7 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
         metrics = MetricsLog(output / "metrics.jsonl", resume_step=start)
         _describe(prepared, start)
         progress = RunProgress(console, total=prepared.total_steps, start=start, quiet=quiet)
-        clock = _Clock()
+        clock = Clock()
         last_loss, last_eval, saved = math.nan, None, prepared.resume_from
         with progress, _Interrupts(progress) as interrupts:
             if start == 0 and prepared.val is not None:
@@ -284,14 +240,25 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
         metrics.close()
         plot_losses(output / "metrics.jsonl", output / "loss.png")
         stats = engine.stats()
+    summary = _summary(prepared, checkpoints, stats, clock, step=step, train_loss=last_loss, eval_loss=last_eval,
+                       saved=saved)
+    if not quiet:
+        console.print(summary_table(summary))
+    return summary
+
+
+def _summary(prepared: Prepared, checkpoints: Checkpoints, stats: dict[str, int], clock: Clock, *, step: int,
+             train_loss: float, eval_loss: float | None, saved: Entry | None) -> dict[str, Any]:
+    """What the run did, for the table or --json, with the command to run next (resume, or export)."""
+    output = Path(prepared.config.output)
     finished = step == prepared.total_steps
     summary = {
         "status": "completed" if finished else "interrupted",
         "format": prepared.format.value,
         "step": step,
         "total_steps": prepared.total_steps,
-        "train_loss": last_loss,
-        "eval_loss": last_eval,
+        "train_loss": train_loss,
+        "eval_loss": eval_loss,
         "tokens": clock.tokens,
         "seconds": clock.elapsed,
         "tokens_per_s": clock.rate,
@@ -305,13 +272,11 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
     }
     if not finished:
         summary["resume"] = f"finetune run --resume --output {output}"
-    elif saved and config.lora:
+    elif saved and prepared.config.lora:
         summary["export"] = f"finetune export {checkpoints.path(saved)} ADAPTER_DIR"
         summary["export_merged"] = f"finetune export {checkpoints.path(saved)} MODEL_DIR --merge"
     elif saved:
         summary["export"] = f"finetune export {checkpoints.path(saved)} EXPORT_DIR"
-    if not quiet:
-        console.print(summary_table(summary))
     return summary
 
 
@@ -369,7 +334,7 @@ def _restore(engine: Engine, prepared: Prepared, checkpoints: Checkpoints) -> in
 
 
 def _step(engine: Engine, micro_batches: list[dict[str, torch.Tensor]], step: int, checkpoints: Checkpoints,
-          clock: _Clock, tokens: int) -> float:
+          clock: Clock, tokens: int) -> float:
     """One engine step; a full disk or a diverged loss ends the run with the last checkpoint named."""
     started = time.perf_counter()
     try:
@@ -378,13 +343,14 @@ def _step(engine: Engine, micro_batches: list[dict[str, torch.Tensor]], step: in
         if not disk_full(error):
             raise
         entries = checkpoints.entries()
-        then = (f"the last checkpoint {checkpoints.path(entries[-1])} is intact; free space on --nvme and --output, then "
-                f"run: finetune run --resume --output {checkpoints.output}") if entries else \
+        then = (f"the last checkpoint {checkpoints.path(entries[-1])} is intact; free space on --nvme and --output, "
+                f"then run: finetune run --resume --output {checkpoints.output}") if entries else \
             "this was before the first checkpoint; free space on --nvme and --output and run the same command again"
         raise FinetuneError(f"no space left on a disk at step {step} ({error.strerror}); {then}") from None
     clock.add(tokens, time.perf_counter() - started)
     if not math.isfinite(loss):
-        raise FinetuneError(f"the loss is {loss} at step {step}; lower --lr or raise --warmup-steps and start a new run")
+        raise FinetuneError(f"the loss is {loss} at step {step}; lower --lr or raise --warmup-steps and start a new "
+                            "run")
     return loss
 
 
@@ -400,7 +366,7 @@ def _evaluate(engine: Engine, prepared: Prepared, metrics: MetricsLog, progress:
     return loss
 
 
-def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: int, clock: _Clock) -> Entry:
+def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: int, clock: Clock) -> Entry:
     extra = {
         "step": step,
         "data": prepared.train.fingerprint(),
@@ -416,21 +382,6 @@ def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: in
                             run_config=prepared.config.to_yaml(), keep=prepared.config.keep_checkpoints)
 
 
-class _Clock:
-    """Tokens and seconds spent in train_step by this process, for tokens/s."""
-
-    def __init__(self) -> None:
-        self.tokens, self.elapsed = 0, 0.0
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.tokens += tokens
-        self.elapsed += seconds
-
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.elapsed if self.elapsed else 0.0
-
-
 def _describe(prepared: Prepared, start: int) -> None:
     """What is about to run, on stderr (diagnostics, not results)."""
     config = prepared.config
@@ -439,7 +390,7 @@ def _describe(prepared: Prepared, start: int) -> None:
     lora = f" ({lora_description(prepared.model, config.qlora)}: {prepared.trainable / 1e6:.2f}M trainable)" \
         if config.lora else ""
     Console(stderr=True).print(
-        f"{config.model}: {prepared.parameters / 1e6:.2f}M parameters{lora} · {len(prepared.train)} training sequences{val} · "
-        f"{prepared.total_steps} steps of {prepared.batches.per_step} sequences · {where}",
+        f"{config.model}: {prepared.parameters / 1e6:.2f}M parameters{lora} · {len(prepared.train)} training "
+        f"sequences{val} · {prepared.total_steps} steps of {prepared.batches.per_step} sequences · {where}",
         highlight=False, soft_wrap=True,
     )

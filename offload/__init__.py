@@ -7,6 +7,7 @@ from .engine import ClipMode, Engine
 from .host_memory import return_freed_memory_to_os
 from .merge import merge_adapter
 from .meta_model import meta_model
+from .nvme import ThreadPoolBackend, aligned_empty
 from .store import BudgetExceeded
 
 # At import, before the first large tensor is freed: measured, the same setting made later (when the engine is
@@ -21,6 +22,8 @@ __all__ = [
     "ClipMode",
     "Engine",
     "Hardware",
+    "ThreadPoolBackend",
+    "aligned_empty",
     "default_compute_dtype",
     "detect_hardware",
     "find_blocks",

@@ -43,7 +43,8 @@ class Tiny:
         return ["--device-memory", str(self.device_bytes), "--host-memory", str(self.host_bytes), "--nvme", str(swap)]
 
 
-def run_finetune(env: dict[str, str], *args: str | Path, timeout: float = 180, **options: object) -> subprocess.CompletedProcess:
+def run_finetune(env: dict[str, str], *args: str | Path, timeout: float = 180,
+                 **options: object) -> subprocess.CompletedProcess:
     """`finetune ARGS` as a subprocess; returns its exit code, stdout and stderr."""
     return subprocess.run([FINETUNE, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout,
                           **options)

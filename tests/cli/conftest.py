@@ -34,7 +34,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
 
     example = example_module()
     directory = tmp_path_factory.mktemp("tiny") / "model"
-    texts = [counting(i, 24) for i in range(len(WORDS))] + ["### Instruction:\n### Input:\n### Response:\n<|user|>\n<|assistant|>\n"]
+    texts = [counting(i, 24) for i in range(len(WORDS))] + [
+        "### Instruction:\n### Input:\n### Response:\n<|user|>\n<|assistant|>\n"]
     tokenizer = example.train_tokenizer(texts, directory, vocab_size=300)
     example.save_tiny_llama(directory, tokenizer, hidden=32, layers=2)
     device_bytes, host_bytes = offload.Engine.minimum_budget(build_meta_model(directory), optim.AdamW())

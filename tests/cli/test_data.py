@@ -46,7 +46,8 @@ def test_instruction_prompt_is_masked(tokenizer) -> None:
             {"instruction": "count", "input": None, "output": "one"}]
     sequences = _tokenize(tokenizer, rows, Format.INSTRUCTION)
     assert _trained_text(tokenizer, sequences, 0) == "three four</s>"
-    assert "### Input" not in tokenizer.decode(sequences.ids[1]) and "### Response:" in tokenizer.decode(sequences.ids[1])
+    assert "### Input" not in tokenizer.decode(sequences.ids[1]) and \
+        "### Response:" in tokenizer.decode(sequences.ids[1])
 
 
 def test_chat_trains_on_every_assistant_turn(tokenizer) -> None:
@@ -104,7 +105,8 @@ def test_eval_batches_count_predicted_tokens() -> None:
 def test_schedules() -> None:
     cosine = LearningRate(1.0, total_steps=12, warmup_steps=2, schedule=Schedule.COSINE, min_lr=0.1)
     assert [cosine(s) for s in (1, 2, 3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert cosine(12) == pytest.approx(0.1) and cosine(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 9)))
+    assert cosine(12) == pytest.approx(0.1) and \
+        cosine(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 9)))
     linear = LearningRate(1.0, total_steps=11, schedule=Schedule.LINEAR)
     assert [linear(s) for s in (1, 6, 11)] == pytest.approx([1.0, 0.5, 0.0])
     assert LearningRate(0.3, total_steps=5, schedule=Schedule.CONSTANT)(5) == 0.3

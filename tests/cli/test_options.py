@@ -4,6 +4,7 @@ nothing here trains."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def test_help_renders(command: list[str], expected: list[str]) -> None:
 
 
 def test_every_option_has_help() -> None:
-    assert set(field_help(RunConfig)) == set(RunConfig.__dataclass_fields__)
+    assert set(field_help(RunConfig)) == {field.name for field in dataclasses.fields(RunConfig)}
 
 
 @pytest.fixture
@@ -55,7 +56,8 @@ def probe(monkeypatch: pytest.MonkeyPatch) -> list[RunConfig]:
 
 
 def test_flags_override_the_config_file(probe: list[RunConfig], tmp_path: Path) -> None:
-    (tmp_path / "run.yaml").write_text("model: ./m\ndataset: d.jsonl\nseq_len: 64\nlr: 0.1\npack: true\nschedule: linear\n")
+    (tmp_path / "run.yaml").write_text("model: ./m\ndataset: d.jsonl\nseq_len: 64\nlr: 0.1\npack: true\n"
+                                       "schedule: linear\n")
     result = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml"), "--lr", "0.01", "--format", "chat",
                                  "--memory", "8GB", "--clip-mode", "per-block", "--no-pack"])
     assert result.exit_code == 1 and "Error: probe" in result.output
@@ -138,5 +140,6 @@ def test_info_reports_disk_speed_as_json(tmp_path: Path) -> None:
     result = runner.invoke(app, ["info", "--path", str(tmp_path), "--bandwidth", "--bandwidth-size", "4MB", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert {"cpu cores", f"disk free at {tmp_path}", f"disk write at {tmp_path}", f"disk read at {tmp_path}"} <= set(rows)
+    assert {"cpu cores", f"disk free at {tmp_path}", f"disk write at {tmp_path}",
+            f"disk read at {tmp_path}"} <= set(rows)
     assert not any(tmp_path.iterdir())  # the test file is removed

@@ -76,7 +76,8 @@ def test_each_format_trains_end_to_end(make, expected, extra, tiny: Tiny, env, t
 
 def test_eval_loss_decreases_and_state_streams_through_nvme(reference_run) -> None:
     output, result = reference_run
-    evals = [r["eval_loss"] for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    evals = [r["eval_loss"] for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in r]
     assert len(evals) == 4  # steps 0, 8, 16, 24
     assert evals == sorted(evals, reverse=True) and evals[-1] < 0.6 * evals[0], evals
     assert result["nvme_read"] > 0 and result["nvme_written"] > 0  # the budget is below the state: it streamed
