@@ -29,9 +29,13 @@ __all__ = ["fingerprint", "read_engine_state", "restore_states", "write_checkpoi
 def fingerprint(blocks: list[BlockState], quantize_frozen: str | None) -> list[tuple]:
     """What must match between a checkpoint and an engine: every tensor's name and shape, every state chunk's size
     and dtype, and the storage of frozen weights."""
-    tensors = [(slot.name, tuple(slot.shape)) for state in blocks for slot in state.layout.slots]
-    tensors += [(slot.name, tuple(slot.shape)) for state in blocks if state.frozen_layout for slot in state.frozen_layout.slots]
-    chunks = [(f"{s.block.name}/{name}", c.numel, str(c.dtype)) for state in blocks for name, c in state.states.items()]
+    layouts = [state.layout for state in blocks] + [state.frozen_layout for state in blocks if state.frozen_layout]
+    tensors = [(slot.name, tuple(slot.shape)) for layout in layouts for slot in layout.slots]
+    chunks = [
+        (f"{state.block.name}/{name}", chunk.numel, str(chunk.dtype))
+        for state in blocks
+        for name, chunk in state.states.items()
+    ]
     return tensors + chunks + [("quantize_frozen", str(quantize_frozen))]
 
 
@@ -50,7 +54,7 @@ def write_checkpoint(
         FileExistsError: `directory` exists.
         ValueError: `engine_state` holds something `torch.load(weights_only=True)` cannot read back.
     """
-    states = [(f"{s.block.name}/{name}", chunk) for state in blocks for name, chunk in state.states.items()]
+    states = [(f"{state.block.name}/{name}", chunk) for state in blocks for name, chunk in state.states.items()]
     with atomic_directory(directory) as temporary:
         write_model(temporary)
         write_safetensors_shards(
@@ -111,7 +115,7 @@ def restore_states(directory: Path, blocks: list[BlockState], in_host: InHost) -
     index = safetensors_index(directory, OPTIMIZER_PREFIX)
     for state in blocks:
         for name, chunk in state.states.items():
-            key = f"{s.block.name}/{name}"
+            key = f"{state.block.name}/{name}"
             with safe_open(index[key], framework="pt") as file:
                 saved = file.get_tensor(key)
             with in_host(chunk, dirty=True) as flat:
