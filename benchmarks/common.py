@@ -202,7 +202,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths)))
+        cells = enumerate(zip(row, widths))
+        return "  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in cells)
 
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(row) for row in cells[1:]])
 
@@ -296,7 +297,9 @@ def environment_threads() -> dict[str, str | None]:
     return {key: os.environ.get(key) for key in keys}
 
 
-def child_or_parent(args: Any, main_child: Callable[[dict[str, Any]], None], main_parent: Callable[[Any], None]) -> None:
+def child_or_parent(
+    args: Any, main_child: Callable[[dict[str, Any]], None], main_parent: Callable[[Any], None]
+) -> None:
     """Run the benchmark (`main_parent`), or, when re-invoked by it with `--child SPEC`, one measured row in this
     fresh process (`main_child`), so each row's peak RSS is its own."""
     if args.child is not None:

@@ -162,7 +162,7 @@ class Row:
 
 
 class EngineProbe:
-    """Seconds of where an engine's steps go, from the engine's timers hook (`Engine(timers=...)`, offload/timers.py)."""
+    """Seconds of where an engine's steps go, from its timers hook (`Engine(timers=...)`, offload/timers.py)."""
 
     PHASES = {"load wait": "acquire_wait", "wait for updates": "update_wait", "update": "update_busy",
               "optimizer math": "optimizer_math"}  # the engine's phase -> this table's column
@@ -182,7 +182,10 @@ class EngineProbe:
             return dict(self.seconds)
 
 
-def plain_rows(model_dir: Path, checkpointing: bool) -> tuple[Callable[[dict[str, torch.Tensor]], float], Callable[[], None]]:
+StepAndClose = tuple[Callable[[dict[str, torch.Tensor]], float], Callable[[], None]]  # a row's step(batch) -> loss, and close()
+
+
+def plain_rows(model_dir: Path, checkpointing: bool) -> StepAndClose:
     """Rows (a)/(b): the model in RAM, torch.optim.AdamW. Returns (step, close)."""
     from transformers import AutoModelForCausalLM
 
@@ -206,8 +209,8 @@ def plain_rows(model_dir: Path, checkpointing: bool) -> tuple[Callable[[dict[str
     return step, close
 
 
-def mezo_in_ram(model_dir: Path) -> tuple[Callable[[dict[str, torch.Tensor]], float], Callable[[], None]]:
-    """Row (m): MeZO on the model in RAM, `optim.InMemoryMeZO` (the same math as the engine's). Returns (step, close)."""
+def mezo_in_ram(model_dir: Path) -> StepAndClose:
+    """Row (m): MeZO on the model in RAM, `optim.InMemoryMeZO` (the engine's math). Returns (step, close)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -67,7 +67,8 @@ def main() -> None:
                 print(f"step {step:3d}  loss {loss:.3f}")
         print(f"eval loss after:  {engine.eval_loss(eval_batch):.3f}")
         stats = engine.stats()
-        print(f"NVMe traffic: {stats['bytes_read'] / 2**20:.0f} MiB read, {stats['bytes_written'] / 2**20:.0f} MiB written")
+        read, written = stats["bytes_read"] / 2**20, stats["bytes_written"] / 2**20
+        print(f"NVMe traffic: {read:.0f} MiB read, {written:.0f} MiB written")
         engine.export(work / "finetuned")
 
     reloaded = AutoModelForCausalLM.from_pretrained(work / "finetuned")

@@ -175,7 +175,9 @@ def test_qlora_equals_peft_on_a_bitsandbytes_4bit_base(recompute, tmp_path):
 
     path = save_tiny_model("llama", tmp_path / "base", seed=0, num_hidden_layers=24)
     batches = _batches(seed=9)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
     base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
     torch.manual_seed(7)
     reference = peft.get_peft_model(base, peft.LoraConfig(**LORA))

@@ -12,7 +12,9 @@ from finetune.optim.layout import ChunkLayout
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 def test_flat_chunk_update_equals_torch_adamw(weight_decay):
     # "d" makes the block longer than one update slice (2**20 elements), with an odd tail.
-    shapes = {"a": torch.Size([7, 5]), "b": torch.Size([300]), "c": torch.Size([2, 3, 4]), "d": torch.Size([1031, 1033])}
+    shapes = {
+        "a": torch.Size([7, 5]), "b": torch.Size([300]), "c": torch.Size([2, 3, 4]), "d": torch.Size([1031, 1033])
+    }
     layout = ChunkLayout.from_shapes(shapes)
     params = {name: torch.randn(shape) for name, shape in shapes.items()}
     reference = [torch.nn.Parameter(p.clone()) for p in params.values()]
