@@ -182,7 +182,8 @@ class EngineProbe:
             return dict(self.seconds)
 
 
-StepAndClose = tuple[Callable[[dict[str, torch.Tensor]], float], Callable[[], None]]  # a row's step(batch) -> loss, and close()
+# A row: its step(batch) -> loss, and its close().
+StepAndClose = tuple[Callable[[dict[str, torch.Tensor]], float], Callable[[], None]]
 
 
 def plain_rows(model_dir: Path, checkpointing: bool) -> StepAndClose:
