@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..optim.layout import ChunkLayout
+from .nvme import pread_exact
 from .weights import find_stored, safetensors_index
 
 __all__ = ["SafetensorsSource", "TensorRange", "read_header", "tensor_ranges"]
@@ -114,15 +115,10 @@ class SafetensorsSource:
 
 
 def _pread(path: Path, offset: int, dest: torch.Tensor) -> None:
-    view = memoryview(dest.numpy())
+    """A buffered read of one range, for a model read without an NVMe backend."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise EOFError(f"{path} ends at byte {offset + done}, {len(view) - done} bytes short")
-            done += n
+        pread_exact(fd, dest, offset, source=path)
     finally:
         os.close(fd)
 
