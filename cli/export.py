@@ -20,8 +20,7 @@ import yaml
 from safetensors import safe_open
 
 from ..offload.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX, atomic_directory
-from ..offload.export import SAFETENSORS_DTYPES, write_safetensors_shards
-from ..offload.weights import safetensors_index
+from ..offload.safetensors_io import index_ranges, safetensors_index, write_safetensors_shards
 from .checkpoints import MANIFEST, RUN_CONFIG, Checkpoints
 from .errors import FinetuneError, one_line
 from .model import resolve_model
@@ -30,7 +29,6 @@ __all__ = ["export_checkpoint", "find_checkpoint", "is_adapter"]
 
 ADAPTER_PREFIX = ADAPTER_WEIGHTS.removesuffix(".safetensors")  # peft reads one adapter_model.safetensors, never shards
 
-_FROM_SAFETENSORS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 _MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 _ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 _NEVER_COPIED = (ENGINE_STATE_FILE, RUN_CONFIG)  # training state, not part of a model
@@ -150,12 +148,8 @@ def _write_tensors(checkpoint: Path, directory: Path, dtype: torch.dtype, *, pre
     """Copy the `prefix` safetensors of `checkpoint`, floats cast to `dtype`, one tensor in memory at a time
     (max_shard_size None: one file, however large)."""
     index = safetensors_index(checkpoint, prefix)
-    specs = []
-    for name, file in index.items():
-        with safe_open(file, framework="pt") as tensors:
-            piece = tensors.get_slice(name)
-            stored = _FROM_SAFETENSORS[piece.get_dtype()]
-            specs.append((name, torch.Size(piece.get_shape()), dtype if stored.is_floating_point else stored))
+    specs = [(name, tensor.shape, dtype if tensor.dtype.is_floating_point else tensor.dtype)
+             for name, tensor in index_ranges(index).items()]
     one_file = sum(shape.numel() * kind.itemsize for _, shape, kind in specs) + 1
     write_safetensors_shards(directory, specs, _stream(index, specs), max_shard_bytes=max_shard_size or one_file,
                              prefix=prefix)
@@ -180,7 +174,8 @@ def _copy_other_files(checkpoint: Path, directory: Path, *, skip: tuple[str, ...
         shutil.copy2(file, directory / file.name)
 
 
-def _stream(index: dict[str, Path], specs: list[tuple[str, torch.Size, torch.dtype]]) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream(index: dict[str, Path],
+            specs: list[tuple[str, torch.Size, torch.dtype]]) -> Iterator[tuple[str, torch.Tensor]]:
     """One tensor in memory at a time, in `specs` order, cast on the way."""
     for name, _, dtype in specs:
         with safe_open(index[name], framework="pt") as tensors:

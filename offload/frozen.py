@@ -10,55 +10,18 @@ converted. Evicting the chunk drops it: the file already holds its bytes.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..optim.layout import ChunkLayout
 from .nvme import pread_exact
-from .weights import find_stored, safetensors_index
+from .safetensors_io import TensorRange, read_header, safetensors_index
+from .weights import find_stored
 
-__all__ = ["SafetensorsSource", "TensorRange", "read_header", "tensor_ranges"]
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-@dataclass(frozen=True)
-class TensorRange:
-    """Where one tensor's bytes are in a safetensors file."""
-
-    path: Path
-    offset: int  # absolute byte offset in the file
-    nbytes: int
-    dtype: torch.dtype
-    shape: torch.Size
-
-
-def read_header(path: Path) -> dict[str, TensorRange]:
-    """Every tensor of one `.safetensors` file: 8-byte little-endian header length, JSON header, then data whose
-    `data_offsets` count from the end of the header."""
-    with open(path, "rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(length))
-    start = 8 + length
-    ranges = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which frozen streaming cannot read")
-        begin, end = entry["data_offsets"]
-        ranges[name] = TensorRange(path, start + begin, end - begin, _DTYPES[entry["dtype"]], torch.Size(entry["shape"]))
-    return ranges
+__all__ = ["SafetensorsSource", "tensor_ranges"]
 
 
 class SafetensorsSource:
@@ -99,7 +62,8 @@ class SafetensorsSource:
         for slot, tensor in zip(self.layout.slots, self.ranges):
             view = slot.view(flat).reshape(-1)
             # Same dtype: read straight into the slot; else into a temporary, converted below.
-            target = view.view(torch.uint8) if tensor.dtype == self.dtype else torch.empty(tensor.nbytes, dtype=torch.uint8)
+            same = tensor.dtype == self.dtype
+            target = view.view(torch.uint8) if same else torch.empty(tensor.nbytes, dtype=torch.uint8)
             future = None
             if self.backend is not None:
                 # Ordering: the future resolves after every piece is in `target`; waited for below.
