@@ -19,7 +19,8 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from ..offload.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX, atomic_directory
+from ..offload.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX
+from ..offload.durable import atomic_directory
 from ..offload.safetensors_io import index_ranges, safetensors_index, write_safetensors_shards
 from .checkpoints import MANIFEST, RUN_CONFIG, Checkpoints
 from .errors import FinetuneError, one_line

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .durable import atomic_directory
 from .safetensors_io import DTYPE_NAMES, UnsupportedDtype, index_ranges, safetensors_index, write_safetensors_shards
 from .weights import stored_name
 
