@@ -10,7 +10,6 @@ than RAM exports in constant memory. The output directory appears only when it i
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors import safe_open
 
 from ..offload.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX
 from ..offload.durable import atomic_directory
+from ..offload.export import write_model_config
 from ..offload.safetensors_io import index_ranges, safetensors_index, write_safetensors_shards
 from .checkpoints import MANIFEST, RUN_CONFIG, Checkpoints
 from .errors import FinetuneError, one_line
@@ -95,7 +95,7 @@ def export_checkpoint(source: Path, out: Path, dtype: torch.dtype | None = None,
             _copy_other_files(checkpoint, temporary, skip=_ADAPTER_FILES[1:])  # adapter_config.json as it is
         else:
             _write_tensors(checkpoint, temporary, master, prefix="model", max_shard_size=max_shard_size)
-            _write_config(checkpoint, temporary, master)
+            write_model_config(checkpoint, temporary, master)
             _copy_other_files(checkpoint, temporary, skip=_MODEL_FILES)
     return out
 
@@ -154,14 +154,6 @@ def _write_tensors(checkpoint: Path, directory: Path, dtype: torch.dtype, *, pre
     one_file = sum(shape.numel() * kind.itemsize for _, shape, kind in specs) + 1
     write_safetensors_shards(directory, specs, _stream(index, specs), max_shard_bytes=max_shard_size or one_file,
                              prefix=prefix)
-
-
-def _write_config(checkpoint: Path, directory: Path, dtype: torch.dtype) -> None:
-    """The checkpoint's config.json with its dtype set to the exported weights' (transformers loads "auto" by it)."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)  # the older name of the same field
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _copy_other_files(checkpoint: Path, directory: Path, *, skip: tuple[str, ...]) -> None:

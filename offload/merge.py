@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .durable import atomic_directory
+from .export import write_model_config
 from .safetensors_io import DTYPE_NAMES, UnsupportedDtype, index_ranges, safetensors_index, write_safetensors_shards
 from .weights import stored_name
 
@@ -109,7 +110,7 @@ def merge_adapter(
     with atomic_directory(out) as temporary:
         tensors = _merged_tensors(index, specs, edits, adapter / ADAPTER_WEIGHTS)
         write_safetensors_shards(temporary, specs, tensors, max_shard_bytes=max_shard_size)
-        _write_config(base, temporary, dtype or next(kept for _, _, kept in specs if kept.is_floating_point))
+        write_model_config(base, temporary, dtype or next(kept for _, _, kept in specs if kept.is_floating_point))
         if (base / "generation_config.json").exists():
             shutil.copy2(base / "generation_config.json", temporary / "generation_config.json")
     return out
@@ -286,11 +287,3 @@ def _merge(tensor: torch.Tensor, edit: _Edit | None, weights: Any) -> torch.Tens
     if edit.lora_a is not None:
         update = update @ weights.get_tensor(edit.lora_a).float()  # (out, r) @ (r, in) -> (out, in)
     return tensor.float() + (update.T if edit.transpose else update) * edit.scaling
-
-
-def _write_config(base: Path, out: Path, dtype: torch.dtype) -> None:
-    """The base's config.json with its dtype set to the weights' (transformers loads "auto" by it)."""
-    config = json.loads((base / "config.json").read_text())
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)  # the older name of the same field
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
