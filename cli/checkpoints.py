@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..offload.durable import fsync_tree, write_atomic
+from ..offload import fsync_tree, write_atomic
 from .errors import FinetuneError, disk_full
 
 __all__ = ["Checkpoints", "Entry", "RUN_CONFIG"]

@@ -18,10 +18,18 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from ..offload.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX
-from ..offload.durable import atomic_directory
-from ..offload.export import write_model_config
-from ..offload.safetensors_io import index_ranges, safetensors_index, write_safetensors_shards
+from ..offload import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ENGINE_STATE_FILE,
+    OPTIMIZER_PREFIX,
+    atomic_directory,
+    index_ranges,
+    merge_adapter,
+    safetensors_index,
+    write_model_config,
+    write_safetensors_shards,
+)
 from .checkpoints import MANIFEST, RUN_CONFIG, Checkpoints
 from .errors import FinetuneError, one_line
 from .model import resolve_model
@@ -132,8 +140,6 @@ def _base_model(checkpoint: Path, base: Path | None) -> Path:
 
 def _write_merged(base: Path, adapter: Path, directory: Path, dtype: torch.dtype | None, max_shard_size: int) -> None:
     """The merged model's files, written straight into `directory` (the export's temporary directory)."""
-    from ..offload import merge_adapter
-
     merged = directory / "merged"  # merge_adapter wants a new directory of its own
     try:
         merge_adapter(base, adapter, merged, dtype=dtype, max_shard_size=max_shard_size)
