@@ -139,7 +139,7 @@ class SwapDirectory(Generic[_File]):
             raise ValueError(f"backend for {self.directory} is closed")
 
     def open(self, name: str, nbytes: int) -> _File:
-        """The swap file `name` in the directory, created (mode 0o600) and preallocated to `nbytes` if new.
+        """The swap file `name` in the directory, created (mode 0o600) if new, with `nbytes` preallocated.
 
         Raises:
             ValueError: the backend is closed, or `name` is not a bare file name.
