@@ -270,63 +270,44 @@ def build_engine(spec: dict[str, Any]) -> Row:
 
     model = meta_lora_model(AutoConfig.from_pretrained(spec["model_dir"]))
     budget = offload.Budget(device=spec["device_budget"], host=spec["host_budget"], nvme=spec["swap_dir"])
+    probe = EngineProbe()
     engine = offload.Engine(model, optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY), budget,
-                            weights=spec["model_dir"], device="cpu", prefetch=spec["prefetch"], **spec["options"])
-    probe = EngineProbe(engine)
+                            weights=spec["model_dir"], device="cpu", prefetch=spec["prefetch"], timers=probe,
+                            **spec["options"])
+    probe.watch(engine)
     return engine.train_step, lambda: {**engine.stats(), **probe.snapshot()}, engine.close
 
 
 class EngineProbe:
-    """Wraps methods on the engine's instances (nothing in offload/ changes) to count, cumulatively:
-    loads of frozen chunks from the base's safetensors (chunk bytes in compute dtype, file bytes as stored),
-    the seconds the frozen-read thread spends reading and converting them, and the seconds the main thread
-    waits in ChunkStore.acquire (loads that prefetch did not hide)."""
+    """Counts, cumulatively, from the engine's timers hook (offload/timers.py) and its blocks' frozen sources: loads
+    of frozen chunks from the base's safetensors (chunk bytes in compute dtype, file bytes as stored), the seconds
+    the frozen-read thread spends reading and converting them, and the seconds the compute thread waits for chunk
+    loads (loads that prefetch did not hide)."""
 
-    def __init__(self, engine: Any) -> None:
-        self.counts = {"base_chunk_bytes": 0.0, "base_file_bytes": 0.0, "base_read_busy_s": 0.0, "load_wait_s": 0.0}
-        self._lock = threading.Lock()
-        main = threading.get_ident()
-        acquire = engine.store.acquire
+    PHASES = {"frozen read": "base_read_busy_s", "load wait": "load_wait_s"}  # engine phase -> this row's count
 
-        def timed_acquire(*args: Any, **kwargs: Any) -> Any:
-            if threading.get_ident() != main:
-                return acquire(*args, **kwargs)
-            start = time.perf_counter()
-            try:
-                return acquire(*args, **kwargs)
-            finally:
-                self._add(load_wait_s=time.perf_counter() - start)
+    def __init__(self) -> None:
+        self.counts = {"base_read_busy_s": 0.0, "load_wait_s": 0.0}
+        self._lock = threading.Lock()  # the frozen-read thread reports from its own thread
+        self._sources: list[tuple[Any, int]] = []
 
-        engine.store.acquire = timed_acquire
-        for s in engine.blocks:
-            source = getattr(s.frozen, "source", None)
-            if source is not None and hasattr(source, "ranges"):  # a SafetensorsSource
-                self._wrap_source(source, s.frozen.nbytes, sum(r.nbytes for r in source.ranges))
+    def watch(self, engine: Any) -> None:
+        """Count the frozen chunk loads of `engine`'s blocks (their SafetensorsSource's `reads`)."""
+        for state in engine.blocks:
+            source = getattr(state.frozen, "source", None)
+            if source is not None:
+                self._sources.append((source, state.frozen.nbytes))
 
-    def _wrap_source(self, source: Any, chunk_bytes: int, file_bytes: int) -> None:
-        read_into, read = source.read_into, source._read
-
-        def counted_read_into(*args: Any, **kwargs: Any) -> Any:
-            self._add(base_chunk_bytes=chunk_bytes, base_file_bytes=file_bytes)  # counted when the read starts
-            return read_into(*args, **kwargs)
-
-        def timed_read(*args: Any, **kwargs: Any) -> Any:  # runs on the frozen-read thread
-            start = time.perf_counter()
-            try:
-                return read(*args, **kwargs)
-            finally:
-                self._add(base_read_busy_s=time.perf_counter() - start)
-
-        source.read_into, source._read = counted_read_into, timed_read
-
-    def _add(self, **amounts: float) -> None:
-        with self._lock:  # the store calls from the main thread and its I/O threads
-            for name, amount in amounts.items():
-                self.counts[name] += amount
+    def add(self, name: str, seconds: float) -> None:
+        if name in self.PHASES:
+            with self._lock:
+                self.counts[self.PHASES[name]] += seconds
 
     def snapshot(self) -> dict[str, float]:
+        loads = [(source.reads, chunk_bytes, source.file_bytes) for source, chunk_bytes in self._sources]
         with self._lock:
-            return dict(self.counts)
+            return {**self.counts, "base_chunk_bytes": float(sum(n * chunk for n, chunk, _ in loads)),
+                    "base_file_bytes": float(sum(n * file for n, _, file in loads))}
 
 
 def main_child(spec: dict[str, Any]) -> None:

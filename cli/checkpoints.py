@@ -20,9 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..offload.checkpoint import fsync_tree
+from ..offload import fsync_tree, write_atomic
 from .errors import FinetuneError, disk_full
-from .files import write_atomic
 
 __all__ = ["Checkpoints", "Entry", "RUN_CONFIG"]
 

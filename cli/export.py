@@ -10,7 +10,6 @@ than RAM exports in constant memory. The output directory appears only when it i
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +18,18 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from ..offload.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX, atomic_directory
-from ..offload.export import SAFETENSORS_DTYPES, write_safetensors_shards
-from ..offload.weights import safetensors_index
+from ..offload import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ENGINE_STATE_FILE,
+    OPTIMIZER_PREFIX,
+    atomic_directory,
+    index_ranges,
+    merge_adapter,
+    safetensors_index,
+    write_model_config,
+    write_safetensors_shards,
+)
 from .checkpoints import MANIFEST, RUN_CONFIG, Checkpoints
 from .errors import FinetuneError, one_line
 from .model import resolve_model
@@ -30,7 +38,6 @@ __all__ = ["export_checkpoint", "find_checkpoint", "is_adapter"]
 
 ADAPTER_PREFIX = ADAPTER_WEIGHTS.removesuffix(".safetensors")  # peft reads one adapter_model.safetensors, never shards
 
-_FROM_SAFETENSORS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 _MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 _ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 _NEVER_COPIED = (ENGINE_STATE_FILE, RUN_CONFIG)  # training state, not part of a model
@@ -96,7 +103,7 @@ def export_checkpoint(source: Path, out: Path, dtype: torch.dtype | None = None,
             _copy_other_files(checkpoint, temporary, skip=_ADAPTER_FILES[1:])  # adapter_config.json as it is
         else:
             _write_tensors(checkpoint, temporary, master, prefix="model", max_shard_size=max_shard_size)
-            _write_config(checkpoint, temporary, master)
+            write_model_config(checkpoint, temporary, master)
             _copy_other_files(checkpoint, temporary, skip=_MODEL_FILES)
     return out
 
@@ -133,8 +140,6 @@ def _base_model(checkpoint: Path, base: Path | None) -> Path:
 
 def _write_merged(base: Path, adapter: Path, directory: Path, dtype: torch.dtype | None, max_shard_size: int) -> None:
     """The merged model's files, written straight into `directory` (the export's temporary directory)."""
-    from ..offload import merge_adapter
-
     merged = directory / "merged"  # merge_adapter wants a new directory of its own
     try:
         merge_adapter(base, adapter, merged, dtype=dtype, max_shard_size=max_shard_size)
@@ -150,23 +155,11 @@ def _write_tensors(checkpoint: Path, directory: Path, dtype: torch.dtype, *, pre
     """Copy the `prefix` safetensors of `checkpoint`, floats cast to `dtype`, one tensor in memory at a time
     (max_shard_size None: one file, however large)."""
     index = safetensors_index(checkpoint, prefix)
-    specs = []
-    for name, file in index.items():
-        with safe_open(file, framework="pt") as tensors:
-            piece = tensors.get_slice(name)
-            stored = _FROM_SAFETENSORS[piece.get_dtype()]
-            specs.append((name, torch.Size(piece.get_shape()), dtype if stored.is_floating_point else stored))
+    specs = [(name, tensor.shape, dtype if tensor.dtype.is_floating_point else tensor.dtype)
+             for name, tensor in index_ranges(index).items()]
     one_file = sum(shape.numel() * kind.itemsize for _, shape, kind in specs) + 1
     write_safetensors_shards(directory, specs, _stream(index, specs), max_shard_bytes=max_shard_size or one_file,
                              prefix=prefix)
-
-
-def _write_config(checkpoint: Path, directory: Path, dtype: torch.dtype) -> None:
-    """The checkpoint's config.json with its dtype set to the exported weights' (transformers loads "auto" by it)."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)  # the older name of the same field
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _copy_other_files(checkpoint: Path, directory: Path, *, skip: tuple[str, ...]) -> None:
@@ -180,7 +173,8 @@ def _copy_other_files(checkpoint: Path, directory: Path, *, skip: tuple[str, ...
         shutil.copy2(file, directory / file.name)
 
 
-def _stream(index: dict[str, Path], specs: list[tuple[str, torch.Size, torch.dtype]]) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream(index: dict[str, Path],
+            specs: list[tuple[str, torch.Size, torch.dtype]]) -> Iterator[tuple[str, torch.Tensor]]:
     """One tensor in memory at a time, in `specs` order, cast on the way."""
     for name, _, dtype in specs:
         with safe_open(index[name], framework="pt") as tensors:

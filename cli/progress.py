@@ -16,8 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..offload import format_bytes
-from .files import write_atomic
+from ..offload import format_bytes, write_atomic
 
 __all__ = ["Clock", "MetricsLog", "RunProgress", "memory_line", "plot_losses", "summary_table"]
 

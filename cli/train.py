@@ -27,13 +27,12 @@ from rich.console import Console
 from torch import nn
 
 from .. import optim
-from ..offload import Budget, Engine, default_compute_dtype
+from ..offload import Budget, Engine, default_compute_dtype, write_atomic
 from .batches import Batches, eval_batches
 from .checkpoints import RUN_CONFIG, Checkpoints, Entry
 from .config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig
 from .data import Format, Sequences, detect_format, load_rows, split_rows, tokenize_rows
 from .errors import FinetuneError, disk_full, one_line
-from .files import write_atomic
 from .hardware import run_budget
 from .lora import base_fingerprint, lora_description, wrap_lora
 from .model import build_meta_model, load_tokenizer, pad_id, resolve_model

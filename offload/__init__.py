@@ -2,12 +2,16 @@
 
 from .blocks import Block, BlockPlan, find_blocks
 from .budget import Budget, Hardware, detect_hardware, format_bytes, parse_size
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX
 from .device import default_compute_dtype
+from .durable import atomic_directory, fsync_tree, write_atomic
 from .engine import ClipMode, Engine
-from .host_memory import return_freed_memory_to_os
+from .host_memory import aligned_empty, return_freed_memory_to_os
 from .merge import merge_adapter
 from .meta_model import meta_model
-from .nvme import ThreadPoolBackend, aligned_empty
+from .model_export import write_model_config
+from .nvme import ThreadPoolBackend
+from .safetensors_io import index_ranges, safetensors_index, write_safetensors_shards
 from .store import BudgetExceeded
 
 # At import, before the first large tensor is freed: measured, the same setting made later (when the engine is
@@ -15,6 +19,10 @@ from .store import BudgetExceeded
 return_freed_memory_to_os()
 
 __all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "ENGINE_STATE_FILE",
+    "OPTIMIZER_PREFIX",
     "Block",
     "BlockPlan",
     "Budget",
@@ -24,11 +32,18 @@ __all__ = [
     "Hardware",
     "ThreadPoolBackend",
     "aligned_empty",
+    "atomic_directory",
     "default_compute_dtype",
     "detect_hardware",
     "find_blocks",
     "format_bytes",
+    "fsync_tree",
+    "index_ranges",
     "merge_adapter",
     "meta_model",
     "parse_size",
+    "safetensors_index",
+    "write_atomic",
+    "write_model_config",
+    "write_safetensors_shards",
 ]

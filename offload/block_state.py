@@ -23,6 +23,7 @@ from .chunks import Chunk
 from .frozen import SafetensorsSource, tensor_ranges
 from .quantized import QuantizedLayout
 from .store import ChunkStore
+from .timers import Timers
 
 __all__ = ["BlockState", "Bound", "block_states", "placeholder"]
 
@@ -93,12 +94,13 @@ def block_states(
     plan: BlockPlan,
     weights: Path | None,
     reader: ThreadPoolExecutor,
+    timers: Timers,
 ) -> list[BlockState]:
     """Each block's state with its chunks created in `store` (contents zero until filled).
 
     A frozen chunk of a model read from `weights` gets a `SafetensorsSource`, reading on `reader`: it is read
-    from the model's own files and never written anywhere. With a frozen base, what trains is adapters: small
-    beside the base blocks streaming past, so their chunks are kept (evicted last).
+    from the model's own files and never written anywhere (its reads reported to `timers`). With a frozen base,
+    what trains is adapters: small beside the base blocks streaming past, so their chunks are kept (evicted last).
     """
     adapters = any(b.frozen is not None for b in layouts)
     states = []
@@ -114,7 +116,7 @@ def block_states(
             states=chunks, frozen_layout=b.frozen, quantized=b.quantized,
             frozen_params=[b.block.params[slot.name] for slot in b.frozen.slots] if b.frozen else [],
         )
-        state.frozen = _frozen_chunk(b, store, compute_dtype, plan, weights, reader)
+        state.frozen = _frozen_chunk(b, store, compute_dtype, plan, weights, reader, timers)
         states.append(state)
     return states
 
@@ -126,6 +128,7 @@ def _frozen_chunk(
     plan: BlockPlan,
     weights: Path | None,
     reader: ThreadPoolExecutor,
+    timers: Timers,
 ) -> Chunk | None:
     if b.frozen is None:
         return None
@@ -135,5 +138,5 @@ def _frozen_chunk(
     source = None  # without a model directory, the module's values are copied in (and may be swapped out once)
     if weights is not None:
         ranges = tensor_ranges([slot.name for slot in b.frozen.slots], plan.aliases, weights)
-        source = SafetensorsSource(b.frozen, ranges, compute_dtype, store.backend, reader)
+        source = SafetensorsSource(b.frozen, ranges, compute_dtype, store.backend, reader, timers)
     return store.create(key, b.frozen.numel, compute_dtype, b.frozen.nbytes(compute_dtype), source=source)

@@ -1,22 +1,40 @@
-"""Checkpoint directories that are complete or absent, never half written.
+"""An engine's checkpoint: what a resumed run needs, written into a new directory atomically, and read back.
 
-A checkpoint is an ordinary Hugging Face model directory (config + safetensors shards of the fp32 master
-weights, so `from_pretrained` and `finetune export` read it as a model), plus the optimizer's state chunks in
-`optimizer*.safetensors` and the engine's small state in `engine_state.pt`. A peft model whose base is read
-from its own files checkpoints only its adapter (a peft adapter directory) in place of the model. It is written under a temporary
-name next to its final place, every file and the directory are fsynced, and only then is it renamed: a crash
-or a full disk at any point leaves the previous checkpoints as they were and at most a `.partial` directory.
+The directory is a Hugging Face model directory of the fp32 master weights (so it can be exported or loaded as a
+model), or, for a peft model whose base is read from its files, the peft adapter directory (the base is not
+copied); plus the optimizer's state chunks (`optimizer*.safetensors`) and the engine's small state
+(`engine_state.pt`: format version, step, optimizer name and state outside the chunks, a fingerprint of every
+tensor and chunk shape, and the caller's `extra`). It is written with `durable.atomic_directory`: under a
+temporary name next to its final place, every file and the directory fsynced, and only then renamed, so a crash or
+a full disk at any point leaves the previous checkpoints as they were and at most a `.partial` directory.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ENGINE_STATE_FILE", "OPTIMIZER_PREFIX", "atomic_directory", "fsync_tree"]
+import torch
+from safetensors import safe_open
+
+from .binding import InHost
+from .block_state import BlockState
+from .chunks import Chunk
+from .durable import atomic_directory
+from .safetensors_io import safetensors_index, write_safetensors_shards
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "ENGINE_STATE_FILE",
+    "FORMAT_VERSION",
+    "OPTIMIZER_PREFIX",
+    "fingerprint",
+    "read_engine_state",
+    "restore_states",
+    "write_checkpoint",
+]
 
 ENGINE_STATE_FILE = "engine_state.pt"
 # The files of a peft adapter directory (PeftModel.save_pretrained): its LoraConfig and its weights.
@@ -26,46 +44,97 @@ OPTIMIZER_PREFIX = "optimizer"
 FORMAT_VERSION = 1
 
 
-def fsync_tree(directory: Path) -> None:
-    """fsync every file under `directory`, then each directory, so a rename after this publishes only bytes
-    that are on the disk."""
-    for root, dirs, files in os.walk(directory, topdown=False):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_directory(Path(root))
+def fingerprint(blocks: list[BlockState], quantize_frozen: str | None) -> list[tuple]:
+    """What must match between a checkpoint and an engine: every tensor's name and shape, every state chunk's size
+    and dtype, and the storage of frozen weights."""
+    layouts = [state.layout for state in blocks] + [state.frozen_layout for state in blocks if state.frozen_layout]
+    tensors = [(slot.name, tuple(slot.shape)) for layout in layouts for slot in layout.slots]
+    chunks = [
+        (f"{state.block.name}/{name}", chunk.numel, str(chunk.dtype))
+        for state in blocks
+        for name, chunk in state.states.items()
+    ]
+    return tensors + chunks + [("quantize_frozen", str(quantize_frozen))]
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def write_checkpoint(
+    directory: Path,
+    write_model: Callable[[Path], Any],
+    blocks: list[BlockState],
+    in_host: InHost,
+    engine_state: dict[str, Any],
+) -> Path:
+    """Write the model (by `write_model`), the state chunks and `engine_state` into the new `directory`.
 
-
-@contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it becomes `final` in one rename, on error it is removed.
+    Nothing is visible under `directory` until all of it is on disk; the previous checkpoints are never touched.
 
     Raises:
-        FileExistsError: `final` exists already (a checkpoint is never overwritten in place).
+        FileExistsError: `directory` exists.
+        ValueError: `engine_state` holds something `torch.load(weights_only=True)` cannot read back.
     """
-    final = Path(final)
-    if final.exists():
-        raise FileExistsError(f"{final} exists already; choose a new checkpoint directory or remove it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.parent / f".{final.name}.partial"
-    shutil.rmtree(temporary, ignore_errors=True)  # left by a crash: never complete, safe to drop
-    temporary.mkdir()
-    try:
-        yield temporary
-        fsync_tree(temporary)
-        os.rename(temporary, final)
-        _fsync_directory(final.parent)  # the rename itself is durable only once the parent is synced
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    states = [(f"{state.block.name}/{name}", chunk) for state in blocks for name, chunk in state.states.items()]
+    with atomic_directory(directory) as temporary:
+        write_model(temporary)
+        write_safetensors_shards(
+            temporary,
+            [(key, torch.Size([chunk.numel]), chunk.dtype) for key, chunk in states],
+            _state_stream(states, in_host),
+            max_shard_bytes=2 << 30,
+            prefix=OPTIMIZER_PREFIX,
+        )
+        torch.save({"format": FORMAT_VERSION, **engine_state}, temporary / ENGINE_STATE_FILE)
+        try:  # refuse now what load_checkpoint could not read back
+            torch.load(temporary / ENGINE_STATE_FILE, weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"save_checkpoint: extra holds something torch.load(weights_only=True) cannot read "
+                f"({str(error).splitlines()[0]}); keep to dicts, lists, numbers, strings and tensors"
+            ) from None
+    return directory
+
+
+def _state_stream(states: list[tuple[str, Chunk]], in_host: InHost) -> Iterator[tuple[str, torch.Tensor]]:
+    for key, chunk in states:
+        with in_host(chunk) as flat:
+            yield key, flat
+
+
+def read_engine_state(directory: Path, *, optimizer: str, expected: list[tuple]) -> dict[str, Any]:
+    """The engine state of checkpoint `directory`, checked against this engine's optimizer and `fingerprint`.
+
+    Raises:
+        ValueError: not a checkpoint, another format version, another optimizer, or another model.
+    """
+    if not (directory / ENGINE_STATE_FILE).is_file():
+        raise ValueError(
+            f"{directory} is not a checkpoint (no {ENGINE_STATE_FILE}); pass a directory written by save_checkpoint"
+        )
+    state = torch.load(directory / ENGINE_STATE_FILE, weights_only=True)
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {directory} has format {state.get('format')!r}, and this version of finetune reads format "
+            f"{FORMAT_VERSION}; resume it with the finetune version that wrote it"
+        )
+    if state["optimizer"] != optimizer:
+        raise ValueError(
+            f"checkpoint {directory} was trained with {state['optimizer']}, not {optimizer}; "
+            f"resume with the same optimizer"
+        )
+    if state["chunks"] != expected:
+        raise ValueError(
+            f"checkpoint {directory} belongs to a different model (its tensors or state shapes differ); "
+            "resume with the model and optimizer settings it was trained with"
+        )
+    return state
+
+
+def restore_states(directory: Path, blocks: list[BlockState], in_host: InHost) -> None:
+    """Copy every state chunk back from checkpoint `directory`."""
+    index = safetensors_index(directory, OPTIMIZER_PREFIX)
+    for state in blocks:
+        for name, chunk in state.states.items():
+            key = f"{state.block.name}/{name}"
+            with safe_open(index[key], framework="pt") as file:
+                saved = file.get_tensor(key)
+            with in_host(chunk, dirty=True) as flat:
+                flat.copy_(saved)

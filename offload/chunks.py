@@ -46,11 +46,24 @@ class Chunk:
     last_use: int = 0
     prefetched: bool = False  # loaded ahead of its use and not used yet: the last choice for eviction
     source: object | None = None  # read-only bytes elsewhere (frozen weights' safetensors): never written
-    keep: bool = False  # small and used every step (LoRA adapters and their state): evicted only when nothing else can be
+    # small and used every step (LoRA adapters and their state): evicted only when nothing else can be
+    keep: bool = False
 
     def typed(self, tier: Tier) -> torch.Tensor:
         """The resident buffer of `tier` as a flat tensor of the chunk's dtype and length."""
         return self.buffers[tier].view(self.dtype)[: self.numel]
 
     def pinned(self, tier: Tier) -> bool:
+        """Whether someone holds the chunk in `tier` (it must not leave it)."""
         return self.pins.get(tier, 0) > 0
+
+    @property
+    def newest_tier(self) -> Tier | None:
+        """The tier holding the newest bytes: the dirty one, else any resident copy (all are alike); None if none."""
+        if self.dirty is not None:
+            return self.dirty
+        return next(iter(self.buffers), None)
+
+    def only_copy_in(self, tier: Tier) -> bool:
+        """Whether `tier` holds bytes found nowhere else (neither zeros nor on NVMe): dropping them would lose them."""
+        return not self.zero and not self.on_nvme and self.newest_tier is tier

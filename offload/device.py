@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .nvme import aligned_empty
+from .host_memory import aligned_empty
 
 __all__ = ["Transport", "default_compute_dtype", "make_transport"]
 

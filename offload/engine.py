@@ -7,7 +7,7 @@ work. The pieces, bottom up (docs/architecture.md has the map):
 - block_state.py, binding.py: the chunks in the store, filled with the weights, the module's parameters over them;
 - residency.py: holding blocks on the compute device while their modules run, prefetching the next ones;
 - first_order.py (with recompute.py, clipping.py, updates.py) and zeroth_order.py: one training step;
-- model_export.py, engine_checkpoint.py: the model and the training state out, and back in.
+- model_export.py, checkpoint.py: the model and the training state out, and back in.
 
 Threads (what each owns; the notes named here are in those modules):
 - the compute thread (the caller's): forward, backward, every hook, holds and releases (residency.py);
@@ -34,10 +34,10 @@ from .block_layout import block_layouts
 from .block_state import BlockState, block_states
 from .blocks import BlockPlan, find_blocks
 from .budget import Budget
+from .checkpoint import fingerprint, read_engine_state, restore_states, write_checkpoint
 from .chunks import Tier
 from .clipping import ClipMode, Clipping
 from .device import default_compute_dtype, make_transport
-from .engine_checkpoint import fingerprint, read_engine_state, restore_states, write_checkpoint
 from .first_order import FirstOrderStep, micro_batches, to_device
 from .floors import check_budget, floors, model_floors
 from .meta_model import meta_model
@@ -126,7 +126,7 @@ class Engine:
         self.store = ChunkStore(device_bytes - dequantized, host_bytes, make_transport(self.device), backend)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
         self._blocks = block_states(layouts, self.store, optimizer, self.compute_dtype, plan=self.plan,
-                                    weights=self._weights_dir, reader=self._reader)
+                                    weights=self._weights_dir, reader=self._reader, timers=timers)
         self._build_steps(prefetch, max_grad_norm, ClipMode(clip_mode), timers)
 
     def _build_steps(self, prefetch: int, max_grad_norm: float | None, clip_mode: ClipMode, timers: Timers) -> None:
@@ -239,7 +239,7 @@ class Engine:
 
     def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write everything a resumed run needs into the new directory `directory`, atomically (see
-        engine_checkpoint.py), plus `extra`: whatever `torch.load(weights_only=True)` reads back (RNG states,
+        checkpoint.py), plus `extra`: whatever `torch.load(weights_only=True)` reads back (RNG states,
         data position, schedule).
 
         Raises:

@@ -10,54 +10,20 @@ converted. Evicting the chunk drops it: the file already holds its bytes.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..optim.layout import ChunkLayout
-from .weights import find_stored, safetensors_index
+from .nvme import pread_exact
+from .safetensors_io import TensorRange, read_header, safetensors_index
+from .timers import NO_TIMERS, Timers
+from .weights import find_stored
 
-__all__ = ["SafetensorsSource", "TensorRange", "read_header", "tensor_ranges"]
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-@dataclass(frozen=True)
-class TensorRange:
-    """Where one tensor's bytes are in a safetensors file."""
-
-    path: Path
-    offset: int  # absolute byte offset in the file
-    nbytes: int
-    dtype: torch.dtype
-    shape: torch.Size
-
-
-def read_header(path: Path) -> dict[str, TensorRange]:
-    """Every tensor of one `.safetensors` file: 8-byte little-endian header length, JSON header, then data whose
-    `data_offsets` count from the end of the header."""
-    with open(path, "rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(length))
-    start = 8 + length
-    ranges = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which frozen streaming cannot read")
-        begin, end = entry["data_offsets"]
-        ranges[name] = TensorRange(path, start + begin, end - begin, _DTYPES[entry["dtype"]], torch.Size(entry["shape"]))
-    return ranges
+__all__ = ["SafetensorsSource", "tensor_ranges"]
 
 
 class SafetensorsSource:
@@ -69,6 +35,7 @@ class SafetensorsSource:
         dtype: the chunk's (compute) dtype.
         backend: the NVMe backend (O_DIRECT reads with bounce buffers); None reads buffered on `pool`.
         pool: the thread on which reads run when there is no backend.
+        timers: receives "frozen read", the seconds each chunk read takes (reading and converting).
     """
 
     def __init__(
@@ -78,6 +45,7 @@ class SafetensorsSource:
         dtype: torch.dtype,
         backend: object | None,
         pool: ThreadPoolExecutor,
+        timers: Timers = NO_TIMERS,
     ) -> None:
         for slot, tensor in zip(layout.slots, ranges, strict=True):
             if slot.shape != tensor.shape:
@@ -86,19 +54,24 @@ class SafetensorsSource:
                     f"{tuple(slot.shape)}; is it the checkpoint of this model?"
                 )
         self.layout, self.ranges, self.dtype = layout, ranges, dtype
-        self.backend, self.pool = backend, pool
+        self.backend, self.pool, self.timers = backend, pool, timers
+        self.file_bytes = sum(tensor.nbytes for tensor in ranges)  # read from the files per load, as stored
+        # Shared: counted on the read thread when a read is done; read by others between steps (benchmarks).
+        self.reads = 0
 
     def read_into(self, buffer: torch.Tensor) -> Future:
         """Fill the chunk's uint8 `buffer` (padding left as is). The future resolves once every range is in."""
         return self.pool.submit(self._read, buffer)
 
     def _read(self, buffer: torch.Tensor) -> None:
+        start = time.perf_counter()
         flat = buffer.view(self.dtype)
         pending = []
         for slot, tensor in zip(self.layout.slots, self.ranges):
             view = slot.view(flat).reshape(-1)
             # Same dtype: read straight into the slot; else into a temporary, converted below.
-            target = view.view(torch.uint8) if tensor.dtype == self.dtype else torch.empty(tensor.nbytes, dtype=torch.uint8)
+            same = tensor.dtype == self.dtype
+            target = view.view(torch.uint8) if same else torch.empty(tensor.nbytes, dtype=torch.uint8)
             future = None
             if self.backend is not None:
                 # Ordering: the future resolves after every piece is in `target`; waited for below.
@@ -111,18 +84,15 @@ class SafetensorsSource:
                 future.result()
             if dtype != self.dtype:
                 view.copy_(target.view(dtype))
+        self.reads += 1
+        self.timers.add("frozen read", time.perf_counter() - start)
 
 
 def _pread(path: Path, offset: int, dest: torch.Tensor) -> None:
-    view = memoryview(dest.numpy())
+    """A buffered read of one range, for a model read without an NVMe backend."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise EOFError(f"{path} ends at byte {offset + done}, {len(view) - done} bytes short")
-            done += n
+        pread_exact(fd, dest, offset, source=path)
     finally:
         os.close(fd)
 

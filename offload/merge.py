@@ -22,14 +22,18 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory
-from .export import SAFETENSORS_DTYPES, write_safetensors_shards
-from .weights import safetensors_index, stored_name
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .durable import atomic_directory
+from .model_export import write_model_config
+from .safetensors_io import DTYPE_NAMES, UnsupportedDtype, index_ranges, safetensors_index, write_safetensors_shards
+from .weights import stored_name
 
 __all__ = ["merge_adapter"]
 
 
-_FROM_SAFETENSORS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+# Dtypes safetensors_io reads that merge_adapter refuses: 8- and 16-bit integer weights are a quantized base's
+# (bitsandbytes' LLM.int8 stores int8), to which a float update cannot be added
+_QUANTIZED = (torch.int8, torch.int16)
 _IN_MEMORY = "merge it in memory with peft (PeftModel.from_pretrained(base, adapter).merge_and_unload())"
 # adapter_config.json fields that, when set, make the merge something other than W + scaling * B @ A
 _UNSUPPORTED = (
@@ -92,7 +96,7 @@ def merge_adapter(
             Raised before anything is written.
     """
     base, adapter, out = Path(base), Path(adapter), Path(out)
-    if dtype is not None and not (dtype.is_floating_point and dtype in SAFETENSORS_DTYPES):
+    if dtype is not None and not (dtype.is_floating_point and dtype in DTYPE_NAMES):
         raise ValueError(f"dtype={dtype} is not a float merge_adapter writes; pass torch.bfloat16, float16 or float32")
     _check_output(out)
     config = _adapter_config(adapter)
@@ -106,7 +110,7 @@ def merge_adapter(
     with atomic_directory(out) as temporary:
         tensors = _merged_tensors(index, specs, edits, adapter / ADAPTER_WEIGHTS)
         write_safetensors_shards(temporary, specs, tensors, max_shard_bytes=max_shard_size)
-        _write_config(base, temporary, dtype or next(kept for _, _, kept in specs if kept.is_floating_point))
+        write_model_config(base, temporary, dtype or next(kept for _, _, kept in specs if kept.is_floating_point))
         if (base / "generation_config.json").exists():
             shutil.copy2(base / "generation_config.json", temporary / "generation_config.json")
     return out
@@ -152,18 +156,20 @@ def _base_tensors(base: Path) -> tuple[dict[str, tuple[torch.Size, torch.dtype]]
 
 def _stored(index: dict[str, Path]) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Each base tensor's shape and dtype, in `index` order, from the file headers (no tensor is read)."""
-    found: dict[str, tuple[torch.Size, torch.dtype]] = {}
-    for path in dict.fromkeys(index.values()):
-        with safe_open(path, framework="pt") as file:
-            for name in file.keys():
-                piece = file.get_slice(name)
-                if piece.get_dtype() not in _FROM_SAFETENSORS:
-                    raise ValueError(
-                        f"{path} stores {name} as {piece.get_dtype()}, which merge_adapter does not write; "
-                        "merge into an unquantized base"
-                    )
-                found[name] = (torch.Size(piece.get_shape()), _FROM_SAFETENSORS[piece.get_dtype()])
-    return {name: found[name] for name in index}
+    try:
+        ranges = index_ranges(index)
+    except UnsupportedDtype as error:
+        raise _unquantized_only(error.path, error.name, error.dtype) from None
+    for name, tensor in ranges.items():
+        if tensor.dtype in _QUANTIZED:
+            raise _unquantized_only(tensor.path, name, DTYPE_NAMES[tensor.dtype])
+    return {name: (tensor.shape, tensor.dtype) for name, tensor in ranges.items()}
+
+
+def _unquantized_only(path: Path, name: str, dtype: str) -> ValueError:
+    return ValueError(
+        f"{path} stores {name} as {dtype}, which merge_adapter does not write; merge into an unquantized base"
+    )
 
 
 def _plan(weights: Any, config: dict[str, Any], stored: dict[str, tuple[torch.Size, torch.dtype]],
@@ -281,11 +287,3 @@ def _merge(tensor: torch.Tensor, edit: _Edit | None, weights: Any) -> torch.Tens
     if edit.lora_a is not None:
         update = update @ weights.get_tensor(edit.lora_a).float()  # (out, r) @ (r, in) -> (out, in)
     return tensor.float() + (update.T if edit.transpose else update) * edit.scaling
-
-
-def _write_config(base: Path, out: Path, dtype: torch.dtype) -> None:
-    """The base's config.json with its dtype set to the weights' (transformers loads "auto" by it)."""
-    config = json.loads((base / "config.json").read_text())
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)  # the older name of the same field
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -6,6 +6,7 @@ than RAM needs no more memory than training it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +21,10 @@ from .block_state import BlockState
 from .blocks import BlockPlan
 from .checkpoint import ADAPTER_WEIGHTS
 from .chunks import Chunk
-from .export import write_safetensors_shards
 from .residency import Residency
+from .safetensors_io import write_safetensors_shards
 
-__all__ = ["adapter_tensors", "export_model", "is_peft", "save_adapter"]
+__all__ = ["adapter_tensors", "export_model", "is_peft", "save_adapter", "write_model_config"]
 
 
 def export_model(
@@ -104,3 +105,12 @@ def adapter_tensors(model: nn.Module, directory: Path, names: list[str]) -> list
 def _adapter_key(model: nn.Module, name: str) -> str:
     """peft's saved keys drop the adapter name: ...lora_A.default.weight -> ...lora_A.weight"""
     return name.replace(f".{model.active_adapter}.", ".")
+
+
+def write_model_config(source: Path, directory: Path, dtype: torch.dtype) -> None:
+    """Copy `source`'s config.json into `directory` with its dtype set to `dtype`, the written weights' dtype:
+    transformers loads `dtype="auto"` by it (for `merge_adapter` and `finetune export`, which copy tensors)."""
+    config = json.loads((source / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)  # the older name of the same field
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")

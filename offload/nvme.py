@@ -8,12 +8,11 @@ would otherwise evict the very memory we are trying to save and add a copy.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import tempfile
 import threading
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -21,62 +20,68 @@ from typing import Any, Callable
 import torch
 
 from ..optim.layout import ALIGNMENT, round_up
+from .host_memory import aligned_empty
+from .kvikio_backend import KvikioBackend
+from .swap import InflightRequests, SwapDirectory, as_bytes
 
-_fallback_warned = False
-_fallback_lock = threading.Lock()
-
-
-def aligned_empty(nbytes: int, *, pin_memory: bool = False) -> torch.Tensor:
-    """An uninitialised uint8 buffer of round_up(nbytes) bytes starting on a 4096-byte boundary (O_DIRECT needs it).
-
-    Host buffers are anonymous memory maps of their own: page-aligned by construction, and returned to the OS
-    the moment they are freed. From glibc's heap they could stay resident after being freed (its dynamic mmap
-    threshold rises to 32 MiB), and the process would outgrow its memory budget. Pinned buffers come from
-    torch's pinned allocator, which promises only 64-byte alignment, so those are over-allocated and sliced.
-    """
-    size = round_up(nbytes)
-    if pin_memory:
-        if not torch.cuda.is_available():
-            raise ValueError("pin_memory=True needs CUDA, but torch.cuda.is_available() is False")
-        raw = torch.empty(size + ALIGNMENT, dtype=torch.uint8, pin_memory=True)
-        shift = -raw.data_ptr() % ALIGNMENT
-        return raw[shift : shift + size]
-    if size == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    private = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # Python's default is MAP_SHARED
-    return torch.frombuffer(private, dtype=torch.uint8)  # the tensor keeps the map alive
+__all__ = ["OnceWarning", "SwapFile", "ThreadPoolBackend", "fallback_warning", "open_backend", "pread_exact"]
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """Files hold bytes whatever the dtype; a flat uint8 view shares the tensor's memory."""
-    if not t.is_contiguous():
-        raise ValueError("swap I/O needs a contiguous tensor")
-    return t.reshape(-1).view(torch.uint8)
+class OnceWarning:
+    """A RuntimeWarning given at most once per process, however many backends and threads run into it."""
+
+    def __init__(self) -> None:
+        self._given = False
+        self._lock = threading.Lock()
+
+    def warn(self, message: str) -> None:
+        """Warn with `message`, attributed to the caller of the function that calls this, unless already given."""
+        with self._lock:
+            if self._given:
+                return
+            self._given = True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+fallback_warning = OnceWarning()
+"""Says that O_DIRECT is refused and buffered I/O is used instead (once: every backend after the first would
+repeat it)."""
 
 
 def _host_bytes(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu":
         raise ValueError(f"the thread-pool backend moves CPU tensors only, got {t.device}")
-    return _as_bytes(t)
+    return as_bytes(t)
 
 
 def _aligned(piece: torch.Tensor, offset: int) -> bool:
     return (piece.data_ptr() | offset | piece.numel()) % ALIGNMENT == 0
 
 
-def _pread_exact(fd: int, dest: torch.Tensor, offset: int, at_least: int | None = None) -> None:
-    """Loops because preadv may return short; `at_least` lets an aligned window overrun EOF."""
+def pread_exact(fd: int, dest: torch.Tensor, offset: int, at_least: int | None = None, *,
+                source: str | Path = "the file") -> None:
+    """Fill the CPU tensor `dest` from `fd` at `offset`. Loops because preadv may return short; `at_least` lets an
+    aligned window overrun EOF.
+
+    Raises:
+        EOFError: the file (named `source` in the message) ends before `at_least` (default: all of `dest`) bytes.
+    """
     view = memoryview(dest.numpy())
     need = len(view) if at_least is None else at_least
     done = 0
     while done < need:
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise EOFError(f"end of file at byte {offset + done}, {need - done} bytes short")
+            raise EOFError(f"{source} ends at byte {offset + done}, {need - done} bytes short")
         done += n
 
 
 def _pwrite_all(fd: int, src: torch.Tensor, offset: int) -> None:
+    """Write all of the CPU tensor `src` to `fd` at `offset`, looping over short writes.
+
+    Raises:
+        OSError: a write made no progress (EIO), or the write's own error (ENOSPC on a full disk).
+    """
     view = memoryview(src.numpy())
     done = 0
     while done < len(view):
@@ -128,50 +133,6 @@ def _gather(pool: ThreadPoolExecutor, jobs: list[Callable[[], None]]) -> Future[
     return combined
 
 
-class _Inflight:
-    """Closing an fd while a worker still uses it could let an unrelated open() reuse the number
-    and receive our writes, so close() waits for the requests tracked here."""
-
-    def __init__(self) -> None:
-        self._futures: set[Future[None]] = set()
-        self._lock = threading.Lock()
-
-    def track(self, fut: Future[None]) -> Future[None]:
-        with self._lock:
-            self._futures.add(fut)
-        fut.add_done_callback(self._discard)  # runs at once if already done
-        return fut
-
-    def _discard(self, fut: Future[None]) -> None:
-        with self._lock:
-            self._futures.discard(fut)
-
-    def wait(self) -> None:
-        with self._lock:
-            pending = list(self._futures)
-        wait(pending)
-
-
-def _create_preallocated(path: Path, nbytes: int) -> bool:
-    """Reserving blocks up front avoids fragmentation and ENOSPC halfway through training.
-    Returns whether the file is new, so that close() removes only files we made."""
-    try:
-        fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), True
-    except FileExistsError:
-        fd, created = os.open(path, os.O_RDWR), False
-    try:
-        try:
-            os.posix_fallocate(fd, 0, round_up(nbytes))
-        except OSError as e:  # unsupported by the filesystem: a sparse file works too
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            if os.fstat(fd).st_size < round_up(nbytes):
-                os.ftruncate(fd, round_up(nbytes))
-    finally:
-        os.close(fd)
-    return created
-
-
 def _direct_refusal(directory: Path) -> str | None:
     """Some filesystems refuse O_DIRECT at open (tmpfs), others only at the first I/O (some
     FUSE), so probe with one real aligned write. Returns why it failed, or None."""
@@ -190,16 +151,6 @@ def _direct_refusal(directory: Path) -> str | None:
     return None
 
 
-def _warn_buffered_once(directory: Path, reason: str) -> None:
-    global _fallback_warned
-    with _fallback_lock:
-        if _fallback_warned:
-            return
-        _fallback_warned = True
-    warnings.warn(f"O_DIRECT unavailable in {directory} ({reason}); using buffered I/O",
-                  RuntimeWarning, stacklevel=3)
-
-
 class SwapFile:
     """One file in the swap directory, read and written by byte offset. Created with mode 0o600.
 
@@ -214,15 +165,21 @@ class SwapFile:
         self._request_bytes = request_bytes
         self._fd = os.open(path, os.O_RDWR)
         self._direct_fd = os.open(path, os.O_RDWR | os.O_DIRECT) if direct else None
-        self._inflight = _Inflight()
+        self._inflight = InflightRequests()
         self._closed = False
 
     def read_into(self, dest: torch.Tensor, offset: int = 0) -> Future[None]:
+        """Start filling `dest` (a contiguous CPU tensor) from the file at `offset`.
+
+        Raises:
+            EOFError: the range goes past the end of the file (checked before any read).
+        """
         data = _host_bytes(dest)
         _check_in_file(os.fstat(self._fd).st_size, offset, data.numel(), self.path)
-        return self._submit(_pread_exact, data, offset)
+        return self._submit(pread_exact, data, offset)
 
     def write_from(self, src: torch.Tensor, offset: int = 0) -> Future[None]:
+        """Start writing `src` (a contiguous CPU tensor) to the file at `offset`."""
         return self._submit(_pwrite_all, _host_bytes(src), offset)
 
     def sync(self) -> None:
@@ -231,6 +188,7 @@ class SwapFile:
         os.fsync(self._fd)
 
     def close(self) -> None:
+        """Wait for the requests in flight, then close both descriptors."""
         if self._closed:
             return
         self._closed = True
@@ -249,57 +207,7 @@ class SwapFile:
         return self._inflight.track(_gather(self._pool, jobs))
 
 
-class _SwapDirectory:
-    """Bookkeeping both backends share. Only what this backend created is removed on close, so
-    a directory reused across runs (keep_files=True) or shared with others is left intact."""
-
-    _pool: ThreadPoolExecutor
-    _files: list[Any]
-
-    def __init__(self, directory: str | Path, keep_files: bool) -> None:
-        self.directory = Path(directory)
-        self._created_dir = not self.directory.exists()
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._keep_files = keep_files
-        self._files = []
-        self._created: list[Path] = []
-        self._closed = False
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError(f"backend for {self.directory} is closed")
-
-    def _prepare(self, name: str, nbytes: int) -> Path:
-        self._check_open()
-        if Path(name).name != name:
-            raise ValueError(f"swap file name must be a bare file name, got {name!r}")
-        path = self.directory / name
-        if _create_preallocated(path, nbytes):
-            self._created.append(path)
-        return path
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for swap in self._files:
-            swap.close()
-        self._pool.shutdown(wait=True)  # read_range requests belong to no file: wait here
-        if self._keep_files:
-            return
-        for path in self._created:
-            path.unlink(missing_ok=True)
-        if self._created_dir and not any(self.directory.iterdir()):
-            self.directory.rmdir()
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class ThreadPoolBackend(_SwapDirectory):
+class ThreadPoolBackend(SwapDirectory[SwapFile]):
     """Default backend: a pool of worker threads doing os.preadv / os.pwritev (they release the
     GIL), so several requests are in flight at once and the NVMe queue never runs dry."""
 
@@ -307,20 +215,17 @@ class ThreadPoolBackend(_SwapDirectory):
                  direct: bool = True, keep_files: bool = False) -> None:
         if request_bytes <= 0 or request_bytes % ALIGNMENT:
             raise ValueError(f"request_bytes must be a positive multiple of {ALIGNMENT}")
-        super().__init__(directory, keep_files)
+        super().__init__(directory, keep_files, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvme-io"))
         refusal = _direct_refusal(self.directory) if direct else None
         if refusal is not None:
-            _warn_buffered_once(self.directory, refusal)
+            fallback_warning.warn(f"O_DIRECT unavailable in {self.directory} ({refusal}); using buffered I/O")
         self.direct = direct and refusal is None
         self.name = "threadpool-odirect" if self.direct else "threadpool-buffered"
         self._request_bytes = request_bytes
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvme-io")
         self._bounce = threading.local()
 
-    def open(self, name: str, nbytes: int) -> SwapFile:
-        swap = SwapFile(self._prepare(name, nbytes), self._pool, self._request_bytes, self.direct)
-        self._files.append(swap)
-        return swap
+    def _open_file(self, path: Path) -> SwapFile:
+        return SwapFile(path, self._pool, self._request_bytes, self.direct)
 
     def read_range(self, path: str | Path, offset: int, dest: torch.Tensor) -> Future[None]:
         """For files we did not write (.safetensors), whose tensors start at arbitrary offsets:
@@ -334,9 +239,9 @@ class ThreadPoolBackend(_SwapDirectory):
         for start in range(0, data.numel(), self._request_bytes):
             piece = data[start : start + self._request_bytes]
             if direct_fd is None:
-                jobs.append(partial(_pread_exact, fd, piece, offset + start))
+                jobs.append(partial(pread_exact, fd, piece, offset + start))
             elif _aligned(piece, offset + start):
-                jobs.append(partial(_pread_exact, direct_fd, piece, offset + start))
+                jobs.append(partial(pread_exact, direct_fd, piece, offset + start))
             else:
                 jobs.append(partial(self._bounced_read, direct_fd, piece, offset + start))
         result = _gather(self._pool, jobs)
@@ -360,91 +265,15 @@ class ThreadPoolBackend(_SwapDirectory):
         if bounce is None:  # one per worker thread, so at most `workers` of them exist
             bounce = self._bounce.buffer = aligned_empty(self._request_bytes + ALIGNMENT)
         window = bounce[: round_up(lead + piece.numel())]
-        _pread_exact(fd, window, start, at_least=lead + piece.numel())
+        pread_exact(fd, window, start, at_least=lead + piece.numel())
         piece.copy_(window[lead : lead + piece.numel()])
-
-
-def _kvikio_start(op: Callable[..., Any], t: torch.Tensor, offset: int, task_size: int,
-                  waiters: ThreadPoolExecutor) -> Future[None]:
-    """kvikio takes CUDA memory via __cuda_array_interface__ (a uint8 view sidesteps bf16, which
-    has no typestr there) and host memory via the buffer protocol, which numpy provides."""
-    data = _as_bytes(t)
-    io_future = op(data if data.is_cuda else data.numpy(), data.numel(), offset, task_size)
-    # Hand-off: IOFuture.get() returns only once all of kvikio's tasks are done, so the Future
-    # a waiter thread resolves never completes while kvikio still touches `data` (kept alive
-    # by this very call until then).
-    return waiters.submit(_kvikio_result, io_future, data)
-
-
-def _kvikio_result(io_future: Any, data: torch.Tensor) -> None:
-    done = io_future.get()
-    if done != data.numel():
-        raise EOFError(f"kvikio moved {done} of {data.numel()} bytes (past the end of the file?)")
-
-
-class _KvikioSwapFile:
-    """kvikio.CuFile already splits requests into tasks on its own thread pool; this only turns
-    its IOFuture into the concurrent.futures.Future the rest of the engine waits on."""
-
-    def __init__(self, path: Path, waiters: ThreadPoolExecutor, task_size: int) -> None:
-        import kvikio
-
-        self.path = path
-        self.direct = True  # kvikio opens an O_DIRECT fd itself and uses it for aligned I/O
-        self._file = kvikio.CuFile(path, "r+")
-        self._waiters = waiters
-        self._task_size = task_size
-        self._inflight = _Inflight()
-
-    def read_into(self, dest: torch.Tensor, offset: int = 0) -> Future[None]:
-        fut = _kvikio_start(self._file.pread, dest, offset, self._task_size, self._waiters)
-        return self._inflight.track(fut)
-
-    def write_from(self, src: torch.Tensor, offset: int = 0) -> Future[None]:
-        fut = _kvikio_start(self._file.pwrite, src, offset, self._task_size, self._waiters)
-        return self._inflight.track(fut)
-
-    def sync(self) -> None:
-        self._inflight.wait()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._inflight.wait()
-        self._file.close()
-
-
-class KvikioBackend(_SwapDirectory):
-    """GPUDirect Storage via kvikio: NVMe <-> GPU memory without a CPU bounce where GDS is set
-    up. kvikio sizes its own global thread pool and decides on O_DIRECT itself, so `workers`
-    only sizes the threads waiting on its futures and `direct` exists for a uniform signature."""
-
-    name = "kvikio"
-
-    def __init__(self, directory: str | Path, *, workers: int = 4, request_bytes: int = 8 << 20,
-                 direct: bool = True, keep_files: bool = False) -> None:
-        super().__init__(directory, keep_files)
-        self.direct = direct
-        self._task_size = request_bytes
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvikio-wait")
-
-    def open(self, name: str, nbytes: int) -> _KvikioSwapFile:
-        swap = _KvikioSwapFile(self._prepare(name, nbytes), self._pool, self._task_size)
-        self._files.append(swap)
-        return swap
-
-    def read_range(self, path: str | Path, offset: int, dest: torch.Tensor) -> Future[None]:
-        import kvikio
-
-        self._check_open()
-        source = kvikio.CuFile(path, "r")  # kvikio handles unaligned offsets and sizes itself
-        result = _kvikio_start(source.pread, dest, offset, self._task_size, self._pool)
-        result.add_done_callback(lambda _: source.close())  # get() has returned: kvikio is done
-        return result
 
 
 def open_backend(directory: str | Path, *, prefer_kvikio: bool = True,
                  **kwargs: Any) -> ThreadPoolBackend | KvikioBackend:
-    """kvikio is imported only here and only with CUDA present: without the CUDA driver the
+    """The kvikio backend where CUDA and kvikio are present, else the thread pool. `kwargs` go to the backend.
+
+    kvikio is imported only here and only with CUDA present: without the CUDA driver the
     import itself fails, which must not break CPU-only machines."""
     if prefer_kvikio and torch.cuda.is_available():
         try:

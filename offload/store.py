@@ -8,9 +8,8 @@ Rules it keeps:
   NVMe file first, and its memory is counted until that write completes.
 - Loads and writes are asynchronous (the NVMe backend's thread pool); `prefetch` starts a load on a staging
   thread so that the compute thread never waits for eviction work it did not need.
-- Freed host-memory buffers are kept for reuse by the next chunk of the same size (most chunks of a model share
-  a few sizes), so steady-state streaming neither page-faults fresh memory nor churns the allocator. Kept
-  buffers count against the budget: host bytes in use + kept never exceed it. On CPU both tiers are one RAM
+- Freed host-memory buffers are kept for reuse by the next chunk of the same size (`buffer_pool.BufferPool`).
+  Kept buffers count against the budget: host bytes in use + kept never exceed it. On CPU both tiers are one RAM
   and share one pool, bounded by the two budgets together (a chunk moving between them changes only its
   accounting, so separate pools would keep buffers in the wrong one). CUDA device memory is left to torch's
   caching allocator.
@@ -27,9 +26,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .budget import format_bytes
+from .buffer_pool import BufferPool
 from .chunks import Chunk, Tier
 from .device import Transport
-from .nvme import SwapFile, ThreadPoolBackend
+from .eviction import choose_victim, describe_holders, may_free_later
+from .swap import SwapBackend, SwapFileIO
 
 __all__ = ["BudgetExceeded", "ChunkStore"]
 
@@ -52,24 +53,24 @@ class ChunkStore:
         device_bytes: int,
         host_bytes: int,
         transport: Transport,
-        backend: ThreadPoolBackend | None,
+        backend: SwapBackend | None,
         *,
         wait_limit_s: float = 60.0,
     ) -> None:
-        """`wait_limit_s`: a demand load that waits this long for other threads to release memory is taken for a
+        """`backend`: where chunks spill (None: nowhere, so dirty host chunks stay in memory).
+        `wait_limit_s`: a demand load that waits this long for other threads to release memory is taken for a
         deadlock (everything held) and raises BudgetExceeded instead of hanging."""
         self.wait_limit_s = wait_limit_s
         self.limits = {Tier.DEVICE: device_bytes, Tier.HOST: host_bytes}
         self.used = {Tier.DEVICE: 0, Tier.HOST: 0}
-        self.pooled = 0  # bytes of free host-memory buffers kept for reuse
-        self._free: dict[int, list[torch.Tensor]] = {}  # buffer size -> kept buffers
+        self._pool = BufferPool((Tier.DEVICE, Tier.HOST) if transport.shares_memory else (Tier.HOST,))
         self.peak = {Tier.DEVICE: 0, Tier.HOST: 0}
         self.bytes_read = 0
         self.bytes_written = 0
         self.transport = transport
         self.backend = backend
         self._chunks: list[Chunk] = []
-        self._files: dict[str, SwapFile] = {}
+        self._files: dict[str, SwapFileIO] = {}
         self._writing: dict[int, Future] = {}  # id(chunk) -> write in flight
         self._moving: set[int] = set()  # id(chunk) of chunks being re-charged from one tier to another
         self._lock = threading.Condition()
@@ -151,8 +152,8 @@ class ChunkStore:
         futures = []
         with self._lock:
             for chunk in self._chunks:
-                tier = self._newest_tier(chunk)
-                if tier is not None and not chunk.on_nvme and not chunk.zero:
+                tier = chunk.newest_tier
+                if tier is not None and chunk.only_copy_in(tier):
                     futures.append((chunk, self._file(chunk).write_from(chunk.buffers[tier])))
         for chunk, future in futures:
             future.result()
@@ -171,6 +172,11 @@ class ChunkStore:
         """Bytes in use per tier, for progress displays and tests."""
         with self._lock:
             return {tier.value: used for tier, used in self.used.items()}
+
+    @property
+    def pooled(self) -> int:
+        """Bytes of free host-memory buffers kept for reuse (counted against the budgets beside `used`)."""
+        return self._pool.nbytes
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -200,12 +206,7 @@ class ChunkStore:
                     continue
                 if tier is Tier.DEVICE and not self.transport.shares_memory and Tier.HOST not in chunk.buffers:
                     break  # CUDA, chunk only on NVMe: stage it through host memory first (below)
-                self._moving.add(id(chunk))  # making room must not evict or move this very chunk
-                try:
-                    reserved = self._reserve(tier, chunk.nbytes, best_effort, exclude=chunk, takes_buffer=not moving)
-                finally:
-                    self._moving.discard(id(chunk))
-                    self._lock.notify_all()
+                reserved = self._reserve_for(chunk, tier, best_effort, takes_buffer=not moving)
                 if not reserved:
                     return _done()
                 if tier in chunk.buffers or tier in chunk.loading or (other in chunk.buffers) != moving:
@@ -258,12 +259,7 @@ class ChunkStore:
         """CPU eviction from device: re-charge an unheld chunk's bytes to the host budget if it has room now
         (lock held). Returns False when it has not: waiting could deadlock, as the chunk making room in the
         device tier may be the very one whose move up would free the host tier."""
-        self._moving.add(id(chunk))
-        try:
-            room = self._reserve(Tier.HOST, chunk.nbytes, best_effort=True, exclude=chunk, takes_buffer=False)
-        finally:
-            self._moving.discard(id(chunk))
-            self._lock.notify_all()
+        room = self._reserve_for(chunk, Tier.HOST, best_effort=True, takes_buffer=False)
         if room:
             self._fill(chunk, Tier.HOST, Tier.DEVICE)
         return room
@@ -273,6 +269,15 @@ class ChunkStore:
         self.peak[tier] = max(self.peak[tier], self.used[tier])
 
     # ------------------------------------------------------------------------------------------ eviction
+
+    def _reserve_for(self, chunk: Chunk, tier: Tier, best_effort: bool, *, takes_buffer: bool) -> bool:
+        """`_reserve` room for `chunk` in `tier`, marked as moving meanwhile (lock held)."""
+        self._moving.add(id(chunk))  # making room must not evict or move this very chunk
+        try:
+            return self._reserve(tier, chunk.nbytes, best_effort, exclude=chunk, takes_buffer=takes_buffer)
+        finally:
+            self._moving.discard(id(chunk))
+            self._lock.notify_all()
 
     def _reserve(
         self, tier: Tier, nbytes: int, best_effort: bool, *, exclude: Chunk | None, takes_buffer: bool
@@ -284,25 +289,30 @@ class ChunkStore:
         deadline = time.monotonic() + self.wait_limit_s
         while self.used[tier] + nbytes > self.limits[tier]:
             self._raise_write_error()
-            victim = self._victim(tier, exclude)
+            victim = choose_victim(
+                self._chunks, tier, exclude=exclude, busy=self._writing.keys() | self._moving,
+                writes_in_flight=bool(self._writing), can_spill=self.backend is not None,
+            )
             if victim is not None:
                 self._evict(victim, tier)
                 continue
             if best_effort and not self._writing:
                 return False
-            if time.monotonic() > deadline or not (self._writing or self._others_hold(tier, exclude)):
+            if time.monotonic() > deadline or not (
+                self._writing or may_free_later(self._chunks, tier, exclude=exclude, moving=self._moving)
+            ):
                 if best_effort:
                     return False
                 raise BudgetExceeded(
                     f"the {tier.value} tier cannot make room for {format_bytes(nbytes)}: "
-                    f"{format_bytes(self.used[tier])} of {format_bytes(self.limits[tier])} are held; "
-                    f"raise the {tier.value} budget or lower the prefetch depth (held: {self._holders(tier)})"
+                    f"{format_bytes(self.used[tier])} of {format_bytes(self.limits[tier])} are held; raise the "
+                    f"{tier.value} budget or lower the prefetch depth (held: {describe_holders(self._chunks, tier)})"
                 )
             self._lock.wait(timeout=1.0)  # a write finishing or a release elsewhere frees room
         self.used[tier] += nbytes
         self.peak[tier] = max(self.peak[tier], self.used[tier])
-        if takes_buffer:  # a move re-charges a buffer from the other tier: RAM in use stays the same
-            self._trim_pool(tier, nbytes)
+        if takes_buffer and tier in self._pool.tiers:  # a move re-charges a buffer: RAM in use stays the same
+            self._pool.trim(sum(self.limits[t] - self.used[t] for t in self._pool.tiers), spare=nbytes)
         return True
 
     def _raise_write_error(self) -> None:
@@ -313,71 +323,12 @@ class ChunkStore:
                 "but training cannot go on: free space there or choose another Budget.nvme"
             ) from self._write_error
 
-    def _pooled_tier(self, tier: Tier) -> bool:
-        return tier is Tier.HOST or self.transport.shares_memory
-
-    def _pool_room(self) -> int:
-        """Bytes the pool may keep: what the tiers it serves have not in use."""
-        tiers = (Tier.DEVICE, Tier.HOST) if self.transport.shares_memory else (Tier.HOST,)
-        return sum(self.limits[tier] - self.used[tier] for tier in tiers)
-
     def _take(self, tier: Tier, nbytes: int) -> torch.Tensor:
         """A buffer for `nbytes` already reserved in `tier`: a kept one of that size, else a new one."""
-        kept = self._free.get(nbytes) if self._pooled_tier(tier) else None
-        if kept:
-            self.pooled -= nbytes
-            return kept.pop()
+        kept = self._pool.take(nbytes) if tier in self._pool.tiers else None
+        if kept is not None:
+            return kept
         return self.transport.allocate(nbytes, on_device=tier is Tier.DEVICE)
-
-    def _trim_pool(self, tier: Tier, taken: int) -> None:
-        """Free kept buffers until they fit the pool's room, sparing one of `taken` bytes (about to be taken)."""
-        if not self._pooled_tier(tier):
-            return
-        spare = taken if self._free.get(taken) else 0
-        while self.pooled - spare > self._pool_room():
-            size = max(size for size, kept in self._free.items() if len(kept) > (size == spare))
-            self._free[size].pop()  # the last reference: the memory goes back to the OS (see aligned_empty)
-            self.pooled -= size
-
-    def _holders(self, tier: Tier) -> str:
-        return ", ".join(
-            f"{c.key}{'' if tier in c.buffers else ' (loading)'}"
-            for c in self._chunks
-            if tier in c.buffers or tier in c.loading
-        )
-
-    def _others_hold(self, tier: Tier, exclude: Chunk | None) -> bool:
-        """Whether memory in `tier` may still be freed by someone else: a held chunk, a load in flight, or a
-        chunk another thread is moving between tiers."""
-        if self._moving - {id(exclude)}:
-            return True
-        return any((chunk.loading or chunk.pinned(tier)) and chunk is not exclude for chunk in self._chunks)
-
-    def _victim(self, tier: Tier, exclude: Chunk | None) -> Chunk | None:
-        candidates = [
-            chunk
-            for chunk in self._chunks
-            if tier in chunk.buffers
-            and chunk is not exclude
-            and not chunk.pinned(tier)
-            and id(chunk) not in self._writing
-            and id(chunk) not in self._moving
-            and (tier is Tier.DEVICE or self._can_leave_host(chunk))
-        ]
-        unkept = [chunk for chunk in candidates if not chunk.keep]
-        if not unkept and self._writing:
-            return None  # a write in flight frees room without evicting a kept chunk (adapters stay resident)
-        candidates = unkept or candidates
-        used = [chunk for chunk in candidates if not chunk.prefetched]
-        if used:
-            return min(used, key=lambda chunk: chunk.last_use)
-        if self._writing:
-            return None  # a write finishing frees room without throwing away a load made ahead of its use
-        return max(candidates, key=lambda chunk: chunk.last_use, default=None)  # the prefetch needed last
-
-    def _can_leave_host(self, chunk: Chunk) -> bool:
-        needs_save = not chunk.zero and not chunk.on_nvme and self._newest_tier(chunk) is Tier.HOST
-        return self.backend is not None or not needs_save
 
     def _evict(self, chunk: Chunk, tier: Tier) -> None:
         """Free `chunk`'s bytes in `tier`, saving them one tier down first when they are the newest copy."""
@@ -398,7 +349,7 @@ class ChunkStore:
             if self._move_down(chunk):
                 return
             # CPU, host tier full of chunks that cannot leave now: spill straight from device memory.
-        if chunk.zero or chunk.on_nvme or self._newest_tier(chunk) is not tier:
+        if not chunk.only_copy_in(tier):
             self._drop(chunk, tier)
             return
         if self.backend is None:
@@ -425,13 +376,11 @@ class ChunkStore:
             self._drop(chunk, tier)
 
     def _drop(self, chunk: Chunk, tier: Tier) -> None:
-        """Free the chunk's buffer in `tier`. Only for buffers nobody holds: a kept buffer is handed to the next
-        chunk of its size, so a stale view of it would read another chunk's bytes."""
+        """Free the chunk's buffer in `tier`. Only for buffers nobody holds: see Note [Kept buffers are reused]."""
         buffer = chunk.buffers.pop(tier)
         self.used[tier] -= chunk.nbytes
-        if self._pooled_tier(tier):
-            self._free.setdefault(chunk.nbytes, []).append(buffer)
-            self.pooled += chunk.nbytes
+        if tier in self._pool.tiers:
+            self._pool.give(buffer, chunk.nbytes)
 
     def _mark_dirty(self, chunk: Chunk, tier: Tier) -> None:
         if chunk.source is not None:
@@ -440,12 +389,7 @@ class ChunkStore:
         for other in [t for t in chunk.buffers if t is not tier and not chunk.pinned(t)]:
             self._drop(chunk, other)  # a stale copy is worse than none
 
-    def _newest_tier(self, chunk: Chunk) -> Tier | None:
-        if chunk.dirty is not None:
-            return chunk.dirty
-        return next(iter(chunk.buffers), None)
-
-    def _file(self, chunk: Chunk) -> SwapFile:
+    def _file(self, chunk: Chunk) -> SwapFileIO:
         if chunk.source is not None:
             return chunk.source  # type: ignore[return-value]  # read_into only: never dirty, never written
         file = self._files.get(chunk.key)

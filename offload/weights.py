@@ -6,31 +6,15 @@ is built on the meta device (no memory) and only the current block's tensors are
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from .blocks import Block
+from .safetensors_io import safetensors_index
 
-__all__ = ["find_stored", "load_block_weights", "safetensors_index", "stored_name"]
-
-
-def safetensors_index(directory: Path, prefix: str = "model") -> dict[str, Path]:
-    """Tensor name -> file, from `model.safetensors.index.json` or the single `model.safetensors`."""
-    index = directory / f"{prefix}.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
-    single = directory / f"{prefix}.safetensors"
-    if not single.exists():
-        raise FileNotFoundError(
-            f"{directory} has no model.safetensors or model.safetensors.index.json; "
-            "save the model with save_pretrained(..., safe_serialization=True)"
-        )
-    with safe_open(single, framework="pt") as file:
-        return {name: single for name in file.keys()}
+__all__ = ["find_stored", "load_block_weights", "stored_name"]
 
 
 def load_block_weights(

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from finetune.offload.blocks import BlockPlan, find_blocks
+from finetune.offload import BlockPlan, find_blocks
 from tests.tiny_models import ARCHITECTURES, random_batch, tiny_config
 
 LAYERS_NAME = {

@@ -21,8 +21,7 @@ from tiny_models import VOCAB, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from finetune.offload import merge as merge_module
-from finetune.offload import merge_adapter
-from finetune.offload.weights import safetensors_index
+from finetune.offload import merge_adapter, safetensors_index
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from finetune.offload import nvme
-from finetune.offload.nvme import ThreadPoolBackend, aligned_empty, open_backend
+from finetune.offload.host_memory import aligned_empty
+from finetune.offload.nvme import ThreadPoolBackend, open_backend
 from finetune.optim.layout import ALIGNMENT, round_up
 
 MiB = 1 << 20
@@ -234,7 +235,7 @@ def test_reading_past_eof_raises(tmp_path: Path, disk_backend: ThreadPoolBackend
 
 
 def _check_buffered_fallback(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nvme, "_fallback_warned", False)  # earlier tests may have warned
+    monkeypatch.setattr(nvme, "fallback_warning", nvme.OnceWarning())  # earlier tests may have warned
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         backends = [ThreadPoolBackend(root / "a", request_bytes=MiB),

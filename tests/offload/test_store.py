@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +45,9 @@ def test_random_traffic_keeps_budgets_and_bytes(tmp_path, mixed_sizes):
     expected = {chunk.key: torch.zeros(chunk.numel) for chunk in chunks}
     allocations = []
     allocate = store.transport.allocate
-    store.transport.allocate = lambda nbytes, on_device: allocations.append(nbytes) or allocate(nbytes, on_device=on_device)
+    store.transport.allocate = lambda nbytes, on_device: (
+        allocations.append(nbytes) or allocate(nbytes, on_device=on_device)
+    )
     rng = random.Random(torch.seed())
     for _ in range(300):
         chunk = rng.choice(chunks)
@@ -163,16 +166,29 @@ def test_flush_writes_every_dirty_chunk(tmp_path):
     store.close()
 
 
+class FullDisk:
+    """A swap backend on a full disk: every write fails with ENOSPC, as the thread pool's would."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def open(self, name: str, nbytes: int) -> FullDisk:
+        return self  # one file object serves every chunk: all it does is fail
+
+    def write_from(self, src: torch.Tensor, offset: int = 0) -> Future[None]:
+        failed: Future[None] = Future()
+        failed.set_exception(OSError(28, "No space left on device"))
+        return failed
+
+
 def test_failed_swap_write_keeps_the_bytes_and_fails_the_next_demand(tmp_path):
     """A full disk: the write-back of an evicted chunk fails. Its bytes stay in memory, the error reaches the
     caller as one OSError naming the swap directory, and nothing is silently dropped."""
-    store = _store(tmp_path, device_chunks=0, host_chunks=1)
+    nbytes = round_up(NUMEL * 4)
+    store = ChunkStore(0, nbytes, Transport(torch.device("cpu")), FullDisk(tmp_path / "swap"), wait_limit_s=2.0)
     first, second = _chunks(store, 2)
     store.acquire(first, Tier.HOST).fill_(5.0)
     store.release(first, Tier.HOST, dirty=True)
-    failed = Future()
-    failed.set_exception(OSError(28, "No space left on device"))
-    store._file(first).write_from = lambda buffer: failed
     with pytest.raises(OSError, match="No space left on device.*free space there"):
         store.acquire(second, Tier.HOST)
     assert torch.equal(first.typed(Tier.HOST), torch.full((NUMEL,), 5.0))

@@ -21,8 +21,7 @@ from streamed import (
 from tiny_models import save_tiny_model
 
 from finetune import optim
-from finetune.offload.checkpoint import OPTIMIZER_PREFIX
-from finetune.offload.weights import safetensors_index
+from finetune.offload import OPTIMIZER_PREFIX, safetensors_index
 from finetune.optim.adamw8bit import state_plan
 from finetune.optim.layout import ChunkLayout, chunk_nbytes
 
