@@ -235,8 +235,18 @@ def quiet_transformers() -> None:
 
 
 def llama_config(
-    *, hidden: int, intermediate: int, layers: int, heads: int, vocab: int, tie: bool, max_positions: int = 2048
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    vocab: int,
+    tie: bool,
+    max_positions: int = 2048,
+    kv_heads: int | None = None,
+    **extra: Any,
 ) -> Any:
+    """A LlamaConfig of these shapes (`kv_heads` None: as many as `heads`); `extra` goes to LlamaConfig as is."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -244,13 +254,14 @@ def llama_config(
         intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         vocab_size=vocab,
         max_position_embeddings=max_positions,
         tie_word_embeddings=tie,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        **extra,
     )
 
 

@@ -27,7 +27,6 @@ import itertools
 import json
 import os
 import shutil
-import struct
 import sys
 import threading
 import time
@@ -40,11 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import CpuClock, GiB, fmt_bytes, quiet_transformers  # noqa: E402
+from common import CpuClock, GiB, fmt_bytes, llama_config, quiet_transformers  # noqa: E402
 from transformers import LlamaConfig, PretrainedConfig  # noqa: E402
 
-from finetune.offload import meta_model  # noqa: E402
-from finetune.offload.export import SAFETENSORS_DTYPES  # noqa: E402
+from finetune.offload import encode_header, meta_model, plan_shards, shard_index, shard_names  # noqa: E402
 
 __all__ = ["PRESETS", "NotEnoughDisk", "llama_1b", "llama_7b", "llama_13b", "llama_tiny", "write_synthetic_model"]
 
@@ -69,20 +67,8 @@ class NotEnoughDisk(OSError):
 def _llama(
     *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, max_positions: int
 ) -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=max_positions,
-        rms_norm_eps=1e-5,
-        initializer_range=0.02,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    return llama_config(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads,
+                        vocab=vocab, tie=False, max_positions=max_positions, rms_norm_eps=1e-5, initializer_range=0.02)
 
 
 def llama_tiny() -> LlamaConfig:
@@ -222,37 +208,6 @@ def _slice_count(spec: Spec) -> int:
     return -(-numel // SLICE_ELEMENTS) if _is_normal(spec[1]) else 1
 
 
-def _shards(specs: list[Spec], max_shard_bytes: int) -> list[list[Spec]]:
-    """Greedy, as transformers shards: a tensor starts a new shard when the current one would pass the limit."""
-    shards: list[list[Spec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + _nbytes(spec) > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += _nbytes(spec)
-    return shards
-
-
-def _header(shard: list[Spec]) -> bytes:
-    """A safetensors header: 8-byte little-endian length, then JSON (tensors in file order, byte ranges relative
-    to the data section), padded with spaces so that the data starts 8-byte aligned, as the safetensors library
-    pads it. (offload/export.py writes the same header; its writer takes whole tensors, this one slices.)"""
-    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}  # as save_pretrained writes it
-    offset = 0
-    for name, shape, dtype in shard:
-        entries[name] = {
-            "dtype": SAFETENSORS_DTYPES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + shape.numel() * dtype.itemsize],
-        }
-        offset += shape.numel() * dtype.itemsize
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
 def _write_shard(path: Path, header: bytes, views: Iterable[memoryview], syncer: ThreadPoolExecutor) -> int:
     """Write one safetensors file, `header` then `views`, and fsync it; returns the data bytes written.
 
@@ -350,9 +305,8 @@ def write_synthetic_model(
 
     partial.mkdir()
     try:
-        shards = _shards(specs, max_shard_bytes)
-        names = (["model.safetensors"] if len(shards) == 1
-                 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        shards = plan_shards(specs, max_shard_bytes)
+        names = shard_names(len(shards))
         std = float(getattr(config, "initializer_range", 0.02))
         start, written = time.perf_counter(), 0
         workers = threads or _cpus()
@@ -363,7 +317,8 @@ def write_synthetic_model(
                 slices = _tensor_bytes(specs, std, seed, pool, window=workers + 2)
                 for number, (shard, name) in enumerate(zip(shards, names), 1):
                     count = sum(_slice_count(spec) for spec in shard)
-                    written += _write_shard(partial / name, _header(shard), itertools.islice(slices, count), syncer)
+                    shard_slices = itertools.islice(slices, count)
+                    written += _write_shard(partial / name, encode_header(shard), shard_slices, syncer)
                     if log is not None:
                         elapsed = time.perf_counter() - start
                         log(f"shard {number}/{len(shards)}: {fmt_bytes(written)} of {fmt_bytes(total)} written, "
@@ -372,8 +327,7 @@ def write_synthetic_model(
                 pool.shutdown(cancel_futures=True)  # on an error, drop the slices not started
 
         if len(shards) > 1:
-            weight_map = {spec[0]: name for shard, name in zip(shards, names) for spec in shard}
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            index = shard_index(shards, names)
             (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config.architectures = [type(model).__name__]
         config.dtype = dtype  # what from_pretrained(dtype="auto") loads as

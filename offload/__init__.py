@@ -11,7 +11,15 @@ from .merge import merge_adapter
 from .meta_model import meta_model
 from .model_export import write_model_config
 from .nvme import ThreadPoolBackend
-from .safetensors_io import index_ranges, safetensors_index, write_safetensors_shards
+from .safetensors_io import (
+    encode_header,
+    index_ranges,
+    plan_shards,
+    safetensors_index,
+    shard_index,
+    shard_names,
+    write_safetensors_shards,
+)
 from .store import BudgetExceeded
 
 # At import, before the first large tensor is freed: measured, the same setting made later (when the engine is
@@ -35,6 +43,7 @@ __all__ = [
     "atomic_directory",
     "default_compute_dtype",
     "detect_hardware",
+    "encode_header",
     "find_blocks",
     "format_bytes",
     "fsync_tree",
@@ -42,7 +51,10 @@ __all__ = [
     "merge_adapter",
     "meta_model",
     "parse_size",
+    "plan_shards",
     "safetensors_index",
+    "shard_index",
+    "shard_names",
     "write_atomic",
     "write_model_config",
     "write_safetensors_shards",

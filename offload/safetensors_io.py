@@ -23,10 +23,15 @@ __all__ = [
     "DTYPES",
     "DTYPE_NAMES",
     "TensorRange",
+    "TensorSpec",
     "UnsupportedDtype",
+    "encode_header",
     "index_ranges",
+    "plan_shards",
     "read_header",
     "safetensors_index",
+    "shard_index",
+    "shard_names",
     "write_safetensors_shards",
 ]
 
@@ -47,7 +52,8 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 """The same table the other way: what a header says for a tensor of each torch dtype."""
 
-_Spec = tuple[str, torch.Size, torch.dtype]  # a tensor to write: name, shape, dtype
+TensorSpec = tuple[str, torch.Size, torch.dtype]
+"""A tensor to write: name, shape, dtype."""
 
 
 class UnsupportedDtype(ValueError):
@@ -122,8 +128,9 @@ def index_ranges(index: dict[str, Path]) -> dict[str, TensorRange]:
     return {name: headers[path][name] for name, path in index.items()}
 
 
-def _shard_specs(specs: list[_Spec], max_shard_bytes: int) -> list[list[_Spec]]:
-    shards: list[list[_Spec]] = [[]]
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Greedy, as transformers shards: a tensor starts a new shard when the current one would pass the limit."""
+    shards: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
         nbytes = spec[1].numel() * spec[2].itemsize
@@ -135,20 +142,39 @@ def _shard_specs(specs: list[_Spec], max_shard_bytes: int) -> list[list[_Spec]]:
     return shards
 
 
-def _header(shard: list[_Spec]) -> bytes:
-    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+def shard_names(count: int, prefix: str = "model") -> list[str]:
+    """The file names transformers gives `count` shards: `model.safetensors`, or `model-00001-of-00002...`."""
+    if count == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def shard_index(shards: list[list[TensorSpec]], names: list[str]) -> dict[str, object]:
+    """The `model.safetensors.index.json` of several shards: total bytes and each tensor's file."""
+    return {
+        "metadata": {"total_size": sum(s.numel() * d.itemsize for shard in shards for _, s, d in shard)},
+        "weight_map": {spec[0]: name for shard, name in zip(shards, names) for spec in shard},
+    }
+
+
+def encode_header(shard: list[TensorSpec]) -> bytes:
+    """A shard's header as it starts the file: its 8-byte little-endian length, then the JSON (tensors in file
+    order, byte ranges relative to the data section), padded with spaces so that the data starts 8-byte aligned,
+    as the safetensors library pads it."""
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}  # as save_pretrained writes it
     offset = 0
     for name, shape, dtype in shard:
         end = offset + shape.numel() * dtype.itemsize
         entries[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
         offset = end
     text = json.dumps(entries, separators=(",", ":")).encode()
-    return text + b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 def write_safetensors_shards(
     directory: Path,
-    specs: list[_Spec],
+    specs: list[TensorSpec],
     tensors: Iterable[tuple[str, torch.Tensor]],
     *,
     max_shard_bytes: int,
@@ -165,21 +191,14 @@ def write_safetensors_shards(
     Raises:
         RuntimeError: the stream yields a tensor out of `specs` order, or more tensors than `specs`.
     """
-    shards = _shard_specs(specs, max_shard_bytes)
-    names = (
-        [f"{prefix}.safetensors"]
-        if len(shards) == 1
-        else [f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
+    shards = plan_shards(specs, max_shard_bytes)
+    names = shard_names(len(shards), prefix)
     stream: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
     written = [_write_shard(directory, name, shard, stream) for shard, name in zip(shards, names)]
     if next(stream, None) is not None:  # also runs the stream's cleanup (releasing what it holds) now
         raise RuntimeError("export stream yielded more tensors than its specs")
     if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(s.numel() * d.itemsize for _, s, d in specs)},
-            "weight_map": {spec[0]: name for shard, name in zip(shards, names) for spec in shard},
-        }
+        index = shard_index(shards, names)
         temporary = directory / f".{prefix}.safetensors.index.json.partial"
         temporary.write_text(json.dumps(index, indent=2))
         written.append((temporary, directory / f"{prefix}.safetensors.index.json"))
@@ -189,19 +208,17 @@ def write_safetensors_shards(
 
 
 def _write_shard(
-    directory: Path, name: str, shard: list[_Spec], stream: Iterator[tuple[str, torch.Tensor]]
+    directory: Path, name: str, shard: list[TensorSpec], stream: Iterator[tuple[str, torch.Tensor]]
 ) -> tuple[Path, Path]:
     """Write one shard under a temporary name, fsynced; returns (temporary, final) for the caller to rename."""
     temporary = directory / f".{name}.partial"
     with open(temporary, "wb") as file:
-        header = _header(shard)
-        file.write(struct.pack("<Q", len(header)))
-        file.write(header)
+        file.write(encode_header(shard))
         for expected, shape, dtype in shard:
             got, tensor = next(stream)
             if got != expected or tensor.shape != shape or tensor.dtype != dtype:
                 raise RuntimeError(f"export stream out of order: expected {expected}, got {got}")
-            file.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            file.write(memoryview(tensor.detach().contiguous().cpu().view(torch.uint8).numpy()))  # no copy
         file.flush()
         os.fsync(file.fileno())
     return temporary, directory / name
