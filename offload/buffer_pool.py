@@ -3,7 +3,10 @@
 Most chunks of a model share a few sizes, so a buffer freed by one chunk is what the next load of that size
 needs: reusing it means steady-state streaming neither page-faults fresh memory nor churns the allocator. Kept
 buffers still occupy RAM, so the owner (`ChunkStore`) counts them against its budgets and trims the pool to the
-room its tiers leave. A buffer let go of here goes back to the OS (see `host_memory.aligned_empty`).
+room its tiers leave. A buffer let go of here goes back to the OS (see `host_memory.aligned_empty`). On CPU both
+tiers are one RAM and share one pool, bounded by the two budgets together (a chunk moving between them changes
+only its accounting, so separate pools would keep buffers in the wrong one). CUDA device memory is left to torch's
+caching allocator.
 
 Note: [Kept buffers are reused] A buffer given to the pool is handed to the next chunk of its size, so it may be
 given only once nobody holds a view of it: a stale view would read another chunk's bytes.

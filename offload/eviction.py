@@ -4,16 +4,22 @@
 eviction, first to last: chunks used already before chunks prefetched and not used yet (evicting one would only
 read it again), least recently used first; chunks created with `keep` (LoRA adapters) only when no other chunk
 can go. A write in flight will free room by itself, so it is waited for rather than evicting a kept chunk or
-throwing away a prefetch.
+throwing away a prefetch. A prefetch never evicts a chunk prefetched and not used yet: prefetches are asked for
+in the order of use, so that one is needed sooner, and the new one is skipped instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 
+from .budget import format_bytes
 from .chunks import Chunk, Tier
 
-__all__ = ["choose_victim", "describe_holders", "may_free_later"]
+__all__ = ["BudgetExceeded", "choose_victim", "may_free_later", "no_room"]
+
+
+class BudgetExceeded(MemoryError):
+    """A tier cannot make room: everything in it is in use. The message says which tier and how much."""
 
 
 def choose_victim(
@@ -24,6 +30,7 @@ def choose_victim(
     busy: Collection[int],
     writes_in_flight: bool,
     can_spill: bool,
+    prefetch: bool = False,
 ) -> Chunk | None:
     """The chunk to evict from `tier`, or None: there is none, or waiting for a write in flight is better.
 
@@ -33,6 +40,7 @@ def choose_victim(
         writes_in_flight: some write in flight frees room when it completes.
         can_spill: there is an NVMe backend, so a host chunk holding the only copy of its bytes may leave (it
             is written first).
+        prefetch: the room is for a prefetch, which takes none from a chunk prefetched and not used yet.
     """
     candidates = [
         chunk
@@ -52,6 +60,8 @@ def choose_victim(
         return min(used, key=lambda chunk: chunk.last_use)
     if writes_in_flight:
         return None  # a write finishing frees room without throwing away a load made ahead of its use
+    if prefetch:
+        return None  # the loads made ahead are needed before the one asked for now: it is skipped instead
     return max(candidates, key=lambda chunk: chunk.last_use, default=None)  # the prefetch needed last
 
 
@@ -63,8 +73,12 @@ def may_free_later(chunks: Collection[Chunk], tier: Tier, *, exclude: Chunk | No
     return any((chunk.loading or chunk.pinned(tier)) and chunk is not exclude for chunk in chunks)
 
 
-def describe_holders(chunks: Collection[Chunk], tier: Tier) -> str:
-    """The chunks occupying `tier` (loading or present), for the error that says it cannot make room."""
-    return ", ".join(
+def no_room(chunks: Collection[Chunk], tier: Tier, nbytes: int, used: int, limit: int) -> BudgetExceeded:
+    """The error for a demand that cannot be met: `used` of the tier's `limit` bytes are held, naming by whom."""
+    holders = ", ".join(
         f"{c.key}{'' if tier in c.buffers else ' (loading)'}" for c in chunks if tier in c.buffers or tier in c.loading
+    )
+    return BudgetExceeded(
+        f"the {tier.value} tier cannot make room for {format_bytes(nbytes)}: {format_bytes(used)} of "
+        f"{format_bytes(limit)} are held; raise the {tier.value} budget or lower the prefetch depth (held: {holders})"
     )

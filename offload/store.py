@@ -4,15 +4,15 @@ Rules it keeps:
 - A tier's bytes in use never exceed its budget. Making room evicts the least recently used chunk that
   nobody holds (device -> host -> NVMe), or waits for a write in flight to finish. A chunk prefetched and not
   used yet goes last (the one needed latest first): evicting it would only read it again.
+- Prefetches are asked for in the order of use, and the staging thread may run them late (under load), so a
+  prefetch loads nothing that would have to be read twice: it evicts no chunk prefetched and not used yet (that
+  one is needed sooner), and it is dropped when it comes too late (`prefetch_order.PrefetchOrder`).
 - A chunk is never dropped from the last tier holding its newest bytes: a dirty host chunk is written to its
   NVMe file first, and its memory is counted until that write completes.
 - Loads and writes are asynchronous (the NVMe backend's thread pool); `prefetch` starts a load on a staging
   thread so that the compute thread never waits for eviction work it did not need.
 - Freed host-memory buffers are kept for reuse by the next chunk of the same size (`buffer_pool.BufferPool`).
-  Kept buffers count against the budget: host bytes in use + kept never exceed it. On CPU both tiers are one RAM
-  and share one pool, bounded by the two budgets together (a chunk moving between them changes only its
-  accounting, so separate pools would keep buffers in the wrong one). CUDA device memory is left to torch's
-  caching allocator.
+  Kept buffers count against the budget: host bytes in use + kept never exceed it.
 
 All bookkeeping happens under one lock (a Condition); I/O and copies happen outside it.
 """
@@ -21,22 +21,18 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 import torch
 
-from .budget import format_bytes
 from .buffer_pool import BufferPool
 from .chunks import Chunk, Tier
 from .device import Transport
-from .eviction import choose_victim, describe_holders, may_free_later
-from .swap import SwapBackend, SwapFileIO
+from .eviction import BudgetExceeded, choose_victim, may_free_later, no_room
+from .prefetch_order import PrefetchOrder, Ticket
+from .swap import SwapBackend, SwapFiles, write_failed
 
 __all__ = ["BudgetExceeded", "ChunkStore"]
-
-
-class BudgetExceeded(MemoryError):
-    """A tier cannot make room: everything in it is in use. The message says which tier and how much."""
 
 
 def _done(value: object = None) -> Future:
@@ -56,10 +52,12 @@ class ChunkStore:
         backend: SwapBackend | None,
         *,
         wait_limit_s: float = 60.0,
+        stager: Executor | None = None,
     ) -> None:
         """`backend`: where chunks spill (None: nowhere, so dirty host chunks stay in memory).
         `wait_limit_s`: a demand load that waits this long for other threads to release memory is taken for a
-        deadlock (everything held) and raises BudgetExceeded instead of hanging."""
+        deadlock (everything held) and raises BudgetExceeded instead of hanging.
+        `stager`: the one-thread executor prefetches run on, in order (default: a new one; tests pass their own)."""
         self.wait_limit_s = wait_limit_s
         self.limits = {Tier.DEVICE: device_bytes, Tier.HOST: host_bytes}
         self.used = {Tier.DEVICE: 0, Tier.HOST: 0}
@@ -70,14 +68,14 @@ class ChunkStore:
         self.transport = transport
         self.backend = backend
         self._chunks: list[Chunk] = []
-        self._files: dict[str, SwapFileIO] = {}
+        self._files = SwapFiles(backend)
         self._writing: dict[int, Future] = {}  # id(chunk) -> write in flight
         self._moving: set[int] = set()  # id(chunk) of chunks being re-charged from one tier to another
         self._lock = threading.Condition()
         self._clock = 0
+        self._order = PrefetchOrder()
         self._write_error: BaseException | None = None  # a failed swap write, raised to the next demand
-        # One staging thread: prefetches run in order, and their eviction waits never block compute.
-        self._stager = ThreadPoolExecutor(1, thread_name_prefix="chunk-stage")
+        self._stager = stager or ThreadPoolExecutor(1, thread_name_prefix="chunk-stage")
 
     # ----------------------------------------------------------------------------------------- public API
 
@@ -104,6 +102,7 @@ class ChunkStore:
         """
         with self._lock:
             chunk.pins[tier] = chunk.pins.get(tier, 0) + 1  # held from now on: never chosen for eviction
+            self._order.acquired(chunk, tier)
         try:
             token = self._ensure(chunk, tier, best_effort=False).result()
             with self._lock:  # a read's future resolves before its done-callback has published the buffer
@@ -123,7 +122,9 @@ class ChunkStore:
         """Start making `chunk` resident in `tier` without holding it; skipped if there is no room."""
         if tier in chunk.buffers or tier in chunk.loading:
             return
-        self._stager.submit(self._ensure, chunk, tier, best_effort=True)
+        with self._lock:
+            ticket = self._order.ask()
+        self._stager.submit(self._prefetch, chunk, tier, ticket)
 
     def release(self, chunk: Chunk, tier: Tier, *, dirty: bool = False) -> None:
         """Stop holding `chunk` in `tier`; `dirty` says its bytes there were changed (other copies are stale)."""
@@ -154,14 +155,13 @@ class ChunkStore:
             for chunk in self._chunks:
                 tier = chunk.newest_tier
                 if tier is not None and chunk.only_copy_in(tier):
-                    futures.append((chunk, self._file(chunk).write_from(chunk.buffers[tier])))
+                    futures.append((chunk, self._files.of(chunk).write_from(chunk.buffers[tier])))
         for chunk, future in futures:
             future.result()
             with self._lock:
                 self.bytes_written += chunk.nbytes
                 chunk.on_nvme, chunk.dirty = True, None
-        for file in self._files.values():
-            file.sync()
+        self._files.sync()
 
     def close(self) -> None:
         self._stager.shutdown(wait=True)
@@ -180,11 +180,12 @@ class ChunkStore:
 
     # ------------------------------------------------------------------------------------------- loading
 
-    def _ensure(self, chunk: Chunk, tier: Tier, *, best_effort: bool) -> Future:
+    def _ensure(self, chunk: Chunk, tier: Tier, *, best_effort: bool, ticket: Ticket | None = None) -> Future:
         """A future that completes (with a transport token) once `chunk` is present in `tier`.
 
         Every decision is re-checked after any wait (making room releases the lock), so two threads asking
         for the same chunk never both load it, and a chunk is never moved while it is written or loaded.
+        `ticket`: a prefetch's, which does nothing once `PrefetchOrder` finds it stale (come too late).
         """
         with self._lock:
             while True:
@@ -193,6 +194,8 @@ class ChunkStore:
                     loading is not tier for loading in chunk.loading
                 ):
                     self._lock.wait(timeout=1.0)
+                if self._order.stale(chunk, tier, ticket):
+                    return _done()
                 self._clock += 1
                 chunk.last_use = self._clock
                 if tier in chunk.buffers:
@@ -206,19 +209,26 @@ class ChunkStore:
                     continue
                 if tier is Tier.DEVICE and not self.transport.shares_memory and Tier.HOST not in chunk.buffers:
                     break  # CUDA, chunk only on NVMe: stage it through host memory first (below)
-                reserved = self._reserve_for(chunk, tier, best_effort, takes_buffer=not moving)
+                reserved = self._reserve_for(chunk, tier, best_effort, takes_buffer=not moving, prefetch=best_effort)
                 if not reserved:
                     return _done()
-                if tier in chunk.buffers or tier in chunk.loading or (other in chunk.buffers) != moving:
+                changed = tier in chunk.buffers or tier in chunk.loading or (other in chunk.buffers) != moving
+                if changed or self._order.stale(chunk, tier, ticket):
                     self.used[tier] -= chunk.nbytes  # the chunk changed while we made room: decide again
                     continue
                 chunk.prefetched = best_effort
                 return self._fill(chunk, tier, other if moving else None)
         self.acquire(chunk, Tier.HOST)
         try:
-            return self._ensure(chunk, tier, best_effort=best_effort)
+            return self._ensure(chunk, tier, best_effort=best_effort, ticket=ticket)
         finally:
             self.release(chunk, Tier.HOST)
+
+    def _prefetch(self, chunk: Chunk, tier: Tier, ticket: Ticket) -> None:
+        """The staging thread's part of `prefetch` (`_ensure` drops it if it comes too late)."""
+        self._ensure(chunk, tier, best_effort=True, ticket=ticket)
+        with self._lock:
+            self._order.ran(chunk, tier, ticket)
 
     def _fill(self, chunk: Chunk, tier: Tier, move_from: Tier | None) -> Future:
         """Put the chunk's bytes into `tier`, whose room is already reserved. Called with the lock held."""
@@ -238,7 +248,7 @@ class ChunkStore:
             buffer.zero_()
             self._set_present(chunk, tier, buffer)
             return _done()
-        future = self._file(chunk).read_into(buffer)
+        future = self._files.of(chunk).read_into(buffer)
         chunk.loading[tier] = future
         # The read completes on an I/O thread; only then is the buffer published as present, so a reader that
         # finds it in `buffers` never sees half-read bytes.
@@ -255,11 +265,11 @@ class ChunkStore:
                 self.used[tier] -= chunk.nbytes
             self._lock.notify_all()
 
-    def _move_down(self, chunk: Chunk) -> bool:
-        """CPU eviction from device: re-charge an unheld chunk's bytes to the host budget if it has room now
-        (lock held). Returns False when it has not: waiting could deadlock, as the chunk making room in the
-        device tier may be the very one whose move up would free the host tier."""
-        room = self._reserve_for(chunk, Tier.HOST, best_effort=True, takes_buffer=False)
+    def _move_down(self, chunk: Chunk, prefetch: bool) -> bool:
+        """CPU eviction from device: re-charge an unheld chunk's bytes to the host budget if it has room now (lock
+        held; `prefetch`: see `_reserve`). Returns False when it has not: waiting could deadlock, as the chunk
+        making room in the device tier may be the very one whose move up would free the host tier."""
+        room = self._reserve_for(chunk, Tier.HOST, best_effort=True, takes_buffer=False, prefetch=prefetch)
         if room:
             self._fill(chunk, Tier.HOST, Tier.DEVICE)
         return room
@@ -270,31 +280,36 @@ class ChunkStore:
 
     # ------------------------------------------------------------------------------------------ eviction
 
-    def _reserve_for(self, chunk: Chunk, tier: Tier, best_effort: bool, *, takes_buffer: bool) -> bool:
+    def _reserve_for(self, chunk: Chunk, tier: Tier, best_effort: bool, *, takes_buffer: bool, prefetch: bool) -> bool:
         """`_reserve` room for `chunk` in `tier`, marked as moving meanwhile (lock held)."""
         self._moving.add(id(chunk))  # making room must not evict or move this very chunk
         try:
-            return self._reserve(tier, chunk.nbytes, best_effort, exclude=chunk, takes_buffer=takes_buffer)
+            return self._reserve(
+                tier, chunk.nbytes, best_effort, exclude=chunk, takes_buffer=takes_buffer, prefetch=prefetch
+            )
         finally:
             self._moving.discard(id(chunk))
             self._lock.notify_all()
 
     def _reserve(
-        self, tier: Tier, nbytes: int, best_effort: bool, *, exclude: Chunk | None, takes_buffer: bool
+        self, tier: Tier, nbytes: int, best_effort: bool, *, exclude: Chunk | None, takes_buffer: bool,
+        prefetch: bool = False,
     ) -> bool:
         """Count `nbytes` against `tier`, evicting or waiting until they fit. Called with the lock held.
 
         `takes_buffer`: the caller goes on to `_take` a buffer of `nbytes` (a load), rather than re-charging
-        a buffer it has (a move), so a kept buffer of that size is spared when the pool is trimmed."""
+        a buffer it has (a move), so a kept buffer of that size is spared when the pool is trimmed.
+        `prefetch`: the room is for a prefetch, which evicts no chunk prefetched and not used yet, here or in the
+        host tier (CPU, moving a victim down)."""
         deadline = time.monotonic() + self.wait_limit_s
         while self.used[tier] + nbytes > self.limits[tier]:
             self._raise_write_error()
             victim = choose_victim(
                 self._chunks, tier, exclude=exclude, busy=self._writing.keys() | self._moving,
-                writes_in_flight=bool(self._writing), can_spill=self.backend is not None,
+                writes_in_flight=bool(self._writing), can_spill=self.backend is not None, prefetch=prefetch,
             )
             if victim is not None:
-                self._evict(victim, tier)
+                self._evict(victim, tier, prefetch)
                 continue
             if best_effort and not self._writing:
                 return False
@@ -303,11 +318,7 @@ class ChunkStore:
             ):
                 if best_effort:
                     return False
-                raise BudgetExceeded(
-                    f"the {tier.value} tier cannot make room for {format_bytes(nbytes)}: "
-                    f"{format_bytes(self.used[tier])} of {format_bytes(self.limits[tier])} are held; raise the "
-                    f"{tier.value} budget or lower the prefetch depth (held: {describe_holders(self._chunks, tier)})"
-                )
+                raise no_room(self._chunks, tier, nbytes, self.used[tier], self.limits[tier])
             self._lock.wait(timeout=1.0)  # a write finishing or a release elsewhere frees room
         self.used[tier] += nbytes
         self.peak[tier] = max(self.peak[tier], self.used[tier])
@@ -318,10 +329,7 @@ class ChunkStore:
     def _raise_write_error(self) -> None:
         if self._write_error is not None:
             directory = self.backend.directory if self.backend is not None else "the swap directory"
-            raise OSError(
-                f"writing a swap file in {directory} failed ({self._write_error}); nothing was lost from memory, "
-                "but training cannot go on: free space there or choose another Budget.nvme"
-            ) from self._write_error
+            raise write_failed(directory, self._write_error) from self._write_error
 
     def _take(self, tier: Tier, nbytes: int) -> torch.Tensor:
         """A buffer for `nbytes` already reserved in `tier`: a kept one of that size, else a new one."""
@@ -330,7 +338,7 @@ class ChunkStore:
             return kept
         return self.transport.allocate(nbytes, on_device=tier is Tier.DEVICE)
 
-    def _evict(self, chunk: Chunk, tier: Tier) -> None:
+    def _evict(self, chunk: Chunk, tier: Tier, prefetch: bool = False) -> None:
         """Free `chunk`'s bytes in `tier`, saving them one tier down first when they are the newest copy."""
         if tier is Tier.DEVICE:
             if Tier.HOST in chunk.buffers and chunk.dirty is not Tier.DEVICE:
@@ -346,7 +354,7 @@ class ChunkStore:
                 return
             if Tier.HOST in chunk.buffers:  # CPU: a stale host copy (the device one is newer): replace it
                 self._drop(chunk, Tier.HOST)
-            if self._move_down(chunk):
+            if self._move_down(chunk, prefetch):
                 return
             # CPU, host tier full of chunks that cannot leave now: spill straight from device memory.
         if not chunk.only_copy_in(tier):
@@ -358,7 +366,7 @@ class ChunkStore:
                 "raise the budgets"
             )
         # Dirty bytes go to NVMe first; the memory stays counted until the write completes.
-        future = self._file(chunk).write_from(chunk.buffers[tier])
+        future = self._files.of(chunk).write_from(chunk.buffers[tier])
         self._writing[id(chunk)] = future
         future.add_done_callback(lambda f: self._written(chunk, tier, f))
 
@@ -388,11 +396,3 @@ class ChunkStore:
         chunk.zero, chunk.on_nvme, chunk.dirty = False, False, tier
         for other in [t for t in chunk.buffers if t is not tier and not chunk.pinned(t)]:
             self._drop(chunk, other)  # a stale copy is worse than none
-
-    def _file(self, chunk: Chunk) -> SwapFileIO:
-        if chunk.source is not None:
-            return chunk.source  # type: ignore[return-value]  # read_into only: never dirty, never written
-        file = self._files.get(chunk.key)
-        if file is None:
-            file = self._files[chunk.key] = self.backend.open(chunk.key.replace("/", "."), chunk.nbytes)
-        return file

@@ -18,8 +18,17 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 
 from ..optim.layout import round_up
+from .chunks import Chunk
 
-__all__ = ["InflightRequests", "SwapBackend", "SwapDirectory", "SwapFileIO", "as_bytes"]
+__all__ = ["InflightRequests", "SwapBackend", "SwapDirectory", "SwapFileIO", "SwapFiles", "as_bytes", "write_failed"]
+
+
+def write_failed(directory: object, error: BaseException) -> OSError:
+    """The error training stops with after a swap write failed (disk full, I/O error): the bytes stayed in memory."""
+    return OSError(
+        f"writing a swap file in {directory} failed ({error}); nothing was lost from memory, but training cannot go "
+        "on: free space there or choose another Budget.nvme"
+    )
 
 
 class SwapFileIO(Protocol):
@@ -50,6 +59,29 @@ class SwapBackend(Protocol):
     def open(self, name: str, nbytes: int) -> SwapFileIO:
         """The swap file `name` in the directory, at least `nbytes` long."""
         ...
+
+
+class SwapFiles:
+    """The swap file of each chunk, opened on its first write or read. A frozen chunk's is its source (read-only:
+    it is never dirty, so never written)."""
+
+    def __init__(self, backend: SwapBackend | None) -> None:
+        self.backend = backend
+        self._files: dict[str, SwapFileIO] = {}
+
+    def of(self, chunk: Chunk) -> SwapFileIO:
+        if chunk.source is not None:
+            return chunk.source  # type: ignore[return-value]
+        file = self._files.get(chunk.key)
+        if file is None:
+            assert self.backend is not None, "a chunk without a swap backend never leaves memory"
+            file = self._files[chunk.key] = self.backend.open(chunk.key.replace("/", "."), chunk.nbytes)
+        return file
+
+    def sync(self) -> None:
+        """Make every file's bytes durable."""
+        for file in self._files.values():
+            file.sync()
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:

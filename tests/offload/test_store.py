@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,12 +22,23 @@ from finetune.optim.layout import round_up
 NUMEL = 3000  # 12000 bytes -> 12288 with O_DIRECT padding
 
 
-def _store(tmp_path, device_chunks: int, host_chunks: int, nvme: bool = True) -> ChunkStore:
+def _store(tmp_path, device_chunks: int, host_chunks: int, nvme: bool = True, stager=None) -> ChunkStore:
     nbytes = round_up(NUMEL * 4)
     backend = ThreadPoolBackend(tmp_path / "swap") if nvme else None
     return ChunkStore(
-        device_chunks * nbytes, host_chunks * nbytes, Transport(torch.device("cpu")), backend, wait_limit_s=2.0
+        device_chunks * nbytes,
+        host_chunks * nbytes,
+        Transport(torch.device("cpu")),
+        backend,
+        wait_limit_s=2.0,
+        stager=stager,
     )
+
+
+def _staged_store(tmp_path, device_chunks: int, host_chunks: int):
+    """A store whose staging thread the test can hold up, and wait for: prefetches run there in order."""
+    stager = ThreadPoolExecutor(1, thread_name_prefix="test-stage")
+    return _store(tmp_path, device_chunks, host_chunks, stager=stager), stager
 
 
 def _chunks(store: ChunkStore, count: int):
@@ -131,6 +142,77 @@ def test_kept_chunks_are_evicted_only_when_nothing_else_can_be(tmp_path):
     store.release(newcomer, Tier.HOST)
     store.release(second, Tier.HOST)
     assert torch.equal(store.acquire(kept, Tier.HOST), torch.ones(NUMEL))  # read back from its swap file
+    store.close()
+
+
+def test_a_prefetch_overtaken_by_the_use_of_its_chunk_does_nothing(tmp_path):
+    """The staging thread runs late (held up here): by the time it gets to a prefetch, the compute thread has
+    used that chunk and moved on. Loading it then would evict the chunk in use now and read its own bytes twice."""
+    store, stager = _staged_store(tmp_path, 1, 1)
+    early, later = _chunks(store, 2)
+    for chunk in (early, later):
+        store.acquire(chunk, Tier.DEVICE).fill_(1.0)
+        store.release(chunk, Tier.DEVICE, dirty=True)
+    held_up = threading.Event()
+    stager.submit(held_up.wait, 10.0)
+    store.prefetch(early, Tier.DEVICE)
+    for chunk in (early, later):  # the compute thread gets there first
+        store.acquire(chunk, Tier.DEVICE)
+        store.release(chunk, Tier.DEVICE)
+    moved = store.bytes_read, store.bytes_written
+    held_up.set()
+    stager.submit(lambda: None).result()  # the prefetch has run
+    assert Tier.DEVICE in later.buffers and Tier.DEVICE not in early.buffers and not early.loading
+    assert (store.bytes_read, store.bytes_written) == moved
+    store.close()
+
+
+def test_a_prefetch_evicts_no_load_made_ahead(tmp_path):
+    """Prefetches are asked for in the order of use, so one loaded ahead and not used yet is needed before the
+    next: that one is skipped rather than evict it, from the device tier or, by moving a chunk down, the host."""
+    store, stager = _staged_store(tmp_path, 1, 1)
+    ahead, next_one = _chunks(store, 2)
+    store.prefetch(ahead, Tier.DEVICE)
+    stager.submit(lambda: None).result()
+    store.prefetch(next_one, Tier.DEVICE)
+    stager.submit(lambda: None).result()
+    assert Tier.DEVICE in ahead.buffers and not next_one.buffers
+    store.close()
+    store, stager = _staged_store(tmp_path, 1, 1)
+    next_one, used, on_host = _chunks(store, 3)
+    store.acquire(used, Tier.DEVICE)
+    store.release(used, Tier.DEVICE)
+    store.prefetch(on_host, Tier.HOST)
+    stager.submit(lambda: None).result()
+    store.prefetch(next_one, Tier.DEVICE)  # `used` leaves the device tier, but does not push `on_host` out
+    stager.submit(lambda: None).result()
+    assert Tier.DEVICE in next_one.buffers and Tier.HOST in on_host.buffers and not used.buffers
+    store.close()
+
+
+def test_a_prefetch_does_not_jump_over_an_earlier_one_that_found_no_room(tmp_path):
+    """Two prefetches asked for together, the first when the tier is full; the second runs late, once there is
+    room. Loading it would only have it evicted again by the first one's use, so it is left out too. A prefetch
+    asked for after the next acquire is not held back."""
+    store, stager = _staged_store(tmp_path, 2, 1)
+    held, current, first, second = _chunks(store, 4)
+    store.acquire(held, Tier.DEVICE)
+    store.acquire(current, Tier.DEVICE)
+    store.prefetch(first, Tier.DEVICE)  # no room: both held
+    first_ran, held_up = threading.Event(), threading.Event()
+    stager.submit(first_ran.set)
+    stager.submit(held_up.wait, 10.0)
+    store.prefetch(second, Tier.DEVICE)
+    assert first_ran.wait(10.0)
+    store.release(current, Tier.DEVICE)
+    held_up.set()
+    stager.submit(lambda: None).result()
+    assert not first.buffers and not second.buffers and Tier.DEVICE in current.buffers
+    store.acquire(first, Tier.DEVICE)
+    store.release(first, Tier.DEVICE)
+    store.prefetch(second, Tier.DEVICE)
+    stager.submit(lambda: None).result()
+    assert Tier.DEVICE in second.buffers
     store.close()
 
 
