@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["optim", "offload", "cli"]  # bottom up
 OFFLOAD_HIGH = {
     "block_layout", "floors", "block_state", "binding", "residency", "clipping", "updates", "recompute",
-    "first_order", "zeroth_order", "model_export", "checkpoint", "engine", "merge",
+    "first_order", "zeroth_order", "model_export", "checkpoint", "engine", "merge", "traffic", "cost_model",
 }
 """offload's high-level modules; every other offload module is low-level and may not import these."""
 

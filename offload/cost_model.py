@@ -1,0 +1,218 @@
+"""What a run will cost before a byte is written: memory per tier and outside the budget, disk, bytes moved per
+step on each link, and the step time with its bottleneck.
+
+Inputs are a model on the meta device (shapes only), the optimizer, the workload (batch, sequence, accumulation,
+recompute, prefetch depth), the tier budgets, and a `Machine`: rates measured here (`offload/rates.py`) or a
+hardware profile's. Bytes come from `traffic.simulate_traffic`, which runs the engine's chunk traffic through the
+real store's eviction policy, so they are what the engine will move, not a formula's guess. Time is each
+resource's busy time from those bytes and the FLOPs of the step, combined by what overlaps with what:
+
+- CUDA: the GPU computes while the copy engine, the disks and the CPU (optimizer math) work in parallel, so a
+  step takes the longest of the four, plus what cannot overlap: the first block's load and the last update.
+- CPU: compute and optimizer math share the same cores, so they add; disk reads and writes run beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..optim.layout import chunk_nbytes
+from ..optim.mezo import MeZO
+from .block_layout import block_layouts, chunk_specs
+from .blocks import find_blocks
+from .floors import Floors, floors
+from .traffic import Traffic, simulate_traffic
+
+__all__ = ["Machine", "Prediction", "Workload", "activation_bytes", "predict", "step_flops"]
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The rates a prediction needs, in bytes and FLOP per second (measured, or from a hardware profile)."""
+
+    name: str
+    flops: float  # achieved FLOP/s of the compute device in the compute dtype, on the model's matrix shapes
+    disk_read: float  # swap directory, O_DIRECT, all its disks together
+    disk_write: float
+    optimizer_rate: float  # bytes of update state (weights, gradients, masters, states) the host updates per second
+    host_to_device: float | None = None  # None: device and host are the same RAM (CPU)
+    ram: int | None = None  # host RAM
+    device_memory: int | None = None  # GPU memory (None on CPU)
+    baseline_rss: int = 512 * 2**20  # the process before any chunk: interpreter, torch, transformers, the engine
+
+    @property
+    def cuda(self) -> bool:
+        return self.host_to_device is not None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one optimizer step computes, and the engine settings that change its traffic."""
+
+    batch_size: int = 1
+    seq_len: int = 512
+    accumulation_steps: int = 1
+    recompute: bool = True
+    prefetch: int = 2
+    updates_in_backward: bool = False  # per-block clipping or none: updates overlap backward
+    frozen_from_files: bool = False  # LoRA on a model directory: the frozen base is read from its safetensors
+    quantize_frozen: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per optimizer step."""
+        return self.batch_size * self.seq_len * self.accumulation_steps
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A run's predicted costs. Bytes per step are the steady state (from the second step on)."""
+
+    floors: Floors
+    device_budget: int
+    host_budget: int
+    traffic: Traffic
+    outside_budget: dict[str, int]  # memory the budgets do not count, by what holds it
+    peak_rss: int  # host process memory at the most
+    peak_device_memory: int  # GPU memory at the most (CUDA; on CPU the same RAM as peak_rss)
+    flops: float  # per optimizer step
+    busy_s: dict[str, float] = field(default_factory=dict)  # each resource's busy time per step
+    step_s: float = 0.0
+    bottleneck: str = ""
+    tokens_per_step: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_s if self.step_s else 0.0
+
+
+def _config(model: nn.Module) -> Any:
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def _linear_numel(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def step_flops(model: nn.Module, workload: Workload, zeroth_order: bool, samples: int = 1) -> tuple[float, float]:
+    """(FLOPs of the decoder layers, FLOPs of the output layer) for one optimizer step.
+
+    A matrix product of n weights costs 2n FLOPs per token forward and 4n backward (input and weight
+    gradients), 2n for a frozen weight (input gradient only); attention adds 4 * seq * width per token and
+    layer forward. Recompute runs each layer's forward a second time. MeZO runs 2 * samples forwards."""
+    config = _config(model)
+    plan = find_blocks(model)
+    layers = [b for b in plan.blocks if b.is_layer]
+    layer_module = model.get_submodule(plan.layers_name)[0]
+    linear = _linear_numel(layer_module) * len(layers)
+    trainable = sum(p.numel() for b in layers for p in b.params.values() if p.requires_grad and p.dim() >= 2)
+    frozen_linear = max(linear - trainable, 0)
+    heads = config.num_attention_heads
+    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    attention = 4 * workload.seq_len * width * len(layers)
+    head = model.get_output_embeddings()
+    head_numel = head.weight.numel() if head is not None else 0
+    tokens = workload.tokens
+    forward = 2 * linear + attention
+    if zeroth_order:
+        passes = 2 * samples
+        return passes * forward * tokens, passes * 2 * head_numel * tokens
+    backward = 4 * (linear - frozen_linear) + 2 * frozen_linear + 2 * attention
+    recompute = forward if workload.recompute else 0
+    head_trainable = head is not None and head.weight.requires_grad
+    head_flops = (2 + (4 if head_trainable else 2)) * head_numel
+    return (forward + backward + recompute) * tokens, head_flops * tokens
+
+
+def activation_bytes(model: nn.Module, workload: Workload, compute_dtype: torch.dtype, zeroth_order: bool,
+                     samples: int = 1) -> dict[str, int]:
+    """Memory outside the budgets for one micro-batch, by what holds it.
+
+    Per layer and token, a decoder layer's backward keeps about 10 hidden-width and 4 intermediate-width
+    tensors (norm outputs, q/k/v, attention output, MLP inputs and products), plus the attention probabilities
+    per head. With recompute only each layer's input is kept, and one layer's full set exists at a time. The
+    logits are float32, with their softmax and gradient beside them."""
+    config = _config(model)
+    hidden, vocab = config.hidden_size, config.vocab_size
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    size = torch.empty((), dtype=compute_dtype).element_size()
+    rows = workload.batch_size * (2 * samples if zeroth_order else 1)
+    tokens = rows * workload.seq_len
+    one_layer = (tokens * (10 * hidden + 4 * intermediate) + rows * heads * workload.seq_len**2) * size
+    if zeroth_order:
+        return {"activations": one_layer, "logits": tokens * vocab * 4}
+    kept = layers * tokens * hidden * size + one_layer if workload.recompute else layers * one_layer
+    embedding = model.get_input_embeddings()
+    dense_grad = embedding.weight.numel() * size if embedding.weight.requires_grad else 0
+    return {"activations": kept, "logits": 3 * tokens * vocab * 4, "embedding gradient": dense_grad}
+
+
+def predict(
+    model: nn.Module,
+    optimizer: Any,
+    workload: Workload,
+    machine: Machine,
+    *,
+    device_budget: int,
+    host_budget: int,
+    nvme: bool,
+    compute_dtype: torch.dtype,
+) -> Prediction:
+    """The costs of training `model` (on the meta device) with `optimizer` under these budgets on `machine`."""
+    zeroth_order = isinstance(optimizer, MeZO)
+    samples = optimizer.samples if zeroth_order else 1
+    plan = find_blocks(model)
+    layouts = block_layouts(model, plan, workload.quantize_frozen, compute_dtype)
+    need = floors(layouts, optimizer, compute_dtype)
+    dequantized = max((b.frozen.nbytes(compute_dtype) for b in layouts if b.quantized), default=0)
+    traffic = simulate_traffic(
+        layouts, plan, optimizer, compute_dtype, device_bytes=device_budget - dequantized, host_bytes=host_budget,
+        nvme=nvme, shares_memory=not machine.cuda, prefetch=workload.prefetch,
+        accumulation_steps=workload.accumulation_steps, updates_in_backward=workload.updates_in_backward,
+        frozen_from_files=workload.frozen_from_files,
+    )
+    outside = activation_bytes(model, workload, compute_dtype, zeroth_order, samples)
+    resident = min(device_budget + host_budget, need.state) if not machine.cuda else min(host_budget, need.state)
+    peak_rss = machine.baseline_rss + resident + (0 if machine.cuda else sum(outside.values()) + dequantized)
+    peak_device = min(device_budget, need.state) + sum(outside.values()) + dequantized if machine.cuda else peak_rss
+    layer_flops, head_flops = step_flops(model, workload, zeroth_order, samples)
+    flops = layer_flops + head_flops
+    busy = _busy_times(traffic, flops, layouts, optimizer, compute_dtype, machine, zeroth_order)
+    step_s, bottleneck = _step_time(busy, machine)
+    return Prediction(need, device_budget, host_budget, traffic, outside, peak_rss, peak_device, flops, busy, step_s,
+                      bottleneck, workload.tokens)
+
+
+def _busy_times(traffic: Traffic, flops: float, layouts: list, optimizer: Any, compute_dtype: torch.dtype,
+                machine: Machine, zeroth_order: bool) -> dict[str, float]:
+    """Seconds per step each resource is busy."""
+    update_bytes = 0
+    for b in layouts:
+        specs = chunk_specs(b.trainable, compute_dtype, optimizer).values()
+        update_bytes += 2 * sum(chunk_nbytes(spec.numel, spec.dtype) for spec in specs)  # read and written
+    busy = {
+        "compute": flops / machine.flops,
+        "disk": traffic.disk_read / machine.disk_read + traffic.disk_write / machine.disk_write,
+        "optimizer": update_bytes / machine.optimizer_rate,
+    }
+    if machine.cuda:
+        busy["host-device link"] = (traffic.host_to_device + traffic.device_to_host) / machine.host_to_device
+    return busy
+
+
+def _step_time(busy: dict[str, float], machine: Machine) -> tuple[float, str]:
+    """The step time from the busy times, and the resource that sets it."""
+    if machine.cuda:
+        bottleneck = max(busy, key=busy.__getitem__)
+        return busy[bottleneck], bottleneck
+    cores = busy["compute"] + busy["optimizer"]  # one set of cores does both
+    if busy["disk"] > cores:
+        return busy["disk"], "disk"
+    return cores, "compute" if busy["compute"] >= busy["optimizer"] else "optimizer"

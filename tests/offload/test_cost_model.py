@@ -1,0 +1,102 @@
+"""The cost model against the engine it predicts.
+
+Reference: a real engine on a tiny Llama with every chunk through NVMe, its store's byte counters over steps 2-4.
+The traffic simulation (`offload.traffic`) replays the engine's order on the real store policy, so its bytes
+must agree; the async staging thread makes the engine's own count vary by a few percent from step to step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import random_batch, save_tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from finetune import offload, optim
+from finetune.offload.block_layout import block_layouts
+from finetune.offload.blocks import find_blocks
+from finetune.offload.chunks import Tier
+from finetune.offload.cost_model import Machine, Workload, predict, step_flops
+from finetune.offload.traffic import simulate_traffic
+
+TOLERANCE = 0.2  # the engine's async prefetches vary its bytes per step by up to ~15% (measured)
+
+
+def _engine_bytes(path, tmp_path, optimizer, scale: float, **options):
+    model = AutoModelForCausalLM.from_pretrained(path)
+    device, host = offload.Engine.minimum_budget(model, optimizer)
+    budget = offload.Budget(device=int(device * scale), host=int(host * scale), nvme=tmp_path / "swap")
+    generator = torch.Generator().manual_seed(0)
+    accumulation = options.get("accumulation_steps", 1)
+    per_step = []
+    with offload.Engine(model, optimizer, budget, **options) as engine:
+        for _ in range(4):
+            read, written = engine.store.bytes_read, engine.store.bytes_written
+            engine.train_step(random_batch(128, batch=2 * accumulation, seq=12, generator=generator))
+            per_step.append((engine.store.bytes_read - read, engine.store.bytes_written - written))
+        limits = dict(engine.store.limits)
+    mean = [sum(column) / 3 for column in zip(*per_step[1:])]
+    return mean, limits
+
+
+@pytest.mark.parametrize(
+    "name, scale, options",
+    [
+        ("adamw", 1.0, {}),
+        ("adamw", 2.0, {}),
+        ("adamw", 1.5, {"max_grad_norm": 1.0}),  # exact clipping: every update after backward
+        ("adamw", 1.5, {"accumulation_steps": 2}),
+        ("adamw8bit", 1.5, {}),
+        ("mezo", 1.0, {}),
+    ],
+)
+def test_simulated_traffic_is_what_the_engine_moves(tmp_path, name, scale, options):
+    path = save_tiny_model("llama", tmp_path / "model", seed=2, num_hidden_layers=6)
+    make = {"adamw": lambda: optim.AdamW(lr=1e-3), "adamw8bit": lambda: optim.AdamW8bit(lr=1e-3),
+            "mezo": lambda: optim.MeZO(lr=1e-3)}[name]
+    (read, written), limits = _engine_bytes(path, tmp_path, make(), scale, **options)
+    meta = offload.meta_model(AutoConfig.from_pretrained(path))
+    plan = find_blocks(meta)
+    traffic = simulate_traffic(
+        block_layouts(meta, plan, None, torch.float32), plan, make(), torch.float32,
+        device_bytes=limits[Tier.DEVICE], host_bytes=limits[Tier.HOST], nvme=True, shares_memory=True,
+        accumulation_steps=options.get("accumulation_steps", 1),
+        updates_in_backward=options.get("max_grad_norm") is None, steps=4,
+    )
+    assert read > 0 and written > 0  # the budget is below the state: it streams
+    assert traffic.disk_read == pytest.approx(read, rel=TOLERANCE), (traffic, read)
+    assert traffic.disk_write == pytest.approx(written, rel=TOLERANCE), (traffic, written)
+    assert max(traffic.peak_device, traffic.peak_host) > 0
+
+
+def _meta_llama(tmp_path, **overrides):
+    path = save_tiny_model("llama", tmp_path / "model", seed=2, **overrides)
+    return offload.meta_model(AutoConfig.from_pretrained(path))
+
+
+def test_flops_count_recompute_and_zeroth_order(tmp_path):
+    model = _meta_llama(tmp_path)
+    workload = Workload(batch_size=2, seq_len=16)
+    layers, head = step_flops(model, workload, zeroth_order=False)
+    plain, _ = step_flops(model, Workload(batch_size=2, seq_len=16, recompute=False), zeroth_order=False)
+    mezo, _ = step_flops(model, workload, zeroth_order=True)
+    assert layers == pytest.approx(plain * 4 / 3)  # forward 1, backward 2, recompute 1
+    assert mezo == pytest.approx(plain * 2 / 3)  # two forwards
+    assert head > 0
+
+
+def test_prediction_of_a_streamed_run(tmp_path):
+    model = _meta_llama(tmp_path, num_hidden_layers=6)
+    machine = Machine("test", flops=1e11, disk_read=2e9, disk_write=1e9, optimizer_rate=4e9, baseline_rss=2**28)
+    optimizer = optim.AdamW(lr=1e-3)
+    device, host = offload.Engine.minimum_budget(model, optimizer)
+    streamed = predict(model, optimizer, Workload(batch_size=2, seq_len=16), machine, device_budget=device,
+                       host_budget=host, nvme=True, compute_dtype=torch.float32)
+    in_memory = predict(model, optimizer, Workload(batch_size=2, seq_len=16), machine, device_budget=2**30,
+                        host_budget=2**30, nvme=False, compute_dtype=torch.float32)
+    assert streamed.traffic.disk_read > 0 and in_memory.traffic.disk_read == 0
+    assert streamed.busy_s["disk"] > 0 and in_memory.busy_s["disk"] == 0
+    assert streamed.peak_rss < in_memory.peak_rss  # the budget bounds what the chunks hold
+    assert streamed.peak_rss > machine.baseline_rss + device + host
+    assert streamed.step_s >= max(streamed.busy_s["disk"], streamed.busy_s["compute"])
+    assert streamed.bottleneck in streamed.busy_s
