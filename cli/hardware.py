@@ -9,10 +9,10 @@ get, not what the page cache makes a disk look like.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
-from ..offload import Budget, ThreadPoolBackend, aligned_empty, format_bytes, parse_size
+from ..offload import Budget, format_bytes, parse_size
+from ..offload import disk_bandwidth as offload_disk_bandwidth
 from .config import RunConfig, flag
 from .errors import FinetuneError
 
@@ -69,26 +69,14 @@ def _check_writable(directory: Path) -> None:
 
 
 def disk_bandwidth(directory: Path, nbytes: int) -> tuple[float, float]:
-    """(write, read) bytes per second of one `nbytes` file in a temporary directory under `directory`.
+    """(write, read) bytes per second at `directory` (`offload.disk_bandwidth`).
 
     Raises:
         FinetuneError: the directory cannot be written.
     """
-    buffer = aligned_empty(nbytes)
-    buffer.random_(0, 256)  # incompressible, so a compressing filesystem cannot flatter the result
-    probe = directory / ".finetune-bandwidth"
     try:
-        with ThreadPoolBackend(probe) as backend:
-            file = backend.open("probe", nbytes)
-            started = time.perf_counter()
-            file.write_from(buffer).result()
-            file.sync()  # count the bytes reaching the disk, not the queue
-            write = nbytes / (time.perf_counter() - started)
-            started = time.perf_counter()
-            file.read_into(buffer).result()
-            read = nbytes / (time.perf_counter() - started)
+        return offload_disk_bandwidth(directory, nbytes)
     except OSError as error:
         raise FinetuneError(
             f"cannot measure the disk at {directory} ({error.strerror}); pass a writable --path"
         ) from None
-    return write, read

@@ -3,6 +3,7 @@
 from .blocks import Block, BlockPlan, find_blocks
 from .budget import Budget, Hardware, detect_hardware, format_bytes, parse_size
 from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX
+from .cost_model import Machine, Prediction, Workload, predict
 from .device import default_compute_dtype
 from .durable import atomic_directory, fsync_tree, write_atomic
 from .engine import ClipMode, Engine
@@ -11,6 +12,7 @@ from .merge import merge_adapter
 from .meta_model import meta_model
 from .model_export import write_model_config
 from .nvme import ThreadPoolBackend
+from .rates import disk_bandwidth, hardware_profile, measure_machine, profile_names
 from .safetensors_io import (
     encode_header,
     index_ranges,
@@ -38,20 +40,28 @@ __all__ = [
     "ClipMode",
     "Engine",
     "Hardware",
+    "Machine",
+    "Prediction",
+    "Workload",
     "ThreadPoolBackend",
     "aligned_empty",
     "atomic_directory",
     "default_compute_dtype",
     "detect_hardware",
+    "disk_bandwidth",
     "encode_header",
     "find_blocks",
     "format_bytes",
+    "hardware_profile",
+    "measure_machine",
     "fsync_tree",
     "index_ranges",
     "merge_adapter",
     "meta_model",
     "parse_size",
     "plan_shards",
+    "predict",
+    "profile_names",
     "safetensors_index",
     "shard_index",
     "shard_names",

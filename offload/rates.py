@@ -1,0 +1,173 @@
+"""The rates the cost model needs, measured on this machine once and cached, or read from a hardware profile.
+
+Measured: matrix-product FLOP/s in the compute dtype at the model's own layer shape (small shapes run far
+below a device's peak, so a generic number would mislead), O_DIRECT read and write bandwidth of the swap
+directory through the engine's own NVMe backend, the optimizer's update rate on the host, and the process's
+memory before any chunk. Each takes about a second. The cache (`~/.cache/finetune/rates.json`, or
+$FINETUNE_CACHE_DIR) keeps them per machine, path, dtype and shape for a week; `refresh=True` (what
+`finetune info --bandwidth` passes) measures again.
+
+Profiles (`hardware_profiles.json` beside this module, or a JSON file of the same fields) describe machines
+that cannot be measured here: the papers' workstations, a GPU server, a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import psutil
+import torch
+
+from .cost_model import Machine
+from .durable import write_atomic
+from .host_memory import aligned_empty
+from .nvme import ThreadPoolBackend
+
+__all__ = ["PROFILES", "disk_bandwidth", "hardware_profile", "measure_machine", "profile_names"]
+
+PROFILES = Path(__file__).with_name("hardware_profiles.json")
+CACHE_DAYS = 7
+PROBE_BYTES = 256 * 2**20
+
+
+def profile_names() -> list[str]:
+    return sorted(json.loads(PROFILES.read_text()))
+
+
+def hardware_profile(name_or_file: str | Path) -> Machine:
+    """A machine from the bundled profiles by name, or from a JSON file with the same fields.
+
+    Raises:
+        ValueError: no such profile or file, or a file whose fields are not a Machine's.
+    """
+    path = Path(name_or_file)
+    profiles = json.loads(PROFILES.read_text())
+    if str(name_or_file) in profiles:
+        return Machine(name=str(name_or_file), **profiles[str(name_or_file)]["rates"])
+    if not path.is_file():
+        raise ValueError(f"no hardware profile {str(name_or_file)!r}; use one of {', '.join(sorted(profiles))}, "
+                         "or a JSON file with the fields of a profile")
+    data = json.loads(path.read_text())
+    known = {f.name for f in fields(Machine)}
+    unknown = sorted(set(data.get("rates", data)) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown fields {unknown}; a profile has {sorted(known)}")
+    return Machine(**{"name": path.stem, **data.get("rates", data)})
+
+
+def disk_bandwidth(directory: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float]:
+    """(write, read) bytes per second of one `nbytes` file in a temporary directory under `directory`, through
+    the engine's NVMe backend (O_DIRECT where the filesystem allows), so the page cache cannot flatter it.
+
+    Raises:
+        OSError: the directory cannot be written.
+    """
+    buffer = aligned_empty(nbytes)
+    buffer.random_(0, 256)  # incompressible, so a compressing filesystem cannot flatter the result
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".finetune-bandwidth-") as probe:
+        with ThreadPoolBackend(Path(probe) / "swap") as backend:
+            file = backend.open("probe", nbytes)
+            started = time.perf_counter()
+            file.write_from(buffer).result()
+            file.sync()  # count the bytes reaching the disk, not the queue
+            write = nbytes / (time.perf_counter() - started)
+            started = time.perf_counter()
+            file.read_into(buffer).result()
+            read = nbytes / (time.perf_counter() - started)
+    return write, read
+
+
+def _matmul_flops(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of (tokens x hidden) @ (hidden x intermediate) products, timed for about half a second."""
+    tokens, hidden, intermediate = shape
+    a = torch.randn(tokens, hidden, device=device).to(dtype)
+    b = torch.randn(hidden, intermediate, device=device).to(dtype)
+    runs, elapsed = 1, 0.0
+    while elapsed < 0.5:
+        runs *= 2
+        started = time.perf_counter()
+        for _ in range(runs):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+    return 2 * tokens * hidden * intermediate * runs / elapsed
+
+
+def _optimizer_rate() -> float:
+    """Bytes of update state per second for an AdamW-like update (weights, gradients, two moments) on the host."""
+    numel = 2**22
+    weights, grads, exp_avg, exp_avg_sq = (torch.rand(numel) for _ in range(4))
+    started = time.perf_counter()
+    for _ in range(4):
+        exp_avg.lerp_(grads, 0.1)
+        exp_avg_sq.mul_(0.999).addcmul_(grads, grads, value=0.001)
+        weights.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(1e-8), value=-1e-3)
+    return 4 * 2 * 4 * numel * 4 / (time.perf_counter() - started)  # 4 tensors, read and written, 4 bytes, 4 runs
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune"))
+    return root / "rates.json"
+
+
+def measure_machine(
+    swap_dir: Path | None,
+    compute_dtype: torch.dtype,
+    shape: tuple[int, int, int],
+    *,
+    device: torch.device | None = None,
+    refresh: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Machine:
+    """This machine's rates for a run: cached ones when fresh, else measured now (a few seconds).
+
+    `shape`: (tokens per micro-batch, hidden size, intermediate size) of the model's main matrix products.
+    Without `swap_dir` the disk rates are not needed and are left at 1 byte/s (no bytes go to disk)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cache = _cache_file()
+    key = json.dumps([platform.node(), str(device), str(swap_dir and swap_dir.resolve()), str(compute_dtype), shape])
+    entries = json.loads(cache.read_text()) if cache.is_file() else {}
+    entry = entries.get(key)
+    if entry is not None and not refresh and time.time() - entry["measured_at"] < CACHE_DAYS * 86400:
+        return Machine(**entry["machine"])
+    say = progress or (lambda message: None)
+    say(f"measuring this machine's rates ({device}, {str(compute_dtype).removeprefix('torch.')}) ...")
+    write, read = disk_bandwidth(swap_dir) if swap_dir is not None else (1.0, 1.0)
+    cuda = device.type == "cuda"
+    machine = Machine(
+        name=platform.node() or "this machine",
+        flops=_matmul_flops(shape, compute_dtype, device),
+        disk_read=read,
+        disk_write=write,
+        optimizer_rate=_optimizer_rate(),
+        host_to_device=_host_to_device(device) if cuda else None,
+        ram=psutil.virtual_memory().total,
+        device_memory=torch.cuda.get_device_properties(device).total_memory if cuda else None,
+        baseline_rss=psutil.Process().memory_info().rss,
+    )
+    entries[key] = {"measured_at": time.time(), "machine": asdict(machine)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(cache, json.dumps(entries, indent=1).encode())
+    return machine
+
+
+def _host_to_device(device: torch.device) -> float:
+    """Pinned host -> device copy bandwidth, bytes per second."""
+    host = torch.empty(PROBE_BYTES, dtype=torch.uint8).pin_memory()
+    target = torch.empty(PROBE_BYTES, dtype=torch.uint8, device=device)
+    target.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(4):
+        target.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return 4 * PROBE_BYTES / (time.perf_counter() - started)
