@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -114,6 +116,32 @@ def _optimizer_rate() -> float:
     return 4 * 2 * 4 * numel * 4 / (time.perf_counter() - started)  # 4 tensors, read and written, 4 bytes, 4 runs
 
 
+_TINY_RUN = """
+import sys, tempfile, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from finetune import offload, optim
+work = tempfile.mkdtemp(dir=sys.argv[1])
+config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=2, vocab_size=256)
+LlamaForCausalLM(config).save_pretrained(work + "/model")
+budget = offload.Budget(device=2**20, host=2**20, nvme=work + "/swap")
+with offload.Engine.from_pretrained(work + "/model", optim.AdamW(lr=1e-3), budget) as engine:
+    ids = torch.randint(0, 256, (1, 8))
+    for _ in range(2):
+        engine.train_step({"input_ids": ids, "labels": ids})
+status = open("/proc/self/status").read()  # VmHWM: this address space's peak (ru_maxrss survives exec)
+print(int(status.split("VmHWM:")[1].split()[0]) * 1024)
+"""
+
+
+def _baseline_rss() -> int:
+    """Peak RSS of a tiny streamed training run in a fresh process: the interpreter, torch, transformers and the
+    engine's own threads and heap, which every run pays before its chunks and activations."""
+    with tempfile.TemporaryDirectory(prefix="finetune-baseline-") as work:
+        out = subprocess.run([sys.executable, "-c", _TINY_RUN, work], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) - 2 * 2**20  # less its chunks (2 MiB budget), counted apart
+
+
 def _cache_file() -> Path:
     root = Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune"))
     return root / "rates.json"
@@ -152,7 +180,7 @@ def measure_machine(
         host_to_device=_host_to_device(device) if cuda else None,
         ram=psutil.virtual_memory().total,
         device_memory=torch.cuda.get_device_properties(device).total_memory if cuda else None,
-        baseline_rss=psutil.Process().memory_info().rss,
+        baseline_rss=_baseline_rss(),
     )
     entries[key] = {"measured_at": time.time(), "machine": asdict(machine)}
     cache.parent.mkdir(parents=True, exist_ok=True)
