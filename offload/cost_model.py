@@ -45,6 +45,7 @@ class Machine:
     ram: int | None = None  # host RAM
     device_memory: int | None = None  # GPU memory (None on CPU)
     baseline_rss: int = 512 * 2**20  # the process before any chunk: interpreter, torch, transformers, the engine
+    block_overhead_s: float = 0.0  # the engine's fixed cost per block and step (hooks, holds, bookkeeping)
 
     @property
     def cuda(self) -> bool:
@@ -198,7 +199,7 @@ def _busy_times(traffic: Traffic, flops: float, layouts: list, optimizer: Any, c
         specs = chunk_specs(b.trainable, compute_dtype, optimizer).values()
         update_bytes += 2 * sum(chunk_nbytes(spec.numel, spec.dtype) for spec in specs)  # read and written
     busy = {
-        "compute": flops / machine.flops,
+        "compute": flops / machine.flops + len(layouts) * machine.block_overhead_s,
         "disk": traffic.disk_read / machine.disk_read + traffic.disk_write / machine.disk_write,
         "optimizer": update_bytes / machine.optimizer_rate,
     }

@@ -117,7 +117,7 @@ def _optimizer_rate() -> float:
 
 
 _TINY_RUN = """
-import sys, tempfile, torch
+import sys, tempfile, time, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from finetune import offload, optim
 work = tempfile.mkdtemp(dir=sys.argv[1])
@@ -127,19 +127,27 @@ LlamaForCausalLM(config).save_pretrained(work + "/model")
 budget = offload.Budget(device=2**20, host=2**20, nvme=work + "/swap")
 with offload.Engine.from_pretrained(work + "/model", optim.AdamW(lr=1e-3), budget) as engine:
     ids = torch.randint(0, 256, (1, 8))
-    for _ in range(2):
+    times = []
+    for _ in range(6):
+        started = time.perf_counter()
         engine.train_step({"input_ids": ids, "labels": ids})
+        times.append(time.perf_counter() - started)
+    blocks = len(engine.blocks)
 status = open("/proc/self/status").read()  # VmHWM: this address space's peak (ru_maxrss survives exec)
-print(int(status.split("VmHWM:")[1].split()[0]) * 1024)
+print(int(status.split("VmHWM:")[1].split()[0]) * 1024, sorted(times[1:])[2] / blocks)
 """
 
 
-def _baseline_rss() -> int:
-    """Peak RSS of a tiny streamed training run in a fresh process: the interpreter, torch, transformers and the
-    engine's own threads and heap, which every run pays before its chunks and activations."""
+def _tiny_run() -> tuple[int, float]:
+    """A tiny streamed training run in a fresh process: (its peak RSS, its seconds per block and step).
+
+    The peak is what every run pays before its chunks and activations (interpreter, torch, transformers, the
+    engine's threads and heap); the time, with almost nothing to compute, is the engine's cost of streaming a
+    block through a step (hooks, holds, the update's bookkeeping), which dominates small models."""
     with tempfile.TemporaryDirectory(prefix="finetune-baseline-") as work:
         out = subprocess.run([sys.executable, "-c", _TINY_RUN, work], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) - 2 * 2**20  # less its chunks (2 MiB budget), counted apart
+    peak, per_block = out.stdout.strip().splitlines()[-1].split()
+    return int(peak) - 2 * 2**20, float(per_block)  # less its chunks (2 MiB budget), counted apart
 
 
 def _cache_file() -> Path:
@@ -171,6 +179,7 @@ def measure_machine(
     say(f"measuring this machine's rates ({device}, {str(compute_dtype).removeprefix('torch.')}) ...")
     write, read = disk_bandwidth(swap_dir) if swap_dir is not None else (1.0, 1.0)
     cuda = device.type == "cuda"
+    baseline_rss, block_overhead_s = _tiny_run()
     machine = Machine(
         name=platform.node() or "this machine",
         flops=_matmul_flops(shape, compute_dtype, device),
@@ -180,7 +189,8 @@ def measure_machine(
         host_to_device=_host_to_device(device) if cuda else None,
         ram=psutil.virtual_memory().total,
         device_memory=torch.cuda.get_device_properties(device).total_memory if cuda else None,
-        baseline_rss=_baseline_rss(),
+        baseline_rss=baseline_rss,
+        block_overhead_s=block_overhead_s,
     )
     entries[key] = {"measured_at": time.time(), "machine": asdict(machine)}
     cache.parent.mkdir(parents=True, exist_ok=True)
