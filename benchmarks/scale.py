@@ -34,11 +34,11 @@ import common  # noqa: E402
 import torch  # noqa: E402
 from synthetic_model import PRESETS, write_synthetic_model  # noqa: E402
 
-ROWS: dict[str, dict[str, Any]] = {
-    "7b-adamw8bit": {"preset": "llama-7b", "optimizer": "adamw8bit", "lora": None},
-    "13b-mezo": {"preset": "llama-13b", "optimizer": "mezo", "lora": None},
+ROWS: dict[str, dict[str, Any]] = {  # in an order that writes each model once
     "13b-lora": {"preset": "llama-13b", "optimizer": "adamw", "lora": "lora"},
     "13b-qlora": {"preset": "llama-13b", "optimizer": "adamw", "lora": "qlora"},
+    "13b-mezo": {"preset": "llama-13b", "optimizer": "mezo", "lora": None},
+    "7b-adamw8bit": {"preset": "llama-7b", "optimizer": "adamw8bit", "lora": None},
 }
 DISK_MARGIN = 2 * common.GiB  # left free beyond the predicted files
 

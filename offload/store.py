@@ -209,10 +209,11 @@ class ChunkStore:
                     continue
                 if tier is Tier.DEVICE and not self.transport.shares_memory and Tier.HOST not in chunk.buffers:
                     break  # CUDA, chunk only on NVMe: stage it through host memory first (below)
+                had_other = other in chunk.buffers  # the copy this one is filled from (CUDA) or moved from (CPU)
                 reserved = self._reserve_for(chunk, tier, best_effort, takes_buffer=not moving, prefetch=best_effort)
                 if not reserved:
                     return _done()
-                changed = tier in chunk.buffers or tier in chunk.loading or (other in chunk.buffers) != moving
+                changed = tier in chunk.buffers or tier in chunk.loading or (other in chunk.buffers) != had_other
                 if changed or self._order.stale(chunk, tier, ticket):
                     self.used[tier] -= chunk.nbytes  # the chunk changed while we made room: decide again
                     continue
@@ -240,10 +241,14 @@ class ChunkStore:
             self._lock.notify_all()
             return _done()
         buffer = self._take(tier, chunk.nbytes)
-        if Tier.HOST in chunk.buffers and tier is Tier.DEVICE:  # CUDA host -> device copy
-            chunk.ready[tier] = self.transport.copy(buffer, chunk.buffers[Tier.HOST])
+        other = Tier.HOST if tier is Tier.DEVICE else Tier.DEVICE
+        if other in chunk.buffers:  # CUDA: copied from the other tier's copy (the newest, if either is dirty)
+            chunk.ready[tier] = self.transport.copy(buffer, chunk.buffers[other])
+            if tier is Tier.HOST:  # device -> host: waited for here; the device copy becomes a clean cache
+                self.transport.ready_on_host(chunk.ready.pop(tier))
+                chunk.dirty = Tier.HOST if chunk.dirty is Tier.DEVICE else chunk.dirty
             self._set_present(chunk, tier, buffer)
-            return _done(chunk.ready[tier])
+            return _done(chunk.ready.get(tier))
         if chunk.zero:
             buffer.zero_()
             self._set_present(chunk, tier, buffer)
@@ -345,11 +350,8 @@ class ChunkStore:
                 self._drop(chunk, tier)  # CUDA: the host copy is as new, the device copy was a cache
                 return
             if not self.transport.shares_memory:
-                self._reserve(Tier.HOST, chunk.nbytes, best_effort=False, exclude=chunk, takes_buffer=True)
-                host = self._take(Tier.HOST, chunk.nbytes)
-                self.transport.ready_on_host(self.transport.copy(host, chunk.buffers[tier]))  # host sync
-                self._set_present(chunk, Tier.HOST, host)
-                chunk.dirty = Tier.HOST if chunk.dirty is Tier.DEVICE else chunk.dirty
+                self._reserve_for(chunk, Tier.HOST, False, takes_buffer=True, prefetch=False)  # no one else evicts it
+                self._fill(chunk, Tier.HOST, None)  # the device -> host copy
                 self._drop(chunk, tier)
                 return
             if Tier.HOST in chunk.buffers:  # CPU: a stale host copy (the device one is newer): replace it
