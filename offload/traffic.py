@@ -296,7 +296,8 @@ def simulate_traffic(
 
     backend = _CountingBackend() if nvme else None
     transport = _MetaTransport(shares_memory)
-    store = ChunkStore(device_bytes, host_bytes, transport, backend, stager=_Inline())  # type: ignore[arg-type]
+    # One thread: a wait could never end (nobody else releases), so a budget the replay cannot meet raises at once.
+    store = ChunkStore(device_bytes, host_bytes, transport, backend, wait_limit_s=0.0, stager=_Inline())  # type: ignore[arg-type]
     replay = _Replay(store, _blocks(store, layouts, optimizer, compute_dtype, frozen_from_files), plan, prefetch)
     replay.copy_in()
     setup_write = store.bytes_written
