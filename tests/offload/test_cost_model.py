@@ -100,3 +100,16 @@ def test_prediction_of_a_streamed_run(tmp_path):
     assert streamed.peak_rss > machine.baseline_rss + device + host
     assert streamed.step_s >= max(streamed.busy_s["disk"], streamed.busy_s["compute"])
     assert streamed.bottleneck in streamed.busy_s
+
+
+def test_prediction_on_a_gpu_profile_counts_the_host_device_link(tmp_path):
+    """CUDA's memory model: weights go up to the device and gradients come down, every step."""
+    model = _meta_llama(tmp_path, num_hidden_layers=4)
+    machine = offload.hardware_profile("h200-128gb")
+    optimizer = optim.AdamW(lr=1e-3)
+    device, host = offload.Engine.minimum_budget(model, optimizer, compute_dtype=torch.bfloat16)
+    prediction = predict(model, optimizer, Workload(batch_size=2, seq_len=16, updates_in_backward=True), machine,
+                         device_budget=device, host_budget=4 * host, nvme=True, compute_dtype=torch.bfloat16)
+    assert prediction.traffic.host_to_device > 0 and prediction.traffic.device_to_host > 0
+    assert prediction.busy_s["host-device link"] > 0
+    assert prediction.peak_device_memory > device
