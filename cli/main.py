@@ -127,11 +127,18 @@ def run(
         except ConfigError as error:
             raise typer.BadParameter(str(error)) from None  # a usage error: exit code 2
         prepared = prepare(config, resume=resume)
-        plan = make_plan(config, prepared.model, prepared.model_dir, profile, progress=Console(stderr=True))
+        try:
+            plan = make_plan(config, prepared.model, prepared.model_dir, profile, progress=Console(stderr=True))
+        except OSError as error:  # measuring the rates writes a probe file; a full disk must not stop the run
+            if dry_run:
+                raise FinetuneError(f"cannot measure this machine's rates ({error.strerror}); pass --hardware, or "
+                                    "free space at --nvme") from None
+            plan = None
         if dry_run:
             _print_plan(plan, as_json)
             return
-        Console(stderr=True).print(summary_line(plan), highlight=False, soft_wrap=True)
+        if plan is not None:
+            Console(stderr=True).print(summary_line(plan), highlight=False, soft_wrap=True)
         try:
             summary = train(prepared, console=Console(), quiet=as_json)
         except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
