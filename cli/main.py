@@ -1,6 +1,6 @@
 """`finetune`: the command-line face of the engine. Commands stay thin: parse, build a dataclass, call the library.
 
-Commands: `run` (cli/train.py), `export` (cli/export.py), `info`. The planner's `plan` command goes beside them.
+Commands: `run` (cli/train.py), `plan` (cli/plan.py; also `run --dry-run`), `export` (cli/export.py), `info`.
 `run`'s options are the fields of RunConfig (cli/config.py), which holds their types, defaults, help and panels.
 Exit codes: 0 success, 1 an expected failure (one `Error:` line on stderr), 2 a usage error, 130 a run stopped
 by Ctrl-C after saving its checkpoint.
@@ -24,7 +24,7 @@ from rich.table import Table
 
 from ..offload import detect_hardware, format_bytes, parse_size
 from .config import ConfigError, Dtype, Panel, RunConfig, field_help, field_types, flag, load_config_file
-from .errors import EXIT_INTERRUPTED, exit_on_failure
+from .errors import EXIT_INTERRUPTED, FinetuneError, exit_on_failure
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -44,7 +44,12 @@ RUN_EPILOG = """[bold]Examples[/bold]
   finetune run ./Qwen2.5-7B ./chat.jsonl --qlora --lora-rank 16 --lr 2e-4 --memory 6GB     [dim]# adapters only[/dim]
 
   finetune run --resume --output finetune-out     [dim]# continue a stopped run exactly[/dim]
+
+  finetune run ./model ./data --memory 8GB --nvme /mnt/nvme/swap --dry-run     [dim]# the plan only[/dim]
 """
+
+HARDWARE_HELP = ("Plan for this machine: a profile (fuyou-rtx4090, slideformer-rtx4090, h200-128gb, laptop-24gb-cpu) "
+                 "or a JSON file of its fields. Default: this machine, its rates measured once and cached.")
 
 
 @app.callback()
@@ -99,20 +104,43 @@ def run(
         "--resume", help="Continue the run in --output from its latest checkpoint, with its saved options.",
         rich_help_panel=Panel.CHECKPOINTS)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="No progress bar; print the summary as JSON.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check the inputs and print the plan (finetune plan's table), then exit; writes nothing.")
+    ] = False,
+    hardware: Annotated[Optional[str], typer.Option(
+        "--hardware", help="With --dry-run: " + HARDWARE_HELP, show_default=False)] = None,
     **fields: Any,
 ) -> None:
     """Fine-tune MODEL on DATASET, streaming its training state through memory and NVMe."""
+    from .plan import make_plan, summary_line
     from .train import configure, prepare, train
+
+    if hardware is not None and not dry_run:
+        raise typer.BadParameter("--hardware plans for another machine; add --dry-run", param_hint="--hardware")
 
     given = {name: value for name, value in fields.items() if value is not None}  # None: not typed
     with exit_on_failure():
         try:
             values = {**(load_config_file(config_file) if config_file else {}), **given}
             config = configure(values, resume=resume)
+            profile = _profile(hardware)
         except ConfigError as error:
             raise typer.BadParameter(str(error)) from None  # a usage error: exit code 2
+        prepared = prepare(config, resume=resume)
         try:
-            summary = train(prepare(config, resume=resume), console=Console(), quiet=as_json)
+            plan = make_plan(config, prepared.model, prepared.model_dir, profile, progress=Console(stderr=True))
+        except OSError as error:  # measuring the rates writes a probe file; a full disk must not stop the run
+            if dry_run:
+                raise FinetuneError(f"cannot measure this machine's rates ({error.strerror}); pass --hardware, or "
+                                    "free space at --nvme") from None
+            plan = None
+        if dry_run:
+            _print_plan(plan, as_json)
+            return
+        if plan is not None:
+            Console(stderr=True).print(summary_line(plan), highlight=False, soft_wrap=True)
+        try:
+            summary = train(prepared, console=Console(), quiet=as_json)
         except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
             typer.echo(f"Stopped by Ctrl-C; the last complete checkpoint (if any) is kept. Resume with: finetune run "
                        f"--resume --output {config.output}", err=True)
@@ -123,6 +151,63 @@ def run(
         typer.echo(f"Interrupted at step {summary['step']}; checkpoint saved. Resume with: {summary['resume']}",
                    err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+PLAN_EPILOG = """[bold]Examples[/bold]
+
+  finetune plan ./Llama-2-13b --memory 8GB --nvme /mnt/nvme/swap --batch-size 4 --seq-len 1024
+
+  finetune plan ./config-only-dir --hardware fuyou-rtx4090 --json     [dim]# a config.json is enough[/dim]
+
+  finetune plan ./model --qlora --hardware my-box.json --steps 1000
+"""
+
+
+@app.command(epilog=PLAN_EPILOG)
+@_config_options
+def plan(
+    config_file: Annotated[Optional[Path], typer.Option(
+        "--config", exists=True, dir_okay=False,
+        help="YAML or TOML file with run's options by their names (seq_len: 1024); flags override it.")] = None,
+    hardware: Annotated[Optional[str], typer.Option("--hardware", help=HARDWARE_HELP, show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (bytes and seconds).")] = False,
+    **fields: Any,
+) -> None:
+    """Predict what `finetune run` with these options will cost: memory per tier, disk, I/O and time per step,
+    the bottleneck; exits 1 when the run cannot fit. MODEL may hold only config.json; DATASET is not read."""
+    from .plan import NO_DATASET, make_plan, plan_model
+
+    given = {name: value for name, value in fields.items() if value is not None}
+    with exit_on_failure():
+        try:
+            values = {**(load_config_file(config_file) if config_file else {}), **given}
+            values.setdefault("dataset", NO_DATASET)
+            config = RunConfig(**values)
+            profile = _profile(hardware)
+        except ConfigError as error:
+            raise typer.BadParameter(str(error)) from None
+        model, model_dir = plan_model(config)
+        _print_plan(make_plan(config, model, model_dir, profile, progress=Console(stderr=True)), as_json)
+
+
+def _profile(hardware: str | None) -> Any:
+    """The --hardware machine, or None for this one (ConfigError: a usage error)."""
+    from .plan import load_profile
+
+    return load_profile(hardware) if hardware is not None else None
+
+
+def _print_plan(plan: Any, as_json: bool) -> None:
+    """The plan as a table (or JSON) on stdout; then a `FinetuneError` (exit 1) if it cannot run."""
+    from .plan import plan_dict, plan_table
+
+    data = plan_dict(plan)
+    if as_json:
+        typer.echo(json.dumps(data))
+    else:
+        Console().print(plan_table(data))
+    if data["problems"]:
+        raise FinetuneError("; ".join(data["problems"]))
 
 
 EXPORT_EPILOG = """[bold]Examples[/bold]

@@ -18,14 +18,16 @@ from torch import nn
 from ..offload import meta_model
 from .errors import FinetuneError, one_line
 
-__all__ = ["build_meta_model", "load_tokenizer", "pad_id", "resolve_model"]
+__all__ = ["build_meta_model", "has_safetensors", "load_tokenizer", "pad_id", "resolve_model"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
 
-def resolve_model(source: str, *, trust_remote_code: bool = False) -> Path:
+def resolve_model(source: str, *, trust_remote_code: bool = False, weights: bool = True) -> Path:
     """A local model directory for `source`: the path itself, or a hub id's download.
+
+    `weights=False` accepts a directory with only config.json: `finetune plan` needs shapes, not weights.
 
     Raises:
         FinetuneError: missing, unreadable or incomplete directory; a hub id that cannot be downloaded.
@@ -35,7 +37,7 @@ def resolve_model(source: str, *, trust_remote_code: bool = False) -> Path:
         if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
             raise FinetuneError(f"model path {source} does not exist; pass a Hugging Face model directory or hub id")
         path = _download(source, trust_remote_code)
-    _check_directory(path)
+    _check_directory(path, weights)
     return path
 
 
@@ -54,7 +56,7 @@ def _download(repo_id: str, trust_remote_code: bool) -> Path:
         ) from None
 
 
-def _check_directory(path: Path) -> None:
+def _check_directory(path: Path, weights: bool = True) -> None:
     if not path.is_dir():
         raise FinetuneError(f"model path {path} is a file; pass the directory that holds its config.json")
     if not os.access(path, os.R_OK | os.X_OK):
@@ -69,12 +71,17 @@ def _check_directory(path: Path) -> None:
         json.loads(config.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FinetuneError(f"cannot read {config}: {one_line(str(error))}; restore the file") from None
-    if not (path / "model.safetensors").exists() and not (path / "model.safetensors.index.json").exists():
+    if weights and not has_safetensors(path):
         found = "only PyTorch .bin weights" if any(path.glob("*.bin")) else "no weights"
         raise FinetuneError(
             f"model directory {path} has {found}; it needs model.safetensors (or a sharded index): "
             "convert with AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)"
         )
+
+
+def has_safetensors(directory: Path) -> bool:
+    """Whether `directory` holds safetensors weights (one file or a sharded index)."""
+    return (directory / "model.safetensors").exists() or (directory / "model.safetensors.index.json").exists()
 
 
 def build_meta_model(directory: Path, *, trust_remote_code: bool = False) -> nn.Module:

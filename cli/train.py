@@ -39,7 +39,7 @@ from .model import build_meta_model, load_tokenizer, pad_id, resolve_model
 from .progress import Clock, MetricsLog, RunProgress, memory_line, plot_losses, summary_table
 from .schedule import LearningRate
 
-__all__ = ["Prepared", "configure", "prepare", "train"]
+__all__ = ["Prepared", "compute_dtype", "configure", "make_optimizer", "prepare", "quantize_frozen", "train"]
 
 _DTYPES = {Dtype.AUTO: None, Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16}
 
@@ -122,8 +122,8 @@ def prepare(config: RunConfig, *, resume: bool) -> Prepared:
     batches = Batches(train_data, batch_size=config.batch_size, accumulation_steps=config.accumulation_steps,
                       seed=config.seed, pad_id=pad_id(tokenizer))
     total = config.steps or batches.steps_for_epochs(config.epochs or 1.0)
-    need_device, need_host = Engine.minimum_budget(model, _optimizer(config), compute_dtype=_compute_dtype(config),
-                                                   quantize_frozen=_quantize_frozen(config))
+    need_device, need_host = Engine.minimum_budget(model, make_optimizer(config), compute_dtype=compute_dtype(config),
+                                                   quantize_frozen=quantize_frozen(config))
     budget = run_budget(config, need_device, need_host)
     # Counted now: the engine leaves only placeholders.
     parameters = sum(p.numel() for p in model.parameters())
@@ -156,19 +156,22 @@ _OPTIMIZERS = {
 }
 
 
-def _optimizer(config: RunConfig) -> optim.ChunkOptimizer | optim.MeZO:
+def make_optimizer(config: RunConfig) -> optim.ChunkOptimizer | optim.MeZO:
+    """The optimizer --optimizer names, with --lr and --weight-decay (the run's and the planner's, so both count
+    the same state)."""
     if config.optimizer is OptimizerName.MEZO:
         return optim.MeZO(lr=config.lr, weight_decay=config.weight_decay, seed=config.seed)
     return _OPTIMIZERS[config.optimizer](lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _quantize_frozen(config: RunConfig) -> str | None:
+def quantize_frozen(config: RunConfig) -> str | None:
     """--qlora: the frozen base stored as NF4 (blockwise 4-bit), dequantized as each layer computes."""
     return "nf4" if config.qlora else None
 
 
-def _compute_dtype(config: RunConfig) -> torch.dtype:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def compute_dtype(config: RunConfig, device: torch.device | None = None) -> torch.dtype:
+    """--dtype, or the default for `device` (this machine's; the planner passes a hardware profile's)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default = default_compute_dtype(device, zeroth_order=config.optimizer is OptimizerName.MEZO)
     return _DTYPES[config.dtype] or default
 
@@ -284,13 +287,13 @@ def _engine(prepared: Prepared) -> Engine:
     try:
         return Engine(
             prepared.model,
-            _optimizer(config),
+            make_optimizer(config),
             prepared.budget,
             max_grad_norm=None if config.optimizer is OptimizerName.MEZO else config.max_grad_norm or None,
             clip_mode=config.clip_mode,
-            compute_dtype=_compute_dtype(config),
+            compute_dtype=compute_dtype(config),
             weights=prepared.model_dir,
-            quantize_frozen=_quantize_frozen(config),
+            quantize_frozen=quantize_frozen(config),
         )
     except ValueError as error:  # the engine's own checks (budget, architecture) name the fix
         raise FinetuneError(f"cannot stream {prepared.model_dir}: {one_line(str(error))}") from None

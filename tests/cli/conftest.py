@@ -46,8 +46,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment of every `finetune` subprocess: offline, with its caches in a temporary directory."""
     home = tmp_path_factory.mktemp("hf-home")
+    cache = tmp_path_factory.mktemp("finetune-cache")  # run's plan line measures rates into it (once per --nvme)
     return {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "COLUMNS": "200"}
+            "COLUMNS": "200", "FINETUNE_CACHE_DIR": str(cache)}
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,123 @@
+"""`finetune plan` and `run --dry-run`, in process with typer's CliRunner: a run that fits, one that does not,
+--json, a model directory with only config.json, hardware profiles (bundled and a JSON file), and a dry run that
+writes nothing. Reference for the numbers: `offload.predict` itself (tests/offload/test_cost_model.py checks it
+against a real engine); here only that the CLI reports them and refuses what cannot fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from cli_support import Tiny
+from typer.testing import CliRunner
+
+from finetune.cli.main import app
+
+runner = CliRunner()
+CPU_PROFILE = "laptop-24gb-cpu"  # most tests use a profile: nothing is measured
+SHAPE = ["--batch-size", "2", "--seq-len", "32"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Measured rates go to a temporary cache, never the user's."""
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("COLUMNS", "200")
+    return tmp_path / "cache"
+
+
+def _plan(*args: str | Path) -> object:
+    return runner.invoke(app, ["plan", *map(str, args)])
+
+
+def test_a_run_that_fits_on_this_machine(tiny: Tiny, tmp_path: Path, cache: Path) -> None:
+    memory = str(2 * (tiny.device_bytes + tiny.host_bytes))
+    result = _plan(tiny.model, *SHAPE, "--memory", memory, "--nvme", tmp_path / "swap", "--steps", "10")
+    assert result.exit_code == 0, result.output
+    for text in ("step time", "bottleneck", "peak RSS", "swap at", "is the minimum", "10 steps"):
+        assert text in result.output
+    assert (cache / "rates.json").is_file()  # measured once, cached
+    assert not (tmp_path / "swap").exists()  # planning creates nothing at --nvme
+
+
+def test_a_budget_below_the_minimum_is_refused_with_it(tiny: Tiny) -> None:
+    result = _plan(tiny.model, "--memory", "1KB", "--hardware", CPU_PROFILE)
+    assert result.exit_code == 1
+    assert "below the minimum" in result.output and "raise --memory" in result.output
+
+
+def test_a_state_beyond_memory_without_nvme_is_refused(tiny: Tiny) -> None:
+    memory = str(tiny.device_bytes + tiny.host_bytes)
+    result = _plan(tiny.model, "--memory", memory, "--hardware", CPU_PROFILE)
+    assert result.exit_code == 1
+    assert "no --nvme" in result.output and "training state needs" in result.output
+
+
+def test_json_has_every_number(tiny: Tiny, tmp_path: Path) -> None:
+    memory = str(2 * (tiny.device_bytes + tiny.host_bytes))
+    result = _plan(tiny.model, *SHAPE, "--memory", memory, "--nvme", tmp_path / "swap", "--hardware", CPU_PROFILE,
+                   "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert data["machine"] == CPU_PROFILE
+    for key in ("device_budget", "device_minimum", "host_budget", "host_minimum", "state"):
+        assert data["memory"][key] > 0
+    assert data["step_s"] > 0 and data["tokens_per_s"] > 0 and data["peak_rss"] > 0
+    assert data["disk"]["swap_bytes"] > 0 and data["disk"]["checkpoint_bytes"] > 0
+    assert data["io_per_step"]["disk_read"] > 0 and set(data["busy_s"]) >= {"compute", "disk", "optimizer"}
+    assert data["bottleneck"] in data["busy_s"] and data["problems"] == []
+    assert any("is the minimum" in line for line in data["advice"])
+
+
+def test_a_config_only_directory_is_enough(tiny: Tiny, tmp_path: Path) -> None:
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(tiny.model / "config.json", config_only / "config.json")
+    result = _plan(config_only, *SHAPE, "--hardware", CPU_PROFILE, "--lora", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    full = json.loads(_plan(config_only, *SHAPE, "--hardware", CPU_PROFILE, "--json").output.splitlines()[-1])
+    assert 0 < data["disk"]["checkpoint_bytes"] < full["disk"]["checkpoint_bytes"]  # LoRA: the adapters only
+
+
+def test_hardware_from_a_json_file(tiny: Tiny, tmp_path: Path) -> None:
+    profile = tmp_path / "box.json"
+    profile.write_text(json.dumps({"flops": 1e10, "disk_read": 1e9, "disk_write": 1e9, "optimizer_rate": 1e9,
+                                   "ram": 8 * 2**30}))
+    result = _plan(tiny.model, *SHAPE, "--hardware", profile, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert data["machine"] == "box" and data["memory"]["host_budget"] == 4 * 2**30
+
+
+def test_an_unknown_profile_is_a_usage_error(tiny: Tiny) -> None:
+    result = _plan(tiny.model, "--hardware", "no-such-box")
+    assert result.exit_code == 2
+    assert CPU_PROFILE in result.output
+
+
+@pytest.mark.xfail(run=False, strict=False, reason="offload.traffic.simulate_traffic does not return for a CUDA "
+                   "machine (shares_memory=False): the store waits forever in _ensure; reported, not fixed here")
+def test_a_cuda_profile(tiny: Tiny, tmp_path: Path) -> None:
+    result = _plan(tiny.model, *SHAPE, "--hardware", "fuyou-rtx4090", "--nvme", tmp_path / "swap", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output.strip().splitlines()[-1])
+    assert data["peak_device_memory"] > 0 and "host-device link" in data["busy_s"]
+
+
+def test_run_dry_run_writes_nothing(tiny: Tiny, learnable: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    memory = str(2 * (tiny.device_bytes + tiny.host_bytes))
+    result = runner.invoke(app, ["run", str(tiny.model), str(learnable), "--output", str(output), *SHAPE,
+                                 "--memory", memory, "--nvme", str(tmp_path / "swap"), "--hardware", CPU_PROFILE,
+                                 "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "step time" in result.output
+    assert not output.exists() and not (tmp_path / "swap").exists()
+
+
+def test_hardware_without_dry_run_is_a_usage_error(tiny: Tiny, learnable: Path) -> None:
+    result = runner.invoke(app, ["run", str(tiny.model), str(learnable), "--hardware", CPU_PROFILE])
+    assert result.exit_code == 2
