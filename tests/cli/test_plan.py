@@ -98,8 +98,6 @@ def test_an_unknown_profile_is_a_usage_error(tiny: Tiny) -> None:
     assert CPU_PROFILE in result.output
 
 
-@pytest.mark.xfail(run=False, strict=False, reason="offload.traffic.simulate_traffic does not return for a CUDA "
-                   "machine (shares_memory=False): the store waits forever in _ensure; reported, not fixed here")
 def test_a_cuda_profile(tiny: Tiny, tmp_path: Path) -> None:
     result = _plan(tiny.model, *SHAPE, "--hardware", "fuyou-rtx4090", "--nvme", tmp_path / "swap", "--json")
     assert result.exit_code == 0, result.output
