@@ -70,11 +70,15 @@ def predict_setup(name: str) -> dict[str, Any]:
     model = _model(model_name)
     machine = offload.hardware_profile(profile)
     optimizer = optim.MeZO() if optimizer_name == "mezo" else optim.AdamW()
+    dtype = torch.float32 if optimizer_name == "mezo" else torch.bfloat16  # the engine's MeZO keeps fp32 weights
     device = int(0.9 * machine.device_memory) if machine.device_memory else int(0.45 * machine.ram)
+    if optimizer_name == "mezo":  # ZO2's claim is its GPU memory: run at the engine's least device budget
+        device = offload.Engine.minimum_budget(model, optimizer, compute_dtype=dtype)[0]
     host = int(0.9 * machine.ram) - (0 if machine.cuda else device)
     started = time.perf_counter()
-    p = offload.predict(model, optimizer, offload.Workload(batch_size=batch, seq_len=seq), machine,
-                        device_budget=device, host_budget=host, nvme=True, compute_dtype=torch.bfloat16)
+    workload = offload.Workload(batch_size=batch, seq_len=seq, updates_in_backward=True)  # Adam overlaps backward
+    p = offload.predict(model, optimizer, workload, machine, device_budget=device, host_budget=host, nvme=True,
+                        compute_dtype=dtype)
     return {
         "params": sum(t.numel() for t in model.parameters()), "device_budget": device, "host_budget": host,
         "step_s": p.step_s, "tokens_per_s": p.tokens_per_s, "tflops": p.flops / p.step_s / 1e12 if p.step_s else 0,

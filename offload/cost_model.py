@@ -182,7 +182,8 @@ def predict(
     outside = activation_bytes(model, workload, compute_dtype, zeroth_order, samples)
     resident = min(device_budget + host_budget, need.state) if not machine.cuda else min(host_budget, need.state)
     peak_rss = machine.baseline_rss + resident + (0 if machine.cuda else sum(outside.values()) + dequantized)
-    peak_device = min(device_budget, need.state) + sum(outside.values()) + dequantized if machine.cuda else peak_rss
+    # CUDA device memory: what the chunks reach at the most (torch's allocator, not a pool kept up to the budget).
+    peak_device = traffic.peak_device + sum(outside.values()) + dequantized if machine.cuda else peak_rss
     layer_flops, head_flops = step_flops(model, workload, zeroth_order, samples)
     flops = layer_flops + head_flops
     busy = _busy_times(traffic, flops, layouts, optimizer, compute_dtype, machine, zeroth_order)

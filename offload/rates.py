@@ -4,8 +4,8 @@ Measured: matrix-product FLOP/s in the compute dtype at the model's own layer sh
 below a device's peak, so a generic number would mislead), O_DIRECT read and write bandwidth of the swap
 directory through the engine's own NVMe backend, the optimizer's update rate on the host, and the process's
 memory before any chunk. Each takes about a second. The cache (`~/.cache/finetune/rates.json`, or
-$FINETUNE_CACHE_DIR) keeps them per machine, path, dtype and shape for a week; `refresh=True` (what
-`finetune info --bandwidth` passes) measures again.
+$FINETUNE_CACHE_DIR) keeps them per machine, file system of the swap directory, dtype and shape for a week;
+`refresh=True` (what `finetune info --bandwidth` passes) measures again.
 
 Profiles (`hardware_profiles.json` beside this module, or a JSON file of the same fields) describe machines
 that cannot be measured here: the papers' workstations, a GPU server, a laptop.
@@ -150,6 +150,16 @@ def _tiny_run() -> tuple[int, float]:
     return int(peak) - 2 * 2**20, float(per_block)  # less its chunks (2 MiB budget), counted apart
 
 
+def _filesystem(directory: Path | None) -> int | None:
+    """The file system `directory` is (or will be) on: disk rates are a property of the disk, not of the path."""
+    if directory is None:
+        return None
+    directory = directory.expanduser().absolute()
+    while not directory.exists():
+        directory = directory.parent
+    return os.stat(directory).st_dev
+
+
 def _cache_file() -> Path:
     root = Path(os.environ.get("FINETUNE_CACHE_DIR", Path.home() / ".cache" / "finetune"))
     return root / "rates.json"
@@ -170,7 +180,7 @@ def measure_machine(
     Without `swap_dir` the disk rates are not needed and are left at 1 byte/s (no bytes go to disk)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = _cache_file()
-    key = json.dumps([platform.node(), str(device), str(swap_dir and swap_dir.resolve()), str(compute_dtype), shape])
+    key = json.dumps([platform.node(), str(device), _filesystem(swap_dir), str(compute_dtype), list(shape)])
     entries = json.loads(cache.read_text()) if cache.is_file() else {}
     entry = entries.get(key)
     if entry is not None and not refresh and time.time() - entry["measured_at"] < CACHE_DAYS * 86400:
