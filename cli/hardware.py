@@ -11,8 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..offload import Budget, format_bytes, parse_size
-from ..offload import disk_bandwidth as offload_disk_bandwidth
+from ..offload import Budget, format_bytes, parse_size, refresh_disk_rates
 from .config import RunConfig, flag
 from .errors import FinetuneError
 
@@ -69,13 +68,14 @@ def _check_writable(directory: Path) -> None:
 
 
 def disk_bandwidth(directory: Path, nbytes: int) -> tuple[float, float]:
-    """(write, read) bytes per second at `directory` (`offload.disk_bandwidth`).
+    """(write, read) bytes per second at `directory`, measured now; the planner's cache keeps them
+    (`offload.refresh_disk_rates`), so `finetune info --bandwidth` refreshes what `plan` and `run` use.
 
     Raises:
         FinetuneError: the directory cannot be written.
     """
     try:
-        return offload_disk_bandwidth(directory, nbytes)
+        return refresh_disk_rates(directory, nbytes)
     except OSError as error:
         raise FinetuneError(
             f"cannot measure the disk at {directory} ({error.strerror}); pass a writable --path"

@@ -12,7 +12,7 @@ from .merge import merge_adapter
 from .meta_model import meta_model
 from .model_export import write_model_config
 from .nvme import ThreadPoolBackend
-from .rates import disk_bandwidth, hardware_profile, measure_machine, profile_names
+from .rates import disk_bandwidth, hardware_profile, measure_machine, profile_names, refresh_disk_rates
 from .safetensors_io import (
     encode_header,
     index_ranges,
@@ -62,6 +62,7 @@ __all__ = [
     "plan_shards",
     "predict",
     "profile_names",
+    "refresh_disk_rates",
     "safetensors_index",
     "shard_index",
     "shard_names",

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import psutil
@@ -32,7 +32,7 @@ from .durable import write_atomic
 from .host_memory import aligned_empty
 from .nvme import ThreadPoolBackend
 
-__all__ = ["PROFILES", "disk_bandwidth", "hardware_profile", "measure_machine", "profile_names"]
+__all__ = ["PROFILES", "disk_bandwidth", "hardware_profile", "measure_machine", "profile_names", "refresh_disk_rates"]
 
 PROFILES = Path(__file__).with_name("hardware_profiles.json")
 CACHE_DAYS = 7
@@ -176,36 +176,66 @@ def measure_machine(
 ) -> Machine:
     """This machine's rates for a run: cached ones when fresh, else measured now (a few seconds).
 
-    `shape`: (tokens per micro-batch, hidden size, intermediate size) of the model's main matrix products.
-    Without `swap_dir` the disk rates are not needed and are left at 1 byte/s (no bytes go to disk)."""
+    Each rate is cached by what it depends on: disk rates by the swap directory's file system, FLOP/s by device,
+    dtype and `shape` ((tokens per micro-batch, hidden size, intermediate size) of the model's main matrix
+    products), the rest by device. Without `swap_dir` the disk rates are not needed and are left at 1 byte/s (no
+    bytes go to disk)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cache = _cache_file()
-    key = json.dumps([platform.node(), str(device), _filesystem(swap_dir), str(compute_dtype), list(shape)])
-    entries = json.loads(cache.read_text()) if cache.is_file() else {}
-    entry = entries.get(key)
-    if entry is not None and not refresh and time.time() - entry["measured_at"] < CACHE_DAYS * 86400:
-        return Machine(**entry["machine"])
-    say = progress or (lambda message: None)
-    say(f"measuring this machine's rates ({device}, {str(compute_dtype).removeprefix('torch.')}) ...")
-    write, read = disk_bandwidth(swap_dir) if swap_dir is not None else (1.0, 1.0)
     cuda = device.type == "cuda"
-    baseline_rss, block_overhead_s = _tiny_run()
-    machine = Machine(
-        name=platform.node() or "this machine",
-        flops=_matmul_flops(shape, compute_dtype, device),
-        disk_read=read,
-        disk_write=write,
-        optimizer_rate=_optimizer_rate(),
-        host_to_device=_host_to_device(device) if cuda else None,
+    say = progress or (lambda message: None)
+    entries = _read_cache()
+
+    def cached(section: str, key: object, measure: Callable[[], dict]) -> dict:
+        entry = entries.setdefault(section, {}).get(json.dumps([platform.node(), str(device), key]))
+        if entry is None or refresh or time.time() - entry["measured_at"] > CACHE_DAYS * 86400:
+            say(f"measuring this machine's {section} ({device}) ...")
+            entry = {"measured_at": time.time(), **measure()}
+            entries[section][json.dumps([platform.node(), str(device), key])] = entry
+            _write_cache(entries)
+        return entry
+
+    disk = {"read": 1.0, "write": 1.0}
+    if swap_dir is not None:
+        disk = cached("disk rates", _filesystem(swap_dir),
+                      lambda: dict(zip(("write", "read"), disk_bandwidth(swap_dir))))
+    flops = cached("compute rate", [str(compute_dtype), list(shape)],
+                   lambda: {"flops": _matmul_flops(shape, compute_dtype, device)})
+    host = cached("engine costs", None, lambda: _host_rates(device))
+    return Machine(
+        name=platform.node() or "this machine", flops=flops["flops"], disk_read=disk["read"],
+        disk_write=disk["write"], optimizer_rate=host["optimizer_rate"], host_to_device=host["host_to_device"],
         ram=psutil.virtual_memory().total,
         device_memory=torch.cuda.get_device_properties(device).total_memory if cuda else None,
-        baseline_rss=baseline_rss,
-        block_overhead_s=block_overhead_s,
+        baseline_rss=host["baseline_rss"], block_overhead_s=host["block_overhead_s"],
     )
-    entries[key] = {"measured_at": time.time(), "machine": asdict(machine)}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(cache, json.dumps(entries, indent=1).encode())
-    return machine
+
+
+def refresh_disk_rates(directory: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float]:
+    """(write, read) bytes per second at `directory`, measured now and stored in the cache the planner reads."""
+    write, read = disk_bandwidth(directory, nbytes)
+    entries = _read_cache()
+    key = json.dumps([platform.node(), "cpu" if not torch.cuda.is_available() else "cuda", _filesystem(directory)])
+    entries.setdefault("disk rates", {})[key] = {"measured_at": time.time(), "write": write, "read": read}
+    _write_cache(entries)
+    return write, read
+
+
+def _host_rates(device: torch.device) -> dict:
+    baseline_rss, block_overhead_s = _tiny_run()
+    return {"optimizer_rate": _optimizer_rate(), "baseline_rss": baseline_rss, "block_overhead_s": block_overhead_s,
+            "host_to_device": _host_to_device(device) if device.type == "cuda" else None}
+
+
+def _read_cache() -> dict:
+    cache = _cache_file()
+    try:
+        return json.loads(cache.read_text()) if cache.is_file() else {}
+    except ValueError:  # a cache from another version, or damaged: measured again
+        return {}
+
+
+def _write_cache(entries: dict) -> None:
+    write_atomic(_cache_file(), json.dumps(entries, indent=1).encode())
 
 
 def _host_to_device(device: torch.device) -> float:

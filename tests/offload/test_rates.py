@@ -1,0 +1,49 @@
+"""Rates: measured once, cached by what each depends on, refreshed on request; hardware profiles by name or file.
+
+Reference: the progress messages, one per measurement: a cached rate is not measured again.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finetune import offload
+
+SHAPE = (16, 64, 128)
+
+
+def test_rates_are_measured_once_and_cached_per_file_system(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    said: list[str] = []
+    first = offload.measure_machine(tmp_path / "a" / "swap", torch.float32, SHAPE, progress=said.append)
+    assert len(said) == 3, said  # disk, compute, engine costs
+    assert first.flops > 0 and first.disk_read > 0 and first.disk_write > 0 and first.baseline_rss > 2**20
+    assert first.block_overhead_s > 0 and first.optimizer_rate > 0 and not first.cuda
+    said.clear()
+    again = offload.measure_machine(tmp_path / "b" / "swap", torch.float32, SHAPE, progress=said.append)
+    assert again == first and not said  # another directory on the same file system: nothing measured
+    offload.measure_machine(tmp_path / "b", torch.float32, (32, 64, 128), progress=said.append)
+    assert len(said) == 1 and "compute" in said[0]  # a new shape measures only the FLOP/s
+    said.clear()
+    write, read = offload.refresh_disk_rates(tmp_path, 2**24)
+    refreshed = offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, progress=said.append)
+    assert not said and (refreshed.disk_write, refreshed.disk_read) == (write, read)
+    offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, refresh=True, progress=said.append)
+    assert len(said) == 3
+
+
+def test_hardware_profiles_by_name_or_file(tmp_path):
+    names = offload.profile_names()
+    assert {"fuyou-rtx4090", "slideformer-rtx4090", "h200-128gb", "laptop-24gb-cpu"} <= set(names)
+    assert offload.hardware_profile("h200-128gb").cuda and not offload.hardware_profile("laptop-24gb-cpu").cuda
+    with pytest.raises(ValueError, match="no hardware profile 'nope'; use one of"):
+        offload.hardware_profile("nope")
+    mine = tmp_path / "box.json"
+    mine.write_text(json.dumps({"flops": 1e12, "disk_read": 1e9, "disk_write": 1e9, "optimizer_rate": 1e9}))
+    assert offload.hardware_profile(mine).name == "box"
+    mine.write_text(json.dumps({"flops": 1e12, "tflops": 3}))
+    with pytest.raises(ValueError, match="unknown fields \\['tflops'\\]"):
+        offload.hardware_profile(mine)
