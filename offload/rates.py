@@ -1,11 +1,12 @@
 """The rates the cost model needs, measured on this machine once and cached, or read from a hardware profile.
 
-Measured: matrix-product FLOP/s in the compute dtype at the model's own layer shape (small shapes run far
-below a device's peak, so a generic number would mislead), O_DIRECT read and write bandwidth of the swap
-directory through the engine's own NVMe backend, the optimizer's update rate on the host, and the process's
-memory before any chunk. Each takes about a second. The cache (`~/.cache/finetune/rates.json`, or
-$FINETUNE_CACHE_DIR) keeps them per machine, file system of the swap directory, dtype and shape for a week;
-`refresh=True` (what `finetune info --bandwidth` passes) measures again.
+Measured: FLOP/s in the compute dtype of a decoder layer at the model's own shape (small shapes run far below a
+device's peak, and a layer is more than its matrix products, so a generic number would mislead); O_DIRECT read
+and write bandwidth of the swap directory through the engine's own NVMe backend; the optimizer's update rate on
+the host; a tiny streamed run's peak RSS and time per block. About ten seconds in all. The cache
+(`~/.cache/finetune/rates.json`, or $FINETUNE_CACHE_DIR) keeps each for a week, by what it depends on: the file
+system of the swap directory, the dtype and shape, the device. `refresh=True` measures again, and
+`finetune info --bandwidth` refreshes the disk rates.
 
 Profiles (`hardware_profiles.json` beside this module, or a JSON file of the same fields) describe machines
 that cannot be measured here: the papers' workstations, a GPU server, a laptop.
@@ -87,21 +88,50 @@ def disk_bandwidth(directory: Path, nbytes: int = PROBE_BYTES) -> tuple[float, f
     return write, read
 
 
-def _matmul_flops(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> float:
-    """FLOP/s of (tokens x hidden) @ (hidden x intermediate) products, timed for about half a second."""
+LAYER_PROBE_BYTES = 2**30  # a probe layer's weights at the most; larger layers are timed at a scaled-down width
+
+
+def _layer_flops(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> float:
+    """Achieved FLOP/s of a decoder layer's forward and backward at `shape` (tokens, hidden, intermediate), counted
+    as the cost model counts them (6 per weight and token, plus attention).
+
+    A bare matrix product runs well above what a layer gets: norms, rotary-free attention, activations and
+    residuals are memory-bound, and small shapes keep the cores waiting. So the probe is a Llama-style layer of
+    that shape, with random weights, timed for about half a second (after one warm-up)."""
     tokens, hidden, intermediate = shape
-    a = torch.randn(tokens, hidden, device=device).to(dtype)
-    b = torch.randn(hidden, intermediate, device=device).to(dtype)
+    scale = min(1.0, (LAYER_PROBE_BYTES / (4 * (4 * hidden * hidden + 3 * hidden * intermediate))) ** 0.5)
+    hidden, intermediate = max(64, int(hidden * scale) // 64 * 64), max(64, int(intermediate * scale) // 64 * 64)
+    heads, seq = hidden // 64, min(tokens, 2048)  # hidden is a multiple of 64
+    rows = max(1, tokens // seq)
+
+    def weight(rows_: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows_, cols, device=device) / cols**0.5).to(dtype).requires_grad_()
+
+    qkv, out, up, down = weight(hidden, 3 * hidden), weight(hidden, hidden), weight(hidden, 2 * intermediate), \
+        weight(intermediate, hidden)
+    x = torch.randn(rows, seq, hidden, device=device).to(dtype).requires_grad_()
+
+    def layer() -> None:
+        h = torch.nn.functional.rms_norm(x, (hidden,))
+        q, k, v = (h @ qkv).view(rows, seq, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4)
+        attention = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = x + attention.transpose(1, 2).reshape(rows, seq, hidden) @ out
+        gate, value = (torch.nn.functional.rms_norm(h, (hidden,)) @ up).chunk(2, dim=-1)
+        (h + (torch.nn.functional.silu(gate) * value) @ down).sum().backward()
+
+    layer()
     runs, elapsed = 1, 0.0
     while elapsed < 0.5:
         runs *= 2
         started = time.perf_counter()
         for _ in range(runs):
-            a @ b
+            layer()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started
-    return 2 * tokens * hidden * intermediate * runs / elapsed
+    linear = 4 * hidden * hidden + 3 * hidden * intermediate
+    per_token = 6 * linear + 3 * 4 * seq * hidden  # forward 2n + attention, backward twice the forward
+    return per_token * rows * seq * runs / elapsed
 
 
 def _optimizer_rate() -> float:
@@ -199,7 +229,7 @@ def measure_machine(
         disk = cached("disk rates", _filesystem(swap_dir),
                       lambda: dict(zip(("write", "read"), disk_bandwidth(swap_dir))))
     flops = cached("compute rate", [str(compute_dtype), list(shape)],
-                   lambda: {"flops": _matmul_flops(shape, compute_dtype, device)})
+                   lambda: {"flops": _layer_flops(shape, compute_dtype, device)})
     host = cached("engine costs", None, lambda: _host_rates(device))
     return Machine(
         name=platform.node() or "this machine", flops=flops["flops"], disk_read=disk["read"],
