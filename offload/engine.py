@@ -119,7 +119,8 @@ class Engine:
         self._weights_dir = Path(weights) if weights is not None else None
         layouts = block_layouts(model, self.plan, quantize_frozen, self.compute_dtype)
         device_bytes, host_bytes = self.budget.resolved(self.device)
-        check_budget(floors(layouts, optimizer, self.compute_dtype), device_bytes, host_bytes, self.budget.nvme)
+        check_budget(floors(layouts, optimizer, self.compute_dtype), device_bytes, host_bytes, self.budget.nvme,
+                     frozen_in_files=self._weights_dir is not None)
         backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
         # A held layer's dequantized weights are a temporary outside the chunks: their room is kept aside.
         dequantized = max((b.frozen.nbytes(self.compute_dtype) for b in layouts if b.quantized), default=0)

@@ -29,6 +29,7 @@ class Floors:
     host: int
     largest_layer: str  # the layer whose working set sets the device floor, for messages
     state: int  # weights, gradients, masters, optimizer state and frozen weights, padded as chunks
+    frozen_in_files: int = 0  # of `state`, frozen weights that a model directory's safetensors hold (not swapped)
 
 
 def floors(layouts: list[BlockLayout], optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype) -> Floors:
@@ -53,7 +54,8 @@ def floors(layouts: list[BlockLayout], optimizer: ChunkOptimizer | MeZO, compute
     outer = sum(compute[b.block.name] for b in layouts if not b.block.is_layer)
     largest = max((b.block.name for b in layouts if b.block.is_layer), key=compute.__getitem__)
     host = max(max(update.values()), max(frozen.values()))
-    return Floors(outer + compute[largest], host, largest, sum(update.values()) + sum(frozen.values()))
+    in_files = sum(b.frozen.nbytes(compute_dtype) for b in layouts if b.frozen is not None and not b.quantized)
+    return Floors(outer + compute[largest], host, largest, sum(update.values()) + sum(frozen.values()), in_files)
 
 
 def model_floors(
@@ -63,8 +65,11 @@ def model_floors(
     return floors(block_layouts(model, find_blocks(model), quantize_frozen, compute_dtype), optimizer, compute_dtype)
 
 
-def check_budget(need: Floors, device_bytes: int, host_bytes: int, nvme: Path | None) -> None:
-    """Refuse now, with the numbers, rather than fail mid-step.
+def check_budget(
+    need: Floors, device_bytes: int, host_bytes: int, nvme: Path | None, *, frozen_in_files: bool = False
+) -> None:
+    """Refuse now, with the numbers, rather than fail mid-step. `frozen_in_files`: the frozen weights are read
+    from the model's safetensors (a model directory), so they are dropped, never swapped, when memory is short.
 
     Raises:
         ValueError: every problem found, each with the value to raise or the directory to change.
@@ -83,18 +88,19 @@ def check_budget(need: Floors, device_bytes: int, host_bytes: int, nvme: Path | 
             f"{format_bytes(need.host)}"
         )
     in_memory = device_bytes + host_bytes
-    if nvme is None and in_memory < need.state:
+    swapped = need.state - (need.frozen_in_files if frozen_in_files else 0)  # what may have to go to swap files
+    if nvme is None and in_memory < swapped:
         problems.append(
-            f"the training state needs {format_bytes(need.state)} but Budget.device + Budget.host is "
+            f"the training state needs {format_bytes(swapped)} but Budget.device + Budget.host is "
             f"{format_bytes(in_memory)} and no NVMe directory was given; set Budget.nvme "
             f"to a directory on a fast disk, or raise the budgets"
         )
-    if nvme is not None and in_memory < need.state:
+    if nvme is not None and in_memory < swapped:
         free = detect_hardware().disk_free(nvme)
-        if free < need.state:
+        if free < swapped:
             problems.append(
                 f"Budget.nvme={nvme} has {format_bytes(free)} free but the swap files can grow to "
-                f"{format_bytes(need.state)} (every chunk of the training state may be evicted); free space there "
+                f"{format_bytes(swapped)} (every chunk of the training state may be evicted); free space there "
                 "or choose a directory on a disk with more room"
             )
     if problems:

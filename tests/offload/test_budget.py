@@ -35,3 +35,14 @@ def test_budget_defaults_come_from_the_machine(tmp_path):
     assert 0 < device <= hardware.ram_total and 0 < host <= hardware.ram_total
     assert Budget(device="1GB", host=1000).resolved(torch.device("cpu")) == (2**30, 1000)
     assert hardware.disk_free(tmp_path / "not" / "yet") > 0
+
+
+def test_frozen_weights_read_from_files_need_no_swap_room():
+    """LoRA on a model directory: the frozen base is read from its safetensors when needed, never swapped, so
+    memory and swap need room only for the rest of the state."""
+    from finetune.offload.floors import Floors, check_budget
+
+    need = Floors(device=100, host=100, largest_layer="layer 0", state=10_000, frozen_in_files=9_000)
+    check_budget(need, 600, 600, None, frozen_in_files=True)  # 1200 bytes of memory hold the 1000 that train
+    with pytest.raises(ValueError, match="the training state needs 9.77 KB but Budget.device \\+ Budget.host"):
+        check_budget(need, 600, 600, None)
