@@ -4,7 +4,8 @@
     python benchmarks/plan_accuracy.py --cases mb # one case
 
 Cases (the shapes and budgets of the other benchmarks' --quick runs): `so-recompute` and `so-keep` are
-stream_overhead.py's model (rows c and e: recompute on and off), `mb` is memory_bound.py's. Each case is
+stream_overhead.py's model (rows c and e: recompute on and off), `mb` is memory_bound.py's, `lora` is
+lora_stream.py's (LoRA r=16 on every projection, the frozen base read from its own safetensors). Each case is
 predicted first (`offload.predict` with this machine's measured rates, `offload.measure_machine`), then run in
 a fresh child process (`Engine.from_pretrained`, state on NVMe) that reports its median step time, its peak RSS
 (ru_maxrss) and its NVMe bytes per step. The table gives predicted / measured for each; the issue's target is
@@ -31,6 +32,7 @@ CASES: dict[str, dict[str, Any]] = {
     "so-recompute": {"layers": 4, "batch": 2, "seq": 64, "recompute": True},
     "so-keep": {"layers": 4, "batch": 2, "seq": 64, "recompute": False},
     "mb": {"layers": 19, "batch": 1, "seq": 64, "recompute": True},
+    "lora": {"layers": 19, "batch": 1, "seq": 64, "recompute": True, "lora": True},  # lora_stream's shape, --quick
 }
 SHAPE = {"hidden": 256, "intermediate": 704, "heads": 4, "vocab": 8000}
 BUDGET = {"device": 24 * common.MiB, "host": 40 * common.MiB}
@@ -52,8 +54,8 @@ def child(spec: dict[str, Any]) -> None:
 
     common.quiet_transformers()
     budget = offload.Budget(device=BUDGET["device"], host=BUDGET["host"], nvme=spec["swap"])
-    engine = offload.Engine.from_pretrained(Path(spec["model"]), optim.AdamW(lr=1e-4), budget, prefetch=2,
-                                            checkpoint_activations=spec["recompute"])
+    engine = offload.Engine(_model(Path(spec["model"]), spec.get("lora", False)), optim.AdamW(lr=1e-4), budget,
+                            prefetch=2, checkpoint_activations=spec["recompute"], weights=spec["model"])
     batches = common.random_batches(WARMUP + STEPS, spec["batch"], spec["seq"], SHAPE["vocab"], seed=0)
     times, moved = [], []
     with engine:
@@ -67,17 +69,28 @@ def child(spec: dict[str, Any]) -> None:
                       "read": sum(m[0] for m in moved) / len(moved), "written": sum(m[1] for m in moved) / len(moved)}))
 
 
-def predict(name: str, model_dir: Path, swap: Path) -> dict[str, Any]:
+def _model(model_dir: Path, lora: bool) -> torch.nn.Module:
+    """The case's model on the meta device, with LoRA adapters as `finetune run --lora` makes them."""
     from transformers import AutoConfig
 
+    from finetune import offload
+    from finetune.cli.lora import wrap_lora
+
+    model = offload.meta_model(AutoConfig.from_pretrained(model_dir))
+    return wrap_lora(model, rank=16, alpha=32.0, dropout=0.0, targets="all-linear", seed=0, base_name="plan") if lora \
+        else model
+
+
+def predict(name: str, model_dir: Path, swap: Path) -> dict[str, Any]:
     from finetune import offload, optim
 
     case = CASES[name]
-    meta = offload.meta_model(AutoConfig.from_pretrained(model_dir))
+    meta = _model(model_dir, case.get("lora", False))
     machine = offload.measure_machine(swap, torch.float32, (case["batch"] * case["seq"], SHAPE["hidden"],
                                                             SHAPE["intermediate"]), progress=print)
     workload = offload.Workload(batch_size=case["batch"], seq_len=case["seq"], recompute=case["recompute"],
-                                updates_in_backward=True)
+                                updates_in_backward=True,
+                                frozen_file_dtype=torch.float32 if case.get("lora") else None)
     prediction = offload.predict(meta, optim.AdamW(lr=1e-4), workload, machine, device_budget=BUDGET["device"],
                                  host_budget=BUDGET["host"], nvme=True, compute_dtype=torch.float32)
     return {"step_s": prediction.step_s, "peak_rss": prediction.peak_rss, "read": prediction.traffic.disk_read,

@@ -100,7 +100,8 @@ def plan(row: dict[str, Any], config: Any, args: argparse.Namespace, free: int) 
     shape = (args.batch * args.seq, config.hidden_size, config.intermediate_size)
     machine = offload.measure_machine(Path(args.workdir), torch.float32, shape, progress=print)
     workload = offload.Workload(batch_size=args.batch, seq_len=args.seq, updates_in_backward=True,
-                                frozen_from_files=row["lora"] is not None, quantize_frozen=quantize)
+                                frozen_file_dtype=torch.bfloat16 if row["lora"] else None,
+                                quantize_frozen=quantize)
     prediction = offload.predict(model, optimizer, workload, machine, device_budget=device, host_budget=host,
                                  nvme=True, compute_dtype=torch.float32)
     file_bytes = 2 * sum(p.numel() for p in offload.meta_model(config).parameters())  # bf16 shards
@@ -137,18 +138,28 @@ def child(spec: dict[str, Any]) -> None:
                             quantize_frozen="nf4" if spec["lora"] == "qlora" else None)
     built = time.perf_counter() - started
     batches = common.random_batches(spec["steps"], spec["batch"], spec["seq"], model.config.vocab_size, seed=0)
-    times, moved = [], []
+    times, moved, disk = [], [], []
     with engine:
         for batch in batches:
-            read, written = engine.store.bytes_read, engine.store.bytes_written
+            read, written, io = engine.store.bytes_read, engine.store.bytes_written, _disk_io()
             _, seconds = common.timed(engine.train_step, batch)
             times.append(seconds)
             moved.append((engine.store.bytes_read - read, engine.store.bytes_written - written))
+            disk.append(tuple(now - before for now, before in zip(_disk_io(), io)))
             print(f"  step {len(times)}: {seconds:.1f} s, RSS {common.fmt_bytes(common.rss())}", flush=True)
-    later = moved[1:] or moved
+    later, disk = moved[1:] or moved, disk[1:] or disk
     print(json.dumps({"built_s": built, "first_step_s": built + times[0], "step_s": common.median(times[1:] or times),
                       "peak_rss": common.max_rss_rusage(), "read": sum(m[0] for m in later) / len(later),
-                      "written": sum(m[1] for m in later) / len(later)}))
+                      "written": sum(m[1] for m in later) / len(later),
+                      "disk_read": sum(d[0] for d in disk) / len(disk),
+                      "disk_written": sum(d[1] for d in disk) / len(disk)}))
+
+
+def _disk_io() -> tuple[int, int]:
+    """(read, written) bytes this process made the block devices move (/proc/self/io): a frozen base read in
+    bf16 into fp32 chunks counts its file's bytes here, its chunks' bytes in the store's counters."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["read_bytes"]), int(fields["write_bytes"])
 
 
 def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:

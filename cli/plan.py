@@ -114,7 +114,8 @@ def make_plan(config: RunConfig, model: nn.Module, model_dir: Path, profile: Mac
         batch_size=config.batch_size, seq_len=config.seq_len, accumulation_steps=config.accumulation_steps,
         recompute=RECOMPUTE, prefetch=PREFETCH,
         updates_in_backward=config.max_grad_norm == 0 or config.clip_mode is ClipMode.PER_BLOCK,
-        frozen_from_files=config.lora and has_safetensors(model_dir), quantize_frozen=quantize,
+        frozen_file_dtype=_file_dtype(model) if config.lora and has_safetensors(model_dir) else None,
+        quantize_frozen=quantize,
     )
     prediction = predict(model, optimizer, workload, machine, device_budget=device_bytes, host_budget=host_bytes,
                          nvme=config.nvme is not None, compute_dtype=dtype)
@@ -137,6 +138,12 @@ def _measure(config: RunConfig, model: nn.Module, dtype: torch.dtype, progress: 
             swap = swap.parent
     say = (lambda message: progress.print(message, style="dim", highlight=False)) if progress else None
     return measure_machine(swap, dtype, shape, progress=say)
+
+
+def _file_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's safetensors, as its config.json says (what a frozen base is read in)."""
+    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
 
 
 def _budgets(device: int | None, host: int | None, machine: Machine, from_profile: bool) -> tuple[int, int]:

@@ -62,7 +62,7 @@ class Workload:
     recompute: bool = True
     prefetch: int = 2
     updates_in_backward: bool = False  # per-block clipping or none: updates overlap backward
-    frozen_from_files: bool = False  # LoRA on a model directory: the frozen base is read from its safetensors
+    frozen_file_dtype: torch.dtype | None = None  # LoRA on a model directory: the dtype the frozen base is read in
     quantize_frozen: str | None = None
 
     @property
@@ -177,7 +177,7 @@ def predict(
         layouts, plan, optimizer, compute_dtype, device_bytes=device_budget - dequantized, host_bytes=host_budget,
         nvme=nvme, shares_memory=not machine.cuda, prefetch=workload.prefetch,
         accumulation_steps=workload.accumulation_steps, updates_in_backward=workload.updates_in_backward,
-        frozen_from_files=workload.frozen_from_files,
+        frozen_file_dtype=workload.frozen_file_dtype,
     )
     outside = activation_bytes(model, workload, compute_dtype, zeroth_order, samples)
     resident = min(device_budget + host_budget, need.state) if not machine.cuda else min(host_budget, need.state)

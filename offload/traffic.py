@@ -73,6 +73,27 @@ class _CountingFile:
         pass
 
 
+@dataclass
+class _Sources:
+    """What the frozen chunks' safetensors sources delivered: chunk bytes (as the store counts them) and the bytes
+    of the files themselves, which may hold a narrower dtype than the compute dtype the chunks are read into."""
+
+    ratio: float  # file bytes per chunk byte
+    chunk_bytes: int = 0
+    file_bytes: int = 0
+
+
+class _SourceFile(_CountingFile):
+    def __init__(self, sources: _Sources) -> None:
+        self.sources = sources
+
+    def read_into(self, dest: torch.Tensor, offset: int = 0) -> Future:
+        nbytes = dest.numel() * dest.element_size()
+        self.sources.chunk_bytes += nbytes
+        self.sources.file_bytes += int(nbytes * self.sources.ratio)
+        return _done()
+
+
 class _CountingBackend:
     directory = Path("(simulated)")
 
@@ -248,7 +269,7 @@ class _Replay:
 
 
 def _blocks(store: ChunkStore, layouts: list[BlockLayout], optimizer: Any, compute_dtype: torch.dtype,
-            frozen_from_files: bool) -> list[_Block]:
+            sources: _Sources | None) -> list[_Block]:
     """The chunks `block_state.block_states` creates, with the same sizes, keys and `keep`."""
     adapters = any(b.frozen is not None for b in layouts)
     blocks = []
@@ -262,7 +283,7 @@ def _blocks(store: ChunkStore, layouts: list[BlockLayout], optimizer: Any, compu
             if b.quantized is not None:
                 frozen = store.create(key, b.quantized.nbytes, torch.uint8, b.quantized.nbytes)
             else:
-                source = _CountingFile() if frozen_from_files else None
+                source = _SourceFile(sources) if sources is not None else None
                 frozen = store.create(key, b.frozen.numel, compute_dtype, b.frozen.nbytes(compute_dtype), source=source)
         weights, grads, master = chunks.pop("weights"), chunks.pop("grads", None), chunks.pop("master", None)
         trainable = bool(b.trainable.slots)
@@ -283,14 +304,15 @@ def simulate_traffic(
     prefetch: int = 2,
     accumulation_steps: int = 1,
     updates_in_backward: bool = False,
-    frozen_from_files: bool = False,
+    frozen_file_dtype: torch.dtype | None = None,
     steps: int = 3,
 ) -> Traffic:
     """Replay `steps` training steps and report the bytes of the last one (the first fills the caches).
 
     `device_bytes` is the device tier's room for chunks (the engine's budget less a quantized layer's
-    dequantized weights); `frozen_from_files`: frozen chunks read from the model's safetensors (a model
-    directory), else copied in and swapped like any chunk.
+    dequantized weights); `frozen_file_dtype`: the dtype of the model's safetensors when frozen chunks are read
+    from them (a model directory; `disk_read` counts the files' bytes), else None: frozen chunks are copied in
+    and swapped like any chunk.
     """
     from ..optim.mezo import MeZO
 
@@ -298,12 +320,18 @@ def simulate_traffic(
     transport = _MetaTransport(shares_memory)
     # One thread: a wait could never end (nobody else releases), so a budget the replay cannot meet raises at once.
     store = ChunkStore(device_bytes, host_bytes, transport, backend, wait_limit_s=0.0, stager=_Inline())  # type: ignore[arg-type]
-    replay = _Replay(store, _blocks(store, layouts, optimizer, compute_dtype, frozen_from_files), plan, prefetch)
+    sources = None
+    if frozen_file_dtype is not None:
+        sources = _Sources(frozen_file_dtype.itemsize / compute_dtype.itemsize)
+    replay = _Replay(store, _blocks(store, layouts, optimizer, compute_dtype, sources), plan, prefetch)
     replay.copy_in()
     setup_write = store.bytes_written
     counters = (0, 0, 0, 0)
+    frozen = _Sources(1.0)  # the sources' counts at the start of the last step
     for step in range(steps):
         counters = (store.bytes_read, store.bytes_written, transport.to_device, transport.to_host)
+        if sources is not None:
+            frozen = _Sources(sources.ratio, sources.chunk_bytes, sources.file_bytes)
         if isinstance(optimizer, MeZO):
             replay.zeroth_order_step(first=step == 0)
         else:
@@ -311,8 +339,13 @@ def simulate_traffic(
     store.close()
     swap = sum(backend.sizes.values()) if backend is not None else 0
     return Traffic(
-        disk_read=store.bytes_read - counters[0], disk_write=store.bytes_written - counters[1],
+        disk_read=store.bytes_read - counters[0] - _delta(sources, frozen, "chunk_bytes")
+        + _delta(sources, frozen, "file_bytes"), disk_write=store.bytes_written - counters[1],
         host_to_device=transport.to_device - counters[2], device_to_host=transport.to_host - counters[3],
         peak_device=store.peak[Tier.DEVICE], peak_host=store.peak[Tier.HOST], swap_bytes=swap,
         setup_write=setup_write,
     )
+
+
+def _delta(sources: _Sources | None, before: _Sources, field: str) -> int:
+    return getattr(sources, field) - getattr(before, field) if sources is not None else 0
