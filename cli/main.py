@@ -94,12 +94,16 @@ def _shown_default(default: Any) -> str | bool:
     return re.sub(r"e([+-])0+(?=\d)", r"e\1", str(default))
 
 
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", exists=True, dir_okay=False,
+    help="YAML or TOML file with run's options by their names (seq_len: 1024); flags override it.")]
+"""`--config` of `run` and `plan`."""
+
+
 @app.command(epilog=RUN_EPILOG)
 @_config_options
 def run(
-    config_file: Annotated[Optional[Path], typer.Option(
-        "--config", exists=True, dir_okay=False,
-        help="YAML or TOML file with these options by their names (seq_len: 1024); flags override it.")] = None,
+    config_file: ConfigFile = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in --output from its latest checkpoint, with its saved options.",
         rich_help_panel=Panel.CHECKPOINTS)] = False,
@@ -166,9 +170,7 @@ PLAN_EPILOG = """[bold]Examples[/bold]
 @app.command(epilog=PLAN_EPILOG)
 @_config_options
 def plan(
-    config_file: Annotated[Optional[Path], typer.Option(
-        "--config", exists=True, dir_okay=False,
-        help="YAML or TOML file with run's options by their names (seq_len: 1024); flags override it.")] = None,
+    config_file: ConfigFile = None,
     hardware: Annotated[Optional[str], typer.Option("--hardware", help=HARDWARE_HELP, show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (bytes and seconds).")] = False,
     **fields: Any,
