@@ -40,7 +40,7 @@ ROWS: dict[str, dict[str, Any]] = {  # in an order that writes each model once
     "13b-mezo": {"preset": "llama-13b", "optimizer": "mezo", "lora": None},
     "7b-adamw8bit": {"preset": "llama-7b", "optimizer": "adamw8bit", "lora": None},
 }
-DISK_MARGIN = 2 * common.GiB  # left free beyond the predicted files
+DISK_MARGIN = 8 * common.GiB  # left free beyond the predicted files, for whatever else writes meanwhile
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="steps per row: the first, then the timed ones")
     parser.add_argument("--workdir", default="/tmp/finetune-scale", help="models and swap files (a real disk)")
     parser.add_argument("--name", default="scale", help="results file benchmarks/results/<name>.json")
+    parser.add_argument("--plan-only", action="store_true", help="print each row's plan; write and train nothing")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -169,6 +170,14 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for stale in work.glob("swap-*"):
         shutil.rmtree(stale)
     config, planned, reason = fitting_config(row, args, shutil.disk_usage(work).free + _model_bytes(work, row))
+    if args.plan_only:
+        p = planned["prediction"]
+        print(f"{name}: {config.num_hidden_layers} layers, step {p.step_s:.0f} s ({p.bottleneck}), peak RSS "
+              f"{common.fmt_bytes(p.peak_rss)}, read / written {common.fmt_bytes(p.traffic.disk_read)} / "
+              f"{common.fmt_bytes(p.traffic.disk_write)} per step, busy "
+              f"{ {k: round(v, 1) for k, v in p.busy_s.items()} }, disk {common.fmt_bytes(planned['disk_needed'])}"
+              + (f"; {planned['note']}" if planned["note"] else "") + (f"; {reason}" if reason else ""))
+        return {}
     model_dir = work / f"{args.preset or row['preset']}-{config.num_hidden_layers}"
     for other in work.glob("llama-*"):
         if other != model_dir:
@@ -209,7 +218,19 @@ def _result(name: str, config: Any, planned: dict[str, Any], measured: dict[str,
 
 
 def main(args: argparse.Namespace) -> None:
-    results = [run_row(name, args) for name in args.rows.split(",")]
+    results, failed = [], {}
+    for name in args.rows.split(","):
+        try:
+            result = run_row(name, args)
+        except subprocess.CalledProcessError as error:  # one row failing (a full disk, say) leaves the others
+            failed[name] = f"child exited with {error.returncode}"
+            print(f"{name}: FAILED ({failed[name]})", flush=True)
+            continue
+        if result:
+            results.append(result)
+            common.write_results(args.name, {"hardware": common.hardware(), "rows": results, "failed": failed})
+    if args.plan_only:
+        return
     rows = []
     for r in results:
         m, p = r["measured"], r["predicted"]
@@ -226,7 +247,8 @@ def main(args: argparse.Namespace) -> None:
             if text:
                 print(f"{r['row']}: {text}")
     print(common.hardware_line(common.hardware()))
-    print(f"wrote {common.write_results(args.name, {'hardware': common.hardware(), 'rows': results})}")
+    written = common.write_results(args.name, {"hardware": common.hardware(), "rows": results, "failed": failed})
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -180,8 +180,10 @@ def predict(
         frozen_file_dtype=workload.frozen_file_dtype,
     )
     outside = activation_bytes(model, workload, compute_dtype, zeroth_order, samples)
-    resident = min(device_budget + host_budget, need.state) if not machine.cuda else min(host_budget, need.state)
-    peak_rss = machine.baseline_rss + resident + (0 if machine.cuda else sum(outside.values()) + dequantized)
+    # What the chunks hold at the most, freed buffers kept for reuse included (the pool keeps what a tier used):
+    # the replay's peaks, with a QLoRA layer's dequantized weights, which the device tier's budget sets aside.
+    resident = traffic.peak_host + (0 if machine.cuda else traffic.peak_device + dequantized)
+    peak_rss = machine.baseline_rss + resident + (0 if machine.cuda else sum(outside.values()))
     # CUDA device memory: what the chunks reach at the most (torch's allocator, not a pool kept up to the budget).
     peak_device = traffic.peak_device + sum(outside.values()) + dequantized if machine.cuda else peak_rss
     layer_flops, head_flops = step_flops(model, workload, zeroth_order, samples)
