@@ -111,7 +111,9 @@ def main(args: argparse.Namespace) -> None:
                                  text=True, check=True)
             measured = json.loads(out.stdout.strip().splitlines()[-1])
         results[name] = {"predicted": predicted, "measured": measured}
-        ratio = {key: predicted[key] / measured[key] for key in ("step_s", "peak_rss", "read", "written")}
+        # Bytes + 1 so that a link neither side uses (LoRA writes nothing) reads 1.00, not a division by zero.
+        ratio = {key: (predicted[key] + (key in ("read", "written"))) / (measured[key] + (key in ("read", "written")))
+                 for key in ("step_s", "peak_rss", "read", "written")}
         results[name]["ratio"] = ratio
         rows.append([name, f"{predicted['step_s']:.3f} / {measured['step_s']:.3f} s ({ratio['step_s']:.2f})",
                      f"{common.fmt_bytes(predicted['peak_rss'])} / {common.fmt_bytes(measured['peak_rss'])} "
