@@ -265,6 +265,18 @@ def llama_config(
     )
 
 
+def meta_model(config: Any, *, lora: bool = False) -> torch.nn.Module:
+    """`config`'s causal LM on the meta device; with `lora`, wrapped as `finetune run --lora` wraps it (rank 16,
+    alpha 32, no dropout, every projection, seeded adapters)."""
+    from finetune import offload
+    from finetune.cli.lora import wrap_lora
+
+    model = offload.meta_model(config)
+    if not lora:
+        return model
+    return wrap_lora(model, rank=16, alpha=32.0, dropout=0.0, targets="all-linear", seed=0, base_name="benchmark")
+
+
 def count_params(config: Any) -> int:
     """Parameters of the causal LM `config` describes (tied weights once), without allocating them."""
     from transformers import AutoModelForCausalLM

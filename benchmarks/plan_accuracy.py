@@ -70,15 +70,9 @@ def child(spec: dict[str, Any]) -> None:
 
 
 def _model(model_dir: Path, lora: bool) -> torch.nn.Module:
-    """The case's model on the meta device, with LoRA adapters as `finetune run --lora` makes them."""
     from transformers import AutoConfig
 
-    from finetune import offload
-    from finetune.cli.lora import wrap_lora
-
-    model = offload.meta_model(AutoConfig.from_pretrained(model_dir))
-    return wrap_lora(model, rank=16, alpha=32.0, dropout=0.0, targets="all-linear", seed=0, base_name="plan") if lora \
-        else model
+    return common.meta_model(AutoConfig.from_pretrained(model_dir), lora=lora)
 
 
 def predict(name: str, model_dir: Path, swap: Path) -> dict[str, Any]:

@@ -66,17 +66,6 @@ def _optimizer(name: str) -> Any:
             "mezo": lambda: optim.MeZO(lr=1e-6)}[name]()
 
 
-def _model(config: Any, lora: str | None) -> torch.nn.Module:
-    """The row's model on the meta device: the base, with adapters for LoRA/QLoRA (as `finetune run --lora`)."""
-    from finetune import offload
-    from finetune.cli.lora import wrap_lora
-
-    model = offload.meta_model(config)
-    if lora is None:
-        return model
-    return wrap_lora(model, rank=16, alpha=32.0, dropout=0.0, targets="all-linear", seed=0, base_name="scale")
-
-
 def _budget(model: torch.nn.Module, optimizer: Any, quantize: str | None, memory: int) -> tuple[int, int, str]:
     """(device, host, note): --memory split as `finetune run` splits it, or the minimum when it is below."""
     from finetune import offload
@@ -96,7 +85,7 @@ def plan(row: dict[str, Any], config: Any, args: argparse.Namespace, free: int) 
 
     optimizer = _optimizer(row["optimizer"])
     quantize = "nf4" if row["lora"] == "qlora" else None
-    model = _model(config, row["lora"])
+    model = common.meta_model(config, lora=row["lora"] is not None)
     device, host, note = _budget(model, optimizer, quantize, offload.parse_size(args.memory))
     shape = (args.batch * args.seq, config.hidden_size, config.intermediate_size)
     machine = offload.measure_machine(Path(args.workdir), torch.float32, shape, progress=print)
@@ -133,7 +122,7 @@ def child(spec: dict[str, Any]) -> None:
     started = time.perf_counter()
     common.quiet_transformers()
     model_dir = Path(spec["model"])
-    model = _model(AutoConfig.from_pretrained(model_dir), spec["lora"])
+    model = common.meta_model(AutoConfig.from_pretrained(model_dir), lora=spec["lora"] is not None)
     budget = offload.Budget(device=spec["device"], host=spec["host"], nvme=spec["swap"])
     engine = offload.Engine(model, _optimizer(spec["optimizer"]), budget, weights=model_dir, device="cpu",
                             quantize_frozen="nf4" if spec["lora"] == "qlora" else None)
@@ -169,7 +158,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     for stale in work.glob("swap-*"):
         shutil.rmtree(stale)
-    config, planned, reason = fitting_config(row, args, shutil.disk_usage(work).free + _model_bytes(work, row))
+    config, planned, reason = fitting_config(row, args, shutil.disk_usage(work).free + _model_bytes(work))
     if args.plan_only:
         p = planned["prediction"]
         print(f"{name}: {config.num_hidden_layers} layers, step {p.step_s:.0f} s ({p.bottleneck}), peak RSS "
@@ -196,7 +185,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return _result(name, config, planned, measured, reason)
 
 
-def _model_bytes(work: Path, row: dict[str, Any]) -> int:
+def _model_bytes(work: Path) -> int:
     """Bytes of the models in `work` that this row may delete (they count as free for its plan)."""
     return sum(f.stat().st_size for d in work.glob("llama-*") for f in d.rglob("*") if f.is_file())
 
@@ -207,7 +196,7 @@ def _result(name: str, config: Any, planned: dict[str, Any], measured: dict[str,
     io_floor = measured["read"] / machine.disk_read + measured["written"] / machine.disk_write
     return {
         "row": name, "layers": config.num_hidden_layers, "reason": reason, "note": planned["note"],
-        "params": sum(p.numel() for p in _model(config, None).parameters()),
+        "params": sum(p.numel() for p in common.meta_model(config).parameters()),
         "budget": planned["device"] + planned["host"], "measured": measured,
         "predicted": {"step_s": prediction.step_s, "peak_rss": prediction.peak_rss,
                       "read": prediction.traffic.disk_read, "written": prediction.traffic.disk_write,

@@ -204,7 +204,7 @@ def measure_machine(
     refresh: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Machine:
-    """This machine's rates for a run: cached ones when fresh, else measured now (a few seconds).
+    """This machine's rates for a run: cached ones when fresh, else measured now (about 15 s, each part once).
 
     Each rate is cached by what it depends on: disk rates by the swap directory's file system, FLOP/s by device,
     dtype and `shape` ((tokens per micro-batch, hidden size, intermediate size) of the model's main matrix
