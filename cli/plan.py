@@ -105,7 +105,8 @@ def make_plan(config: RunConfig, model: nn.Module, model_dir: Path, profile: Mac
     cuda = profile.cuda if profile is not None else torch.cuda.is_available()
     dtype = compute_dtype(config, torch.device("cuda" if cuda else "cpu"))
     optimizer, quantize = make_optimizer(config), quantize_frozen(config)
-    device_min, host_min = Engine.minimum_budget(model, optimizer, compute_dtype=dtype, quantize_frozen=quantize)
+    device_min, host_min = Engine.minimum_budget(model, optimizer, compute_dtype=dtype, quantize_frozen=quantize,
+                                                 accumulation_steps=config.accumulation_steps)
     budget = run_budget(config, device_min, host_min)  # refuses a typed budget below the minimum
     machine = profile or _measure(config, model, dtype, progress)
     device_bytes, host_bytes = _budgets(budget.device, budget.host, machine, profile is not None)

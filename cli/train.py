@@ -123,7 +123,8 @@ def prepare(config: RunConfig, *, resume: bool) -> Prepared:
                       seed=config.seed, pad_id=pad_id(tokenizer))
     total = config.steps or batches.steps_for_epochs(config.epochs or 1.0)
     need_device, need_host = Engine.minimum_budget(model, make_optimizer(config), compute_dtype=compute_dtype(config),
-                                                   quantize_frozen=quantize_frozen(config))
+                                                   quantize_frozen=quantize_frozen(config),
+                                                   accumulation_steps=config.accumulation_steps)
     budget = run_budget(config, need_device, need_host)
     # Counted now: the engine leaves only placeholders.
     parameters = sum(p.numel() for p in model.parameters())

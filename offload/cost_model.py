@@ -24,6 +24,7 @@ from ..optim.layout import chunk_nbytes
 from ..optim.mezo import MeZO
 from .block_layout import block_layouts, chunk_specs
 from .blocks import find_blocks
+from .embedding_grad import shared_parameters, takes_row_gradient
 from .floors import Floors, floors
 from .traffic import Traffic, simulate_traffic
 
@@ -132,13 +133,14 @@ def step_flops(model: nn.Module, workload: Workload, zeroth_order: bool, samples
 
 
 def activation_bytes(model: nn.Module, workload: Workload, compute_dtype: torch.dtype, zeroth_order: bool,
-                     samples: int = 1) -> dict[str, int]:
+                     samples: int = 1, device: torch.device = torch.device("cpu")) -> dict[str, int]:
     """Memory outside the budgets for one micro-batch, by what holds it.
 
     Per layer and token, a decoder layer's backward keeps about 10 hidden-width and 4 intermediate-width
     tensors (norm outputs, q/k/v, attention output, MLP inputs and products), plus the attention probabilities
     per head. With recompute only each layer's input is kept, and one layer's full set exists at a time. The
-    logits are float32, with their softmax and gradient beside them."""
+    logits are float32, with their softmax and gradient beside them. A trained embedding's gradient is a dense
+    vocab x hidden temporary, unless it is added into its chunk row by row (embedding_grad.py)."""
     config = _config(model)
     hidden, vocab = config.hidden_size, config.vocab_size
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
@@ -151,7 +153,9 @@ def activation_bytes(model: nn.Module, workload: Workload, compute_dtype: torch.
         return {"activations": one_layer, "logits": tokens * vocab * 4}
     kept = layers * tokens * hidden * size + one_layer if workload.recompute else layers * one_layer
     embedding = model.get_input_embeddings()
-    dense_grad = embedding.weight.numel() * size if embedding.weight.requires_grad else 0
+    shared = shared_parameters(model) if workload.accumulation_steps > 1 else set()  # tied: one Parameter
+    rows = takes_row_gradient(embedding, shared, device)
+    dense_grad = embedding.weight.numel() * size if embedding.weight.requires_grad and not rows else 0
     return {"activations": kept, "logits": 3 * tokens * vocab * 4, "embedding gradient": dense_grad}
 
 
@@ -171,7 +175,7 @@ def predict(
     samples = optimizer.samples if zeroth_order else 1
     plan = find_blocks(model)
     layouts = block_layouts(model, plan, workload.quantize_frozen, compute_dtype)
-    need = floors(layouts, optimizer, compute_dtype)
+    need = floors(layouts, plan, optimizer, compute_dtype, workload.accumulation_steps)
     dequantized = max((b.frozen.nbytes(compute_dtype) for b in layouts if b.quantized), default=0)
     traffic = simulate_traffic(
         layouts, plan, optimizer, compute_dtype, device_bytes=device_budget - dequantized, host_bytes=host_budget,
@@ -179,7 +183,8 @@ def predict(
         accumulation_steps=workload.accumulation_steps, updates_in_backward=workload.updates_in_backward,
         frozen_file_dtype=workload.frozen_file_dtype,
     )
-    outside = activation_bytes(model, workload, compute_dtype, zeroth_order, samples)
+    outside = activation_bytes(model, workload, compute_dtype, zeroth_order, samples,
+                               torch.device("cuda" if machine.cuda else "cpu"))
     # What the chunks hold at the most, freed buffers kept for reuse included (the pool keeps what a tier used):
     # the replay's peaks, with a QLoRA layer's dequantized weights, which the device tier's budget sets aside.
     resident = traffic.peak_host + (0 if machine.cuda else traffic.peak_device + dequantized)

@@ -38,6 +38,7 @@ from .checkpoint import fingerprint, read_engine_state, restore_states, write_ch
 from .chunks import Tier
 from .clipping import ClipMode, Clipping
 from .device import default_compute_dtype, make_transport
+from .embedding_grad import add_rows_into_grad, shared_parameters
 from .first_order import FirstOrderStep, micro_batches, to_device
 from .floors import check_budget, floors, model_floors
 from .meta_model import meta_model
@@ -119,8 +120,8 @@ class Engine:
         self._weights_dir = Path(weights) if weights is not None else None
         layouts = block_layouts(model, self.plan, quantize_frozen, self.compute_dtype)
         device_bytes, host_bytes = self.budget.resolved(self.device)
-        check_budget(floors(layouts, optimizer, self.compute_dtype), device_bytes, host_bytes, self.budget.nvme,
-                     frozen_in_files=self._weights_dir is not None)
+        need = floors(layouts, self.plan, optimizer, self.compute_dtype, accumulation_steps)
+        check_budget(need, device_bytes, host_bytes, self.budget.nvme, frozen_in_files=self._weights_dir is not None)
         backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
         # A held layer's dequantized weights are a temporary outside the chunks: their room is kept aside.
         dequantized = max((b.frozen.nbytes(self.compute_dtype) for b in layouts if b.quantized), default=0)
@@ -147,6 +148,9 @@ class Engine:
             self._first = FirstOrderStep(self.model, self.residency, self._updates, clipping, timers)
         _install_hooks(self.plan, self._blocks, self.residency, self._zeroth,
                        StreamedCheckpoint if self.checkpoint_activations else StreamedLayer, self._first)
+        if self._first is not None:
+            outer = [p.module for p in self.plan.hook_points if not self._blocks[p.blocks[0]].block.is_layer]
+            add_rows_into_grad(outer, shared_parameters(self.model), self.device)  # embedding_grad.py
 
     @classmethod
     def from_pretrained(
@@ -165,9 +169,11 @@ class Engine:
         *,
         compute_dtype: torch.dtype = torch.float32,
         quantize_frozen: str | None = None,
+        accumulation_steps: int = 1,
     ) -> tuple[int, int]:
-        """(device bytes, host bytes) below which `Engine(model, optimizer, ...)` refuses to start."""
-        need = model_floors(model, optimizer, compute_dtype, quantize_frozen)
+        """(device bytes, host bytes) below which `Engine(model, optimizer, ...)` refuses to start (with
+        accumulation, a tied embedding's block is held through backward: pass the run's `accumulation_steps`)."""
+        need = model_floors(model, optimizer, compute_dtype, quantize_frozen, accumulation_steps)
         return need.device, need.host
 
     @staticmethod

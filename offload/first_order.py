@@ -6,8 +6,9 @@
               overlapped with the backward of layer i-1 (Fuyou)
 
 The embedding and head blocks run under ordinary autograd: they are held again, just before their backward, by a
-hook on their output's gradient, and released when backward ends. With exact clipping every update waits for the
-whole-model gradient norm, so the updates run after backward instead of inside it.
+hook on their output's gradient, and released once their own backward is done (outer_holds.py). With exact
+clipping every update waits for the whole-model gradient norm, so the updates run after backward instead of
+inside it.
 
 Threads: the step and every hook run on the compute thread (autograd runs backward hooks on the thread that
 called backward, on CPU and CUDA alike). Updates run on the worker: Note [The worker owns a block's chunks].
@@ -16,7 +17,6 @@ called backward, on CPU and CUDA alike). Updates run on the worker: Note [The wo
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 from .block_state import BlockState
 from .chunks import Tier
 from .clipping import Clipping
+from .outer_holds import OuterHolds
 from .residency import Residency, tensors_of
 from .timers import Timers
 from .updates import UpdateWorker
@@ -48,7 +49,7 @@ class FirstOrderStep:
         self.first_layer = min(index for index, state in enumerate(self.blocks) if state.block.is_layer)
         self._training = False  # inside __call__: forward hooks the outer blocks' backward
         self._last_micro = True  # the micro-batch whose backward finishes the gradients
-        self._outer_held: list[int] = []  # embedding/head blocks held from their backward to the end of backward
+        self._outer = OuterHolds(residency, self._outer_complete, self._outer_released)
         self._step = 0  # the optimizer step being computed: what the updates it starts are numbered
         residency.observers.append(self._after_outer_forward)
 
@@ -61,12 +62,13 @@ class FirstOrderStep:
         try:
             for k, micro in enumerate(micro_batches):
                 self._last_micro = k == len(micro_batches) - 1
+                self._outer.begin()
                 start = time.perf_counter()
                 with self.residency.saved_weights():
                     loss = self.model(**micro, use_cache=False).loss
                 forward_end = time.perf_counter()
                 (loss / len(micro_batches)).backward()
-                self._end_backward()
+                self._outer.end_backward()
                 self.timers.add("forward", forward_end - start)
                 self.timers.add("backward", time.perf_counter() - forward_end)
                 losses.append(loss.detach())
@@ -87,14 +89,14 @@ class FirstOrderStep:
 
     # ------------------------------------------------------------------------- the hooks, in firing order
 
-    def _after_outer_forward(self, blocks: tuple[int, ...], output: Any) -> None:
+    def _after_outer_forward(self, blocks: tuple[int, ...], module: nn.Module, args: Any, output: Any) -> None:
         """Forward, after an embedding or head module: hook its backward (layers hook theirs in recompute.py)."""
         is_layer = len(blocks) == 1 and self.blocks[blocks[0]].block.is_layer
         if not self._training or not torch.is_grad_enabled() or is_layer:
             return
         tensor = next((t for t in tensors_of(output) if t.requires_grad), None)
         if tensor is not None:
-            tensor.register_hook(partial(self._before_outer_backward, blocks))
+            self._outer.track(blocks, module, args, tensor)
         elif blocks[0] < self.first_layer:
             # A frozen embedding's output needs no gradient, but the layers' streamed calls only run their
             # backward (and so train the adapters inside them) for an input that requires one.
@@ -102,20 +104,14 @@ class FirstOrderStep:
                 if t.is_floating_point() and t.is_leaf:
                     t.requires_grad_(True)
 
-    def _before_outer_backward(self, blocks: tuple[int, ...], grad: torch.Tensor) -> None:
-        """Backward, when the gradient of an outer module's output is ready, just before that module's backward:
-        the head first, the embedding last."""
-        for index in blocks:
-            self.residency.hold(index, grads=self.blocks[index].trainable)
-            self._outer_held.append(index)
-
     def begin_layer_backward(self, index: int) -> None:
         """Backward of layer `index` starts (called by its streamed call): hold it with its gradient chunk."""
         self.residency.hold(index, grads=self.blocks[index].trainable)
         self.residency.prefetch(range(index - 1, index - 1 - self.residency.prefetch_depth, -1), grads=True)
         if self._last_micro:
-            # This layer's optimizer state, for its update; with the first layer, also the embedding's and head's,
-            # whose updates come last, right after backward, with nothing left to hide their loads behind.
+            # This layer's optimizer state, for its update; with the first layer, also the embedding's and head's:
+            # the embedding's update comes right after backward, with nothing left to hide its loads behind (and
+            # with updates after backward, the embedding's comes first).
             upcoming = [index]
             if index == self.first_layer:
                 upcoming += [i for i, state in enumerate(self.blocks) if not state.block.is_layer]
@@ -131,19 +127,15 @@ class FirstOrderStep:
         if self._last_micro and trainable and self.clipping.updates_in_backward:
             self.updates.submit(index, self._step)
 
-    def _end_backward(self) -> None:
-        """Backward is over: release the embedding and head blocks held through it; their updates start now."""
-        held, self._outer_held = self._outer_held, []
-        finished = []
-        for index in held:
-            trainable = self.blocks[index].trainable
-            if self._last_micro and trainable and index not in finished:
-                self.clipping.finish_block(self.blocks[index])
-                finished.append(index)
-            self.residency.release(index, grads=trainable)
+    def _outer_complete(self, index: int) -> None:
+        """An embedding or head block's gradient is complete for this micro-batch (it is still held)."""
+        if self._last_micro:
+            self.clipping.finish_block(self.blocks[index])
+
+    def _outer_released(self, index: int) -> None:
+        """...and released: on the last micro-batch its update may start, unless updates wait for backward's end."""
         if self._last_micro and self.clipping.updates_in_backward:
-            for index in finished:
-                self.updates.submit(index, self._step)
+            self.updates.submit(index, self._step)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -15,7 +15,7 @@ from ..optim.base import ChunkOptimizer
 from ..optim.layout import chunk_nbytes
 from ..optim.mezo import MeZO
 from .block_layout import BlockLayout, block_layouts, chunk_specs
-from .blocks import find_blocks
+from .blocks import BlockPlan, find_blocks
 from .budget import detect_hardware, format_bytes
 
 __all__ = ["Floors", "check_budget", "floors", "model_floors"]
@@ -27,22 +27,29 @@ class Floors:
 
     device: int
     host: int
-    largest_layer: str  # the layer whose working set sets the device floor, for messages
+    largest_layer: str  # the block (or blocks held together) whose working set sets the device floor, for messages
     state: int  # weights, gradients, masters, optimizer state and frozen weights, padded as chunks
     frozen_in_files: int = 0  # of `state`, frozen weights that a model directory's safetensors hold (not swapped)
 
 
-def floors(layouts: list[BlockLayout], optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype) -> Floors:
+def floors(
+    layouts: list[BlockLayout], plan: BlockPlan, optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype,
+    accumulation_steps: int = 1,
+) -> Floors:
     """The floors of a model's blocks.
 
-    Device: the embedding and head blocks are held from their backward hook to the end of backward, while one
-    layer computes with its gradients (MeZO: held through the forward, no gradients; its perturbed copies of one
-    module's weights are temporaries, like activations). Host: one block's whole update (weights, gradients,
-    states) at once, or its frozen weights chunk (staged through host memory on CUDA). Frozen parameters have
-    only that chunk: no gradients, masters or states. A quantized block computes with its NF4 chunk and, while
-    held, the dequantized weights.
+    Device: first-order, the one block that computes with its gradients at a time: the largest layer, or the
+    head's side (the blocks the modules after the layers need, held together in its backward: a tied head holds
+    the embedding block), or the embedding; outer_holds.py releases each outer block after its own backward
+    (except a tied head's block under gradient accumulation, held to the end).
+    MeZO holds the embedding and head blocks through the whole step beside one layer, without gradients; its
+    perturbed copies of one module's weights are temporaries, like activations. Host: one block's whole update
+    (weights, gradients, states) at once, or its frozen weights chunk (staged through host memory on CUDA). Frozen
+    parameters have only that chunk: no gradients, masters or states. A quantized block computes with its NF4
+    chunk and, while held, the dequantized weights.
     """
-    roles = 1 if isinstance(optimizer, MeZO) else 2  # weights, and gradients unless zeroth-order
+    zeroth_order = isinstance(optimizer, MeZO)
+    roles = 1 if zeroth_order else 2  # weights, and gradients unless zeroth-order
     frozen, compute, update = {}, {}, {}
     for b in layouts:
         name = b.block.name
@@ -51,18 +58,43 @@ def floors(layouts: list[BlockLayout], optimizer: ChunkOptimizer | MeZO, compute
         compute[name] = roles * b.trainable.nbytes(compute_dtype) + frozen[name] + dequantized
         specs = chunk_specs(b.trainable, compute_dtype, optimizer).values()
         update[name] = sum(chunk_nbytes(spec.numel, spec.dtype) for spec in specs)
-    outer = sum(compute[b.block.name] for b in layouts if not b.block.is_layer)
     largest = max((b.block.name for b in layouts if b.block.is_layer), key=compute.__getitem__)
+    outer = [b.block.name for b in layouts if not b.block.is_layer]
+    if zeroth_order:
+        working_sets = {" + ".join([*outer, largest]): sum(compute[name] for name in [*outer, largest])}
+    else:
+        working_sets = {name: compute[name] for name in [largest, *outer]}
+        embedding_side, head_side = _outer_sides(layouts, plan)
+        working_sets[" + ".join(head_side)] = sum(compute[name] for name in head_side)
+        for name in [name for name in head_side if name in embedding_side] if accumulation_steps > 1 else []:
+            # A tied weight kept as one Parameter (binding.bind_parameters, under accumulation) accumulates only
+            # after the embedding's backward, so its block stays held through every layer's.
+            working_sets[f"{name} + {largest}"] = compute[name] + compute[largest]
+    setter = max(working_sets, key=working_sets.__getitem__)
     host = max(max(update.values()), max(frozen.values()))
     in_files = sum(b.frozen.nbytes(compute_dtype) for b in layouts if b.frozen is not None and not b.quantized)
-    return Floors(outer + compute[largest], host, largest, sum(update.values()) + sum(frozen.values()), in_files)
+    return Floors(working_sets[setter], host, setter, sum(update.values()) + sum(frozen.values()), in_files)
+
+
+def _outer_sides(layouts: list[BlockLayout], plan: BlockPlan) -> tuple[list[str], list[str]]:
+    """Names of the blocks the modules before the layers need, and of those the modules after them need."""
+    points = plan.hook_points
+    layer_points = [k for k, point in enumerate(points) if layouts[point.blocks[0]].block.is_layer]
+
+    def names(selected: list) -> list[str]:
+        return list(dict.fromkeys(layouts[i].block.name for point in selected for i in point.blocks))
+
+    return names(points[: layer_points[0]]), names(points[layer_points[-1] + 1 :])
 
 
 def model_floors(
-    model: nn.Module, optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype, quantize_frozen: str | None
+    model: nn.Module, optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype, quantize_frozen: str | None,
+    accumulation_steps: int = 1,
 ) -> Floors:
     """The floors of `model` (on the meta device or not), without building an engine."""
-    return floors(block_layouts(model, find_blocks(model), quantize_frozen, compute_dtype), optimizer, compute_dtype)
+    plan = find_blocks(model)
+    layouts = block_layouts(model, plan, quantize_frozen, compute_dtype)
+    return floors(layouts, plan, optimizer, compute_dtype, accumulation_steps)
 
 
 def check_budget(
@@ -78,8 +110,8 @@ def check_budget(
     if device_bytes < need.device:
         problems.append(
             f"Budget.device={format_bytes(device_bytes)} is below the minimum {format_bytes(need.device)} "
-            f"(the largest layer, {need.largest_layer}, with its gradients, plus the embedding and head "
-            f"blocks held through backward); raise it to at least {format_bytes(need.device)}"
+            f"(what computes at once at the most: {need.largest_layer}, with its gradients); raise it to at least "
+            f"{format_bytes(need.device)}"
         )
     if host_bytes < need.host:
         problems.append(

@@ -33,8 +33,9 @@ from .timers import Timers
 
 __all__ = ["ForwardObserver", "Residency", "tensors_of"]
 
-ForwardObserver = Callable[[tuple[int, ...], Any], None]
-"""Called with (blocks, output) after a module that needs `blocks` ran forward, before they are released."""
+ForwardObserver = Callable[[tuple[int, ...], nn.Module, Any, Any], None]
+"""Called with (blocks, module, args, output) after a module that needs `blocks` ran forward, before they are
+released."""
 
 
 class Residency:
@@ -171,7 +172,7 @@ class Residency:
     def after_forward(self, blocks: tuple[int, ...], module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook: tell the observers (the first-order step hooks the outer blocks' backward), release."""
         for observe in self.observers:
-            observe(blocks, output)
+            observe(blocks, module, args, output)
         for index in blocks:
             self.release(index)
 

@@ -212,25 +212,37 @@ class _Replay:
                 self.prefetch(range(blocks[-1] + 1, blocks[-1] + 1 + self.depth), grads=True)
                 for index in blocks:
                     self.release(index)
+            # outer_holds.py: the head's side is held for its own backward only; a block the embedding's side
+            # also uses (a tied head) completes at the embedding's backward, the last, and under accumulation (one
+            # tied Parameter) stays held until then.
+            outer_before = [i for blocks in reversed(before) for i in blocks if self.blocks[i].trainable]
             held = [i for blocks in reversed(after) for i in blocks]  # the head's backward first
-            for index in held:
-                self.hold(index, grads=self.blocks[index].trainable)
+            kept = [i for i in dict.fromkeys(held) if i in outer_before] if accumulation > 1 else []
+            for index in kept:
+                self.hold(index, grads=True)
+            self._outer_backward(held, [i for i in dict.fromkeys(held) if i not in outer_before], last,
+                                 updates_in_backward)
             for index in reversed([points[i][0] for i in layer_points]):
                 self._layer_backward(index, last, updates_in_backward)
-            outer_before = [i for blocks in reversed(before) for i in blocks if self.blocks[i].trainable]
-            for index in outer_before:
-                self.hold(index, grads=True)
-            for index in held + outer_before:
-                self.release(index, grads=self.blocks[index].trainable)
-            if last and updates_in_backward:
-                for index in dict.fromkeys(held + outer_before):
-                    if self.blocks[index].trainable:
-                        self.update(index)
+            self._outer_backward(outer_before, list(dict.fromkeys(outer_before)), last, updates_in_backward)
+            for index in kept:
+                self.release(index, grads=True)
         if not updates_in_backward:
             for index, block in enumerate(self.blocks):
                 if block.trainable:
                     self.update(index)
         self.prefetch(range(self.depth))
+
+    def _outer_backward(self, held: list[int], completing: list[int], last: bool, updates_in_backward: bool) -> None:
+        """outer_holds.OuterHolds: hold `held` for their modules' backward, release; `completing` may update."""
+        for index in held:
+            self.hold(index, grads=self.blocks[index].trainable)
+        for index in held:
+            self.release(index, grads=self.blocks[index].trainable)
+        if last and updates_in_backward:
+            for index in completing:
+                if self.blocks[index].trainable:
+                    self.update(index)
 
     def _layer_backward(self, index: int, last: bool, updates_in_backward: bool) -> None:
         """first_order.FirstOrderStep.begin_layer_backward / end_layer_backward."""

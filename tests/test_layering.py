@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["optim", "offload", "cli"]  # bottom up
 OFFLOAD_HIGH = {
     "block_layout", "floors", "block_state", "binding", "residency", "clipping", "updates", "recompute",
-    "first_order", "zeroth_order", "model_export", "checkpoint", "engine", "merge", "traffic", "cost_model",
-    "rates",
+    "first_order", "outer_holds", "zeroth_order", "model_export", "checkpoint", "engine", "merge", "traffic",
+    "cost_model", "rates",
 }
 """offload's high-level modules; every other offload module is low-level and may not import these."""
 

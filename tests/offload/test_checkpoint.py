@@ -18,7 +18,7 @@ from finetune import offload, optim
 def _engine(path, swap, **optimizer_options) -> offload.Engine:
     model = AutoModelForCausalLM.from_pretrained(path)
     adamw = optim.AdamW(lr=1e-2, weight_decay=0.1, **optimizer_options)
-    device, host = offload.Engine.minimum_budget(model, adamw)
+    device, host = offload.Engine.minimum_budget(model, adamw, accumulation_steps=2)
     budget = offload.Budget(device=device, host=host, nvme=swap)
     return offload.Engine(model, adamw, budget, accumulation_steps=2, max_grad_norm=0.5)
 

@@ -50,9 +50,10 @@ def _reference(
 def _engine(path, tmp_path, **options) -> offload.Engine:
     model = AutoModelForCausalLM.from_pretrained(path)
     adamw = optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY)
-    device, host = offload.Engine.minimum_budget(model, adamw)
+    options = {"accumulation_steps": ACCUMULATION, **options}
+    device, host = offload.Engine.minimum_budget(model, adamw, accumulation_steps=options["accumulation_steps"])
     budget = offload.Budget(device=device, host=host, nvme=tmp_path / "swap")
-    return offload.Engine(model, adamw, budget, **{"accumulation_steps": ACCUMULATION, **options})
+    return offload.Engine(model, adamw, budget, **options)
 
 
 def _train_and_export(engine: offload.Engine, batches, out) -> list[float]:
@@ -252,3 +253,31 @@ def test_embedding_weights_are_marked_in_layouts(arch, tmp_path):
         model = AutoModelForCausalLM.from_pretrained(path)
     expected = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
     assert marked == expected and marked
+
+
+@pytest.mark.parametrize(
+    ("arch", "tied", "accumulation", "max_grad_norm"),
+    [("llama", False, 1, None), ("llama", False, 1, 0.5), ("qwen2", True, 1, 0.5), ("qwen2", True, 2, 0.5)],
+)
+def test_outer_blocks_leave_after_their_own_backward_and_stay_exact(arch, tied, accumulation, max_grad_norm,
+                                                                    tmp_path):
+    """The device minimum no longer counts the embedding and head beside a layer (outer_holds.py): the head's
+    blocks are released once their own backward is done, before the layers need the room. At that minimum a
+    head held on would not fit. Under accumulation a tied weight is one Parameter that accumulates only at the
+    end, so its block is held through backward and the minimum counts it beside a layer again."""
+    path = save_tiny_model(arch, tmp_path / "model", seed=5, num_hidden_layers=4, tie_word_embeddings=tied,
+                           vocab_size=512)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    adamw = optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY)
+    device, host = offload.Engine.minimum_budget(model, adamw, accumulation_steps=accumulation)
+    embedding = model.get_input_embeddings().weight.numel()
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    held_through = 2 * 4 * (embedding + layer)  # weights and gradients, fp32
+    assert (device >= held_through) == (tied and accumulation > 1)
+    batches = _batches(vocab_size=512, seed=int(torch.randint(0, 2**31, ())), steps=3)
+    reference, ref_losses, _ = _reference(path, batches, max_grad_norm=max_grad_norm, accumulation=accumulation)
+    engine = offload.Engine(model, adamw, offload.Budget(device=device, host=host, nvme=tmp_path / "swap"),
+                            accumulation_steps=accumulation, max_grad_norm=max_grad_norm)
+    losses = _train_and_export(engine, batches, tmp_path / "out")
+    torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-5)
+    assert _max_difference(tmp_path / "out", reference) <= 1e-6
