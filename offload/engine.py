@@ -30,7 +30,7 @@ from torch import nn
 from ..optim.base import ChunkOptimizer
 from ..optim.mezo import MeZO
 from .binding import bind_parameters, copy_weights_in
-from .block_layout import block_layouts
+from .block_layout import block_layouts, compute_copies_nbytes
 from .block_state import BlockState, block_states
 from .blocks import BlockPlan, find_blocks
 from .budget import Budget
@@ -63,7 +63,8 @@ class Engine:
         model: a Hugging Face causal LM (its decoder layers must support gradient checkpointing). Its
             parameters are moved into the engine's chunks; the module keeps only empty placeholders.
         optimizer: a chunk-wise optimizer from `optim`, or `optim.MeZO` (zeroth-order: no backward, no
-            gradients; needs fp32 compute, no accumulation and no clipping).
+            gradients; needs fp32 compute, no accumulation and no clipping; `MeZO(storage_dtype=torch.bfloat16)`
+            stores its weights in bf16 and upcasts each held block's to fp32).
         budget: bytes per tier and the NVMe swap directory.
         prefetch: how many blocks ahead to start loading.
         accumulation_steps: micro-batches per optimizer step; `train_step` splits its batch into this many.
@@ -122,9 +123,10 @@ class Engine:
         check_budget(floors(layouts, optimizer, self.compute_dtype), device_bytes, host_bytes, self.budget.nvme,
                      frozen_in_files=self._weights_dir is not None)
         backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
-        # A held layer's dequantized weights are a temporary outside the chunks: their room is kept aside.
-        dequantized = max((b.frozen.nbytes(self.compute_dtype) for b in layouts if b.quantized), default=0)
-        self.store = ChunkStore(device_bytes - dequantized, host_bytes, make_transport(self.device), backend)
+        # Held compute copies (a QLoRA layer's dequantized weights, bf16-stored MeZO weights upcast to fp32) are
+        # temporaries outside the chunks: their room is kept aside.
+        copies = compute_copies_nbytes(layouts, optimizer, self.compute_dtype)
+        self.store = ChunkStore(device_bytes - copies, host_bytes, make_transport(self.device), backend)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
         self._blocks = block_states(layouts, self.store, optimizer, self.compute_dtype, plan=self.plan,
                                     weights=self._weights_dir, reader=self._reader, timers=timers)

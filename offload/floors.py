@@ -14,7 +14,7 @@ from torch import nn
 from ..optim.base import ChunkOptimizer
 from ..optim.layout import chunk_nbytes
 from ..optim.mezo import MeZO
-from .block_layout import BlockLayout, block_layouts, chunk_specs
+from .block_layout import BlockLayout, block_layouts, chunk_specs, compute_copy_nbytes
 from .blocks import find_blocks
 from .budget import detect_hardware, format_bytes
 
@@ -40,17 +40,18 @@ def floors(layouts: list[BlockLayout], optimizer: ChunkOptimizer | MeZO, compute
     module's weights are temporaries, like activations). Host: one block's whole update (weights, gradients,
     states) at once, or its frozen weights chunk (staged through host memory on CUDA). Frozen parameters have
     only that chunk: no gradients, masters or states. A quantized block computes with its NF4 chunk and, while
-    held, the dequantized weights.
+    held, the dequantized weights; MeZO weights stored in bf16 likewise with their fp32 copy.
     """
-    roles = 1 if isinstance(optimizer, MeZO) else 2  # weights, and gradients unless zeroth-order
     frozen, compute, update = {}, {}, {}
     for b in layouts:
         name = b.block.name
         frozen[name] = b.quantized.nbytes if b.quantized else b.frozen.nbytes(compute_dtype) if b.frozen else 0
-        dequantized = b.frozen.nbytes(compute_dtype) if b.quantized else 0
-        compute[name] = roles * b.trainable.nbytes(compute_dtype) + frozen[name] + dequantized
-        specs = chunk_specs(b.trainable, compute_dtype, optimizer).values()
-        update[name] = sum(chunk_nbytes(spec.numel, spec.dtype) for spec in specs)
+        dequantized = compute_copy_nbytes(b, optimizer, compute_dtype)
+        chunks = {role: chunk_nbytes(spec.numel, spec.dtype)
+                  for role, spec in chunk_specs(b.trainable, compute_dtype, optimizer).items()}
+        held = chunks["weights"] + chunks.get("grads", 0)  # gradients unless zeroth-order
+        compute[name] = held + frozen[name] + dequantized
+        update[name] = sum(chunks.values())
     outer = sum(compute[b.block.name] for b in layouts if not b.block.is_layer)
     largest = max((b.block.name for b in layouts if b.block.is_layer), key=compute.__getitem__)
     host = max(max(update.values()), max(frozen.values()))
