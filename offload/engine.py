@@ -36,7 +36,7 @@ from .blocks import BlockPlan, find_blocks
 from .budget import Budget
 from .checkpoint import fingerprint, read_engine_state, restore_states, write_checkpoint
 from .chunks import Tier
-from .clipping import ClipMode, Clipping
+from .clipping import ClipMode, Clipping, updates_in_backward
 from .device import default_compute_dtype, make_transport
 from .first_order import FirstOrderStep, micro_batches, to_device
 from .floors import check_budget, floors, model_floors
@@ -120,8 +120,9 @@ class Engine:
         self._weights_dir = Path(weights) if weights is not None else None
         layouts = block_layouts(model, self.plan, quantize_frozen, self.compute_dtype)
         device_bytes, host_bytes = self.budget.resolved(self.device)
+        consumed = accumulation_steps == 1 and updates_in_backward(max_grad_norm, ClipMode(clip_mode))
         check_budget(floors(layouts, optimizer, self.compute_dtype), device_bytes, host_bytes, self.budget.nvme,
-                     frozen_in_files=self._weights_dir is not None)
+                     frozen_in_files=self._weights_dir is not None, grads_in_swap=not consumed)
         backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
         # Held compute copies (a QLoRA layer's dequantized weights, bf16-stored MeZO weights upcast to fp32) are
         # temporaries outside the chunks: their room is kept aside.

@@ -30,6 +30,7 @@ class Floors:
     largest_layer: str  # the layer whose working set sets the device floor, for messages
     state: int  # weights, gradients, masters, optimizer state and frozen weights, padded as chunks
     frozen_in_files: int = 0  # of `state`, frozen weights that a model directory's safetensors hold (not swapped)
+    grads: int = 0  # of `state`, the gradient chunks (not swapped when each is consumed inside backward)
 
 
 def floors(layouts: list[BlockLayout], optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype) -> Floors:
@@ -42,7 +43,7 @@ def floors(layouts: list[BlockLayout], optimizer: ChunkOptimizer | MeZO, compute
     only that chunk: no gradients, masters or states. A quantized block computes with its NF4 chunk and, while
     held, the dequantized weights; MeZO weights stored in bf16 likewise with their fp32 copy.
     """
-    frozen, compute, update = {}, {}, {}
+    frozen, compute, update, grads = {}, {}, {}, 0
     for b in layouts:
         name = b.block.name
         frozen[name] = b.quantized.nbytes if b.quantized else b.frozen.nbytes(compute_dtype) if b.frozen else 0
@@ -52,11 +53,13 @@ def floors(layouts: list[BlockLayout], optimizer: ChunkOptimizer | MeZO, compute
         held = chunks["weights"] + chunks.get("grads", 0)  # gradients unless zeroth-order
         compute[name] = held + frozen[name] + dequantized
         update[name] = sum(chunks.values())
+        grads += chunks.get("grads", 0)
     outer = sum(compute[b.block.name] for b in layouts if not b.block.is_layer)
     largest = max((b.block.name for b in layouts if b.block.is_layer), key=compute.__getitem__)
     host = max(max(update.values()), max(frozen.values()))
     in_files = sum(b.frozen.nbytes(compute_dtype) for b in layouts if b.frozen is not None and not b.quantized)
-    return Floors(outer + compute[largest], host, largest, sum(update.values()) + sum(frozen.values()), in_files)
+    return Floors(outer + compute[largest], host, largest, sum(update.values()) + sum(frozen.values()), in_files,
+                  grads=grads)
 
 
 def model_floors(
@@ -67,10 +70,14 @@ def model_floors(
 
 
 def check_budget(
-    need: Floors, device_bytes: int, host_bytes: int, nvme: Path | None, *, frozen_in_files: bool = False
+    need: Floors, device_bytes: int, host_bytes: int, nvme: Path | None, *, frozen_in_files: bool = False,
+    grads_in_swap: bool = True,
 ) -> None:
     """Refuse now, with the numbers, rather than fail mid-step. `frozen_in_files`: the frozen weights are read
     from the model's safetensors (a model directory), so they are dropped, never swapped, when memory is short.
+    `grads_in_swap` False: updates run inside backward and nothing accumulates (`clipping.updates_in_backward`,
+    one micro-batch), so each gradient chunk is consumed by its block's update right after the block's backward
+    and discarded, never written to a swap file: the disk check leaves the gradient chunks out.
 
     Raises:
         ValueError: every problem found, each with the value to raise or the directory to change.
@@ -96,12 +103,14 @@ def check_budget(
             f"{format_bytes(in_memory)} and no NVMe directory was given; set Budget.nvme "
             f"to a directory on a fast disk, or raise the budgets"
         )
-    if nvme is not None and in_memory < swapped:
+    written = swapped - (0 if grads_in_swap else need.grads)  # what the swap files can grow to
+    if nvme is not None and in_memory < written:
         free = detect_hardware().disk_free(nvme)
-        if free < swapped:
+        if free < written:
+            which = "every chunk of the training state" if grads_in_swap else "every chunk but the gradients"
             problems.append(
                 f"Budget.nvme={nvme} has {format_bytes(free)} free but the swap files can grow to "
-                f"{format_bytes(swapped)} (every chunk of the training state may be evicted); free space there "
+                f"{format_bytes(written)} ({which} may be evicted); free space there "
                 "or choose a directory on a disk with more room"
             )
     if problems:
