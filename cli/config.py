@@ -1,4 +1,5 @@
-"""The run configuration: one dataclass, filled from its defaults, then a YAML or TOML file, then the flags.
+"""The run configuration: one dataclass, filled from its defaults, then a YAML or TOML file (read by
+cli/config_file.py), then the flags.
 
 Field names are the names used everywhere: `seq_len` in a config file is `--seq-len` on the command line. A field
 is the one place that describes an option: its type and default, its docstring (the `--help` text, `field_help`),
@@ -11,11 +12,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import enum
 import functools
 import inspect
-import sys
 import textwrap
 import types
 import typing
@@ -29,13 +28,8 @@ from ..offload import ClipMode, parse_size
 from .data import Format
 from .schedule import Schedule
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - python 3.10
-    import tomli as tomllib
-
 __all__ = ["ConfigError", "Dtype", "OptimizerName", "Panel", "RESUMABLE_CHANGES", "RunConfig", "field_help",
-           "field_types", "flag", "load_config_file"]
+           "field_types", "flag"]
 
 
 class ConfigError(ValueError):
@@ -313,34 +307,6 @@ checkpoint's, or the continued run would not be the run that was started."""
 def flag(name: str) -> str:
     """The command-line spelling of a field: seq_len -> --seq-len."""
     return "--" + name.replace("_", "-")
-
-
-def load_config_file(path: Path) -> dict[str, Any]:
-    """The settings of a YAML (.yaml/.yml) or TOML (.toml) file, keys as field names (`seq-len` is accepted
-    for `seq_len`).
-
-    Raises:
-        ConfigError: unreadable or malformed file, or unknown keys (with the closest valid name).
-    """
-    try:
-        text = path.read_text()
-        if path.suffix == ".toml":
-            values = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"--config {path}: use a .yaml, .yml or .toml file")
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"--config {path}: cannot read it ({' '.join(str(error).split())})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
-    values = {str(key).replace("-", "_"): value for key, value in values.items()}
-    unknown = [key for key in values if key not in _fields()]
-    if unknown:
-        hints = [f"{key!r}" + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(key, _fields(), 1))
-                 for key in unknown]
-        raise ConfigError(f"--config {path}: unknown option {', '.join(hints)}")
-    return values
 
 
 def field_help(cls: type = RunConfig) -> dict[str, str]:
