@@ -28,8 +28,8 @@ from ..offload import ClipMode, parse_size
 from .data import Format
 from .schedule import Schedule
 
-__all__ = ["ConfigError", "Dtype", "OptimizerName", "Panel", "RESUMABLE_CHANGES", "RunConfig", "field_help",
-           "field_types", "flag"]
+__all__ = ["ConfigError", "Dtype", "OptimizerName", "Panel", "RESUMABLE_CHANGES", "RunConfig", "StorageDtype",
+           "field_help", "field_types", "flag"]
 
 
 class ConfigError(ValueError):
@@ -43,6 +43,13 @@ class Dtype(str, enum.Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
+
+
+class StorageDtype(str, enum.Enum):
+    """How MeZO stores the trained weights (compute and the update math are float32 either way)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
 
 
 class OptimizerName(str, enum.Enum):
@@ -188,6 +195,10 @@ class RunConfig:
     nvme: str | None = option(None, Panel.MEMORY)
     """Swap directory on a fast disk for the state that does not fit in memory."""
 
+    storage_dtype: StorageDtype = option(StorageDtype.FP32, Panel.MEMORY)
+    """With --optimizer mezo: bf16 stores the weights in half the bytes (in memory, in swap, and read and written
+    each step); compute stays fp32, and each update is rounded back to bf16 stochastically."""
+
     checkpoint_every: int = option(100, Panel.CHECKPOINTS)
     """Save a checkpoint every N steps, and always at the end (0: only at the end)."""
 
@@ -230,6 +241,9 @@ class RunConfig:
         for name in ("lr", "min_lr", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 errors.append(f"{flag(name)} {getattr(self, name)} must be >= 0")
+        if self.storage_dtype is not StorageDtype.FP32 and self.optimizer is not OptimizerName.MEZO:
+            errors.append(f"--storage-dtype {self.storage_dtype.value} needs --optimizer mezo (the other optimizers "
+                          "keep fp32 master weights); drop --storage-dtype or use --optimizer mezo")
         if self.optimizer is OptimizerName.MEZO and self.accumulation_steps != 1:
             errors.append(f"--accumulation-steps {self.accumulation_steps} cannot be used with --optimizer mezo (it "
                           "has no gradients to accumulate); use --batch-size for larger steps")
