@@ -351,7 +351,8 @@ def _check_settings(
         if accumulation_steps != 1 or max_grad_norm is not None:
             errors.append("MeZO takes no accumulation_steps or max_grad_norm (it has no gradients); drop them")
         if (compute_dtype or torch.float32) != torch.float32:
-            errors.append("MeZO needs compute_dtype=torch.float32: it perturbs and updates the weights themselves")
+            errors.append("MeZO needs compute_dtype=torch.float32: it perturbs and updates the weights themselves; "
+                          "for bf16 weights in memory and on disk use MeZO(storage_dtype=torch.bfloat16)")
         if any(not p.requires_grad for p in model.parameters()):
             errors.append("MeZO with frozen parameters (requires_grad=False) is not supported yet; train them all")
     if errors:
