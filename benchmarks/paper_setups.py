@@ -43,6 +43,8 @@ SETUPS: dict[str, tuple[str, str, str, int, int, str]] = {
     "slideformer-123b": ("mistral-large-123b", "slideformer-rtx4090", "adamw", 64, 1024,
                          "trainable on one RTX 4090; >95% of peak TFLOPS kept"),
     "zo2-175b": ("gpt3-175b", "h200-128gb", "mezo", 1, 2048, "18.04 GB GPU memory (ZO2 README table)"),
+    "zo2-175b-bf16": ("gpt3-175b", "h200-128gb", "mezo-bf16", 1, 2048,
+                      "18.04 GB GPU memory with fp16 weights in RAM (ZO2 README table)"),
 }
 
 
@@ -69,10 +71,12 @@ def predict_setup(name: str) -> dict[str, Any]:
     model_name, profile, optimizer_name, batch, seq, _ = SETUPS[name]
     model = _model(model_name)
     machine = offload.hardware_profile(profile)
-    optimizer = optim.MeZO() if optimizer_name == "mezo" else optim.AdamW()
-    dtype = torch.float32 if optimizer_name == "mezo" else torch.bfloat16  # the engine's MeZO keeps fp32 weights
+    zeroth_order = optimizer_name.startswith("mezo")
+    storage = torch.bfloat16 if optimizer_name == "mezo-bf16" else torch.float32  # --storage-dtype
+    optimizer = optim.MeZO(storage_dtype=storage) if zeroth_order else optim.AdamW()
+    dtype = torch.float32 if zeroth_order else torch.bfloat16  # the engine's MeZO computes in fp32
     device = int(0.9 * machine.device_memory) if machine.device_memory else int(0.45 * machine.ram)
-    if optimizer_name == "mezo":  # ZO2's claim is its GPU memory: run at the engine's least device budget
+    if zeroth_order:  # ZO2's claim is its GPU memory: run at the engine's least device budget
         device = offload.Engine.minimum_budget(model, optimizer, compute_dtype=dtype)[0]
     host = int(0.9 * machine.ram) - (0 if machine.cuda else device)
     started = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The run configuration: one dataclass, filled from its defaults, then a YAML or TOML file, then the flags.
+"""The run configuration: one dataclass, filled from its defaults, then a YAML or TOML file (read by
+cli/config_file.py), then the flags.
 
 Field names are the names used everywhere: `seq_len` in a config file is `--seq-len` on the command line. A field
 is the one place that describes an option: its type and default, its docstring (the `--help` text, `field_help`),
@@ -11,11 +12,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import enum
 import functools
 import inspect
-import sys
 import textwrap
 import types
 import typing
@@ -29,13 +28,8 @@ from ..offload import ClipMode, parse_size
 from .data import Format
 from .schedule import Schedule
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - python 3.10
-    import tomli as tomllib
-
-__all__ = ["ConfigError", "Dtype", "OptimizerName", "Panel", "RESUMABLE_CHANGES", "RunConfig", "field_help",
-           "field_types", "flag", "load_config_file"]
+__all__ = ["ConfigError", "Dtype", "OptimizerName", "Panel", "RESUMABLE_CHANGES", "RunConfig", "StorageDtype",
+           "field_help", "field_types", "flag"]
 
 
 class ConfigError(ValueError):
@@ -49,6 +43,13 @@ class Dtype(str, enum.Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
+
+
+class StorageDtype(str, enum.Enum):
+    """How MeZO stores the trained weights (compute and the update math are float32 either way)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
 
 
 class OptimizerName(str, enum.Enum):
@@ -194,6 +195,10 @@ class RunConfig:
     nvme: str | None = option(None, Panel.MEMORY)
     """Swap directory on a fast disk for the state that does not fit in memory."""
 
+    storage_dtype: StorageDtype = option(StorageDtype.FP32, Panel.MEMORY)
+    """With --optimizer mezo: bf16 stores the weights in half the bytes (in memory, in swap, and read and written
+    each step); compute stays fp32, and each update is rounded back to bf16 stochastically."""
+
     checkpoint_every: int = option(100, Panel.CHECKPOINTS)
     """Save a checkpoint every N steps, and always at the end (0: only at the end)."""
 
@@ -236,6 +241,9 @@ class RunConfig:
         for name in ("lr", "min_lr", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 errors.append(f"{flag(name)} {getattr(self, name)} must be >= 0")
+        if self.storage_dtype is not StorageDtype.FP32 and self.optimizer is not OptimizerName.MEZO:
+            errors.append(f"--storage-dtype {self.storage_dtype.value} needs --optimizer mezo (the other optimizers "
+                          "keep fp32 master weights); drop --storage-dtype or use --optimizer mezo")
         if self.optimizer is OptimizerName.MEZO and self.accumulation_steps != 1:
             errors.append(f"--accumulation-steps {self.accumulation_steps} cannot be used with --optimizer mezo (it "
                           "has no gradients to accumulate); use --batch-size for larger steps")
@@ -313,34 +321,6 @@ checkpoint's, or the continued run would not be the run that was started."""
 def flag(name: str) -> str:
     """The command-line spelling of a field: seq_len -> --seq-len."""
     return "--" + name.replace("_", "-")
-
-
-def load_config_file(path: Path) -> dict[str, Any]:
-    """The settings of a YAML (.yaml/.yml) or TOML (.toml) file, keys as field names (`seq-len` is accepted
-    for `seq_len`).
-
-    Raises:
-        ConfigError: unreadable or malformed file, or unknown keys (with the closest valid name).
-    """
-    try:
-        text = path.read_text()
-        if path.suffix == ".toml":
-            values = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"--config {path}: use a .yaml, .yml or .toml file")
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"--config {path}: cannot read it ({' '.join(str(error).split())})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
-    values = {str(key).replace("-", "_"): value for key, value in values.items()}
-    unknown = [key for key in values if key not in _fields()]
-    if unknown:
-        hints = [f"{key!r}" + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(key, _fields(), 1))
-                 for key in unknown]
-        raise ConfigError(f"--config {path}: unknown option {', '.join(hints)}")
-    return values
 
 
 def field_help(cls: type = RunConfig) -> dict[str, str]:

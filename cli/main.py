@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..offload import detect_hardware, format_bytes, parse_size
-from .config import ConfigError, Dtype, Panel, RunConfig, field_help, field_types, flag, load_config_file
+from .config import ConfigError, Dtype, Panel, RunConfig, field_help, field_types, flag
+from .config_file import load_config_file
 from .errors import EXIT_INTERRUPTED, FinetuneError, exit_on_failure
 
 app = typer.Typer(

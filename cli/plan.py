@@ -36,7 +36,7 @@ from ..offload import (
     predict,
     profile_names,
 )
-from .config import ConfigError, OptimizerName, RunConfig
+from .config import ConfigError, OptimizerName, RunConfig, StorageDtype
 from .errors import FinetuneError
 from .hardware import run_budget
 from .lora import wrap_lora
@@ -180,8 +180,9 @@ def _check_memory(config: RunConfig, model: nn.Module, optimizer: Any, dtype: to
 def _checkpoint_bytes(model: nn.Module, optimizer: Any, dtype: torch.dtype, quantize: str | None) -> int:
     """One checkpoint: the trainable weights in fp32 and their optimizer state (LoRA: the adapters' only).
 
-    The optimizer's share is the state with it minus the state with MeZO (weights only, the frozen part the same),
-    which leaves the gradients and, below fp32, the masters; a checkpoint holds the masters, not the gradients."""
+    The optimizer's share is the state less its frozen part (the state with MeZO, less MeZO's fp32 weights) and
+    less the compute weights and gradients, which leaves the states and, below fp32, the masters; a checkpoint
+    holds the masters, not the gradients. MeZO's checkpoint is fp32 weights, whatever its --storage-dtype."""
     from .. import optim
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -189,9 +190,9 @@ def _checkpoint_bytes(model: nn.Module, optimizer: Any, dtype: torch.dtype, quan
     if isinstance(optimizer, optim.MeZO):
         return weights
     state = Engine.state_bytes(model, optimizer, compute_dtype=dtype, quantize_frozen=quantize)
-    bare = Engine.state_bytes(model, optim.MeZO(), compute_dtype=dtype, quantize_frozen=quantize)
+    frozen = Engine.state_bytes(model, optim.MeZO(), compute_dtype=dtype, quantize_frozen=quantize) - weights
     element = torch.empty((), dtype=dtype).element_size()
-    extra = state - bare - element * trainable  # optimizer states (and masters below fp32)
+    extra = state - frozen - 2 * element * trainable  # optimizer states (and masters below fp32)
     return extra + (weights if dtype == torch.float32 else 0)
 
 
@@ -201,7 +202,8 @@ def problems(plan: Plan) -> list[str]:
     swap = plan.prediction.traffic.swap_bytes
     if plan.swap_free is not None and swap > plan.swap_free:
         found.append(f"needs {format_bytes(swap)} on the swap path --nvme {plan.config.nvme}, "
-                     f"{format_bytes(plan.swap_free)} free there; free space or choose another --nvme")
+                     f"{format_bytes(plan.swap_free)} free there; free space or choose another --nvme"
+                     + _bf16_hint(plan))
     kept = plan.checkpoint_bytes * plan.config.keep_checkpoints
     if kept > plan.output_free:
         found.append(f"{plan.config.keep_checkpoints} checkpoints of {format_bytes(plan.checkpoint_bytes)} need "
@@ -210,14 +212,24 @@ def problems(plan: Plan) -> list[str]:
     return found
 
 
+def _bf16_hint(plan: Plan) -> str:
+    """For a MeZO run with fp32 weights: bf16 storage about halves its swap files (its whole state is weights)."""
+    config = plan.config
+    if config.optimizer is not OptimizerName.MEZO or config.storage_dtype is StorageDtype.BF16:
+        return ""
+    return (f", or pass --storage-dtype bf16 (MeZO's weights in bf16: about "
+            f"{format_bytes(plan.prediction.traffic.swap_bytes // 2)} of swap)")
+
+
 def advice(plan: Plan) -> list[str]:
     """What to change, with numbers: the least --memory, the disk, and the batch that ends a transfer bottleneck."""
     prediction, config = plan.prediction, plan.config
     lines = [f"--memory {format_bytes(plan.device_minimum + plan.host_minimum)} is the minimum "
              f"(device {format_bytes(plan.device_minimum)} + host {format_bytes(plan.host_minimum)})"]
     if plan.swap_free is not None:
+        short = prediction.traffic.swap_bytes > plan.swap_free
         lines.append(f"needs {format_bytes(prediction.traffic.swap_bytes)} on the swap path, "
-                     f"{format_bytes(plan.swap_free)} free")
+                     f"{format_bytes(plan.swap_free)} free" + (_bf16_hint(plan) if short else ""))
     busy, bottleneck = prediction.busy_s, prediction.bottleneck
     if bottleneck in ("disk", "host-device link") and busy["compute"] > 0:
         # Compute time grows with the tokens of a step; the bytes moved do not.
@@ -236,6 +248,7 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
     return {
         "machine": plan.machine.name,
         "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+        "weights_dtype": _weights_dtype(plan),
         "memory": {"device_budget": p.device_budget, "device_minimum": plan.device_minimum,
                    "host_budget": p.host_budget, "host_minimum": plan.host_minimum, "state": p.floors.state},
         "outside_budget": dict(p.outside_budget),
@@ -258,6 +271,14 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
         "advice": advice(plan),
         "problems": problems(plan),
     }
+
+
+def _weights_dtype(plan: Plan) -> str:
+    """The dtype the trained weights are stored in: MeZO's --storage-dtype, else the compute dtype (with fp32
+    masters beside them when that is not fp32)."""
+    if plan.config.optimizer is OptimizerName.MEZO:
+        return {StorageDtype.FP32: "float32", StorageDtype.BF16: "bfloat16"}[plan.config.storage_dtype]
+    return str(plan.compute_dtype).removeprefix("torch.")
 
 
 def _seconds(value: float) -> str:
@@ -298,7 +319,8 @@ def _rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def plan_table(data: dict[str, Any]) -> Table:
     """`plan_dict`'s numbers as a rich table, advice as its caption."""
-    table = Table(title=f"finetune plan ({data['machine']}, {data['compute_dtype']})", caption_justify="left",
+    stored = "" if data["weights_dtype"] == data["compute_dtype"] else f", weights stored in {data['weights_dtype']}"
+    table = Table(title=f"finetune plan ({data['machine']}, {data['compute_dtype']}{stored})", caption_justify="left",
                   caption="\n".join(data["advice"]))
     for column in ("", "", "value"):
         table.add_column(column)

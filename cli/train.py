@@ -30,7 +30,7 @@ from .. import optim
 from ..offload import Budget, Engine, default_compute_dtype, write_atomic
 from .batches import Batches, eval_batches
 from .checkpoints import RUN_CONFIG, Checkpoints, Entry
-from .config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig
+from .config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig, StorageDtype
 from .data import Format, Sequences, detect_format, load_rows, split_rows, tokenize_rows
 from .errors import FinetuneError, disk_full, one_line
 from .hardware import run_budget
@@ -158,10 +158,11 @@ _OPTIMIZERS = {
 
 
 def make_optimizer(config: RunConfig) -> optim.ChunkOptimizer | optim.MeZO:
-    """The optimizer --optimizer names, with --lr and --weight-decay (the run's and the planner's, so both count
-    the same state)."""
+    """The optimizer --optimizer names, with --lr and --weight-decay (and MeZO's --storage-dtype): the run's and the
+    planner's, so both count the same state."""
     if config.optimizer is OptimizerName.MEZO:
-        return optim.MeZO(lr=config.lr, weight_decay=config.weight_decay, seed=config.seed)
+        storage = torch.bfloat16 if config.storage_dtype is StorageDtype.BF16 else torch.float32
+        return optim.MeZO(lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, storage_dtype=storage)
     return _OPTIMIZERS[config.optimizer](lr=config.lr, weight_decay=config.weight_decay)
 
 

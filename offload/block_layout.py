@@ -19,7 +19,7 @@ from ..optim.torch_adapter import embedding_names
 from .blocks import Block, BlockPlan
 from .quantized import QuantizedLayout, quantizable_weights
 
-__all__ = ["BlockLayout", "block_layouts", "chunk_specs"]
+__all__ = ["BlockLayout", "block_layouts", "chunk_specs", "compute_copies_nbytes", "compute_copy_nbytes"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,10 @@ def chunk_specs(
     layout: ChunkLayout, compute_dtype: torch.dtype, optimizer: ChunkOptimizer | MeZO
 ) -> dict[str, StateSpec]:
     """The trainable chunks one block has: compute weights, gradients, fp32 masters if compute is not fp32, and
-    the optimizer's states. Zeroth-order training has only the weights."""
+    the optimizer's states. Zeroth-order training has only the weights, in MeZO's `storage_dtype` (fp32, its
+    compute dtype, or bf16: upcast while held, see `compute_copy_nbytes`)."""
     if isinstance(optimizer, MeZO):
-        return {"weights": StateSpec(layout.numel, compute_dtype)}
+        return {"weights": StateSpec(layout.numel, optimizer.storage_dtype)}
     specs = {"weights": StateSpec(layout.numel, compute_dtype), "grads": StateSpec(layout.numel, compute_dtype)}
     if compute_dtype != torch.float32:
         specs["master"] = StateSpec(layout.numel, torch.float32)
@@ -68,3 +69,24 @@ def chunk_specs(
         raise ValueError(f"{type(optimizer).__name__}.state_specs uses reserved chunk names {clash}; rename them")
     specs.update(states)
     return specs
+
+
+def compute_copy_nbytes(b: BlockLayout, optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype) -> int:
+    """Bytes of the compute-dtype copy that a held block's parameters view instead of a chunk stored in another
+    form: a QLoRA layer's dequantized frozen weights, or MeZO weights stored in bf16 and upcast to fp32 (0: the
+    parameters view the chunks themselves). The copy lives beside the chunks, outside the store's budget."""
+    if b.quantized is not None:
+        return b.frozen.nbytes(compute_dtype)
+    if isinstance(optimizer, MeZO) and optimizer.storage_dtype != compute_dtype:
+        return b.trainable.nbytes(compute_dtype)
+    return 0
+
+
+def compute_copies_nbytes(
+    layouts: list[BlockLayout], optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype
+) -> int:
+    """The most bytes of compute copies held at once, which the engine keeps out of the store's device budget: the
+    embedding and head blocks' (MeZO holds them through its step) and one layer's (layers are held one at a time)."""
+    copies = [(b.block.is_layer, compute_copy_nbytes(b, optimizer, compute_dtype)) for b in layouts]
+    outer = sum(nbytes for is_layer, nbytes in copies if not is_layer)
+    return outer + max((nbytes for is_layer, nbytes in copies if is_layer), default=0)

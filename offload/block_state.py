@@ -57,7 +57,9 @@ class BlockState:
     frozen_params: list[nn.Parameter] = field(default_factory=list)
     frozen_aliases: Bound = field(default_factory=list)
     frozen: Chunk | None = None
-    # QLoRA: the frozen chunk holds NF4 codes in this layout; `dequantized` is their compute form while held.
+    # QLoRA: the frozen chunk holds NF4 codes in this layout. `dequantized`: while held, the compute-dtype copy of
+    # the one chunk stored in another form (those codes, or MeZO weights stored in bf16): residency.py's
+    # Note [Compute copies].
     quantized: QuantizedLayout | None = None
     dequantized: torch.Tensor | None = None
 

@@ -13,7 +13,7 @@ import torch
 
 from .block_state import BlockState
 
-__all__ = ["ClipMode", "Clipping"]
+__all__ = ["ClipMode", "Clipping", "updates_in_backward"]
 
 
 class ClipMode(str, enum.Enum):
@@ -30,6 +30,12 @@ class ClipMode(str, enum.Enum):
     PER_BLOCK = "per-block"
 
 
+def updates_in_backward(max_grad_norm: float | None, mode: ClipMode) -> bool:
+    """Whether a block's update may start as soon as its backward ends (else after the whole backward): no clipping,
+    or PER_BLOCK. Then, without accumulation, a gradient chunk lives only from its block's backward to its update."""
+    return max_grad_norm is None or mode is ClipMode.PER_BLOCK
+
+
 class Clipping:
     """The clipping of one engine: `max_grad_norm` None means no clipping."""
 
@@ -41,7 +47,7 @@ class Clipping:
     @property
     def updates_in_backward(self) -> bool:
         """Whether a block's update may start as soon as its backward ends (else after the whole backward)."""
-        return self.max_grad_norm is None or self.mode is ClipMode.PER_BLOCK
+        return updates_in_backward(self.max_grad_norm, self.mode)
 
     def finish_block(self, state: BlockState) -> None:
         """The block's gradient is final (its parameters' .grad view the held gradient chunk): keep the

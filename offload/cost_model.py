@@ -22,7 +22,7 @@ from torch import nn
 
 from ..optim.layout import chunk_nbytes
 from ..optim.mezo import MeZO
-from .block_layout import block_layouts, chunk_specs
+from .block_layout import block_layouts, chunk_specs, compute_copies_nbytes
 from .blocks import find_blocks
 from .embedding_grad import shared_parameters, takes_row_gradient
 from .floors import Floors, floors
@@ -176,7 +176,7 @@ def predict(
     plan = find_blocks(model)
     layouts = block_layouts(model, plan, workload.quantize_frozen, compute_dtype)
     need = floors(layouts, plan, optimizer, compute_dtype, workload.accumulation_steps)
-    dequantized = max((b.frozen.nbytes(compute_dtype) for b in layouts if b.quantized), default=0)
+    dequantized = compute_copies_nbytes(layouts, optimizer, compute_dtype)  # residency's Note [Compute copies]
     traffic = simulate_traffic(
         layouts, plan, optimizer, compute_dtype, device_bytes=device_budget - dequantized, host_bytes=host_budget,
         nvme=nvme, shares_memory=not machine.cuda, prefetch=workload.prefetch,
@@ -186,7 +186,7 @@ def predict(
     outside = activation_bytes(model, workload, compute_dtype, zeroth_order, samples,
                                torch.device("cuda" if machine.cuda else "cpu"))
     # What the chunks hold at the most, freed buffers kept for reuse included (the pool keeps what a tier used):
-    # the replay's peaks, with a QLoRA layer's dequantized weights, which the device tier's budget sets aside.
+    # the replay's peaks, with the held compute copies (QLoRA, bf16 MeZO), which the device tier's budget sets aside.
     resident = traffic.peak_host + (0 if machine.cuda else traffic.peak_device + dequantized)
     peak_rss = machine.baseline_rss + resident + (0 if machine.cuda else sum(outside.values()))
     # CUDA device memory: what the chunks reach at the most (torch's allocator, not a pool kept up to the budget).

@@ -30,13 +30,13 @@ from torch import nn
 from ..optim.base import ChunkOptimizer
 from ..optim.mezo import MeZO
 from .binding import bind_parameters, copy_weights_in
-from .block_layout import block_layouts
+from .block_layout import block_layouts, compute_copies_nbytes
 from .block_state import BlockState, block_states
 from .blocks import BlockPlan, find_blocks
 from .budget import Budget
 from .checkpoint import fingerprint, read_engine_state, restore_states, write_checkpoint
 from .chunks import Tier
-from .clipping import ClipMode, Clipping
+from .clipping import ClipMode, Clipping, updates_in_backward
 from .device import default_compute_dtype, make_transport
 from .embedding_grad import add_rows_into_grad, shared_parameters
 from .first_order import FirstOrderStep, micro_batches, to_device
@@ -64,7 +64,8 @@ class Engine:
         model: a Hugging Face causal LM (its decoder layers must support gradient checkpointing). Its
             parameters are moved into the engine's chunks; the module keeps only empty placeholders.
         optimizer: a chunk-wise optimizer from `optim`, or `optim.MeZO` (zeroth-order: no backward, no
-            gradients; needs fp32 compute, no accumulation and no clipping).
+            gradients; needs fp32 compute, no accumulation and no clipping; `MeZO(storage_dtype=torch.bfloat16)`
+            stores its weights in bf16 and upcasts each held block's to fp32).
         budget: bytes per tier and the NVMe swap directory.
         prefetch: how many blocks ahead to start loading.
         accumulation_steps: micro-batches per optimizer step; `train_step` splits its batch into this many.
@@ -120,12 +121,15 @@ class Engine:
         self._weights_dir = Path(weights) if weights is not None else None
         layouts = block_layouts(model, self.plan, quantize_frozen, self.compute_dtype)
         device_bytes, host_bytes = self.budget.resolved(self.device)
+        consumed = accumulation_steps == 1 and updates_in_backward(max_grad_norm, ClipMode(clip_mode))
         need = floors(layouts, self.plan, optimizer, self.compute_dtype, accumulation_steps)
-        check_budget(need, device_bytes, host_bytes, self.budget.nvme, frozen_in_files=self._weights_dir is not None)
+        check_budget(need, device_bytes, host_bytes, self.budget.nvme, frozen_in_files=self._weights_dir is not None,
+                     grads_in_swap=not consumed)
         backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
-        # A held layer's dequantized weights are a temporary outside the chunks: their room is kept aside.
-        dequantized = max((b.frozen.nbytes(self.compute_dtype) for b in layouts if b.quantized), default=0)
-        self.store = ChunkStore(device_bytes - dequantized, host_bytes, make_transport(self.device), backend)
+        # Held compute copies (a QLoRA layer's dequantized weights, bf16-stored MeZO weights upcast to fp32) are
+        # temporaries outside the chunks: their room is kept aside.
+        copies = compute_copies_nbytes(layouts, optimizer, self.compute_dtype)
+        self.store = ChunkStore(device_bytes - copies, host_bytes, make_transport(self.device), backend)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
         self._blocks = block_states(layouts, self.store, optimizer, self.compute_dtype, plan=self.plan,
                                     weights=self._weights_dir, reader=self._reader, timers=timers)
@@ -354,7 +358,8 @@ def _check_settings(
         if accumulation_steps != 1 or max_grad_norm is not None:
             errors.append("MeZO takes no accumulation_steps or max_grad_norm (it has no gradients); drop them")
         if (compute_dtype or torch.float32) != torch.float32:
-            errors.append("MeZO needs compute_dtype=torch.float32: it perturbs and updates the weights themselves")
+            errors.append("MeZO needs compute_dtype=torch.float32: it perturbs and updates the weights themselves; "
+                          "for bf16 weights in memory and on disk use MeZO(storage_dtype=torch.bfloat16)")
         if any(not p.requires_grad for p in model.parameters()):
             errors.append("MeZO with frozen parameters (requires_grad=False) is not supported yet; train them all")
     if errors:

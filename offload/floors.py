@@ -14,7 +14,7 @@ from torch import nn
 from ..optim.base import ChunkOptimizer
 from ..optim.layout import chunk_nbytes
 from ..optim.mezo import MeZO
-from .block_layout import BlockLayout, block_layouts, chunk_specs
+from .block_layout import BlockLayout, block_layouts, chunk_specs, compute_copy_nbytes
 from .blocks import BlockPlan, find_blocks
 from .budget import detect_hardware, format_bytes
 
@@ -30,6 +30,7 @@ class Floors:
     largest_layer: str  # the block (or blocks held together) whose working set sets the device floor, for messages
     state: int  # weights, gradients, masters, optimizer state and frozen weights, padded as chunks
     frozen_in_files: int = 0  # of `state`, frozen weights that a model directory's safetensors hold (not swapped)
+    grads: int = 0  # of `state`, the gradient chunks (not swapped when each is consumed inside backward)
 
 
 def floors(
@@ -46,21 +47,22 @@ def floors(
     perturbed copies of one module's weights are temporaries, like activations. Host: one block's whole update
     (weights, gradients, states) at once, or its frozen weights chunk (staged through host memory on CUDA). Frozen
     parameters have only that chunk: no gradients, masters or states. A quantized block computes with its NF4
-    chunk and, while held, the dequantized weights.
+    chunk and, while held, the dequantized weights; MeZO weights stored in bf16 likewise with their fp32 copy.
     """
-    zeroth_order = isinstance(optimizer, MeZO)
-    roles = 1 if zeroth_order else 2  # weights, and gradients unless zeroth-order
-    frozen, compute, update = {}, {}, {}
+    frozen, compute, update, grads = {}, {}, {}, 0
     for b in layouts:
         name = b.block.name
         frozen[name] = b.quantized.nbytes if b.quantized else b.frozen.nbytes(compute_dtype) if b.frozen else 0
-        dequantized = b.frozen.nbytes(compute_dtype) if b.quantized else 0
-        compute[name] = roles * b.trainable.nbytes(compute_dtype) + frozen[name] + dequantized
-        specs = chunk_specs(b.trainable, compute_dtype, optimizer).values()
-        update[name] = sum(chunk_nbytes(spec.numel, spec.dtype) for spec in specs)
+        dequantized = compute_copy_nbytes(b, optimizer, compute_dtype)
+        chunks = {role: chunk_nbytes(spec.numel, spec.dtype)
+                  for role, spec in chunk_specs(b.trainable, compute_dtype, optimizer).items()}
+        held = chunks["weights"] + chunks.get("grads", 0)  # gradients unless zeroth-order
+        compute[name] = held + frozen[name] + dequantized
+        update[name] = sum(chunks.values())
+        grads += chunks.get("grads", 0)
     largest = max((b.block.name for b in layouts if b.block.is_layer), key=compute.__getitem__)
     outer = [b.block.name for b in layouts if not b.block.is_layer]
-    if zeroth_order:
+    if isinstance(optimizer, MeZO):
         working_sets = {" + ".join([*outer, largest]): sum(compute[name] for name in [*outer, largest])}
     else:
         working_sets = {name: compute[name] for name in [largest, *outer]}
@@ -73,7 +75,8 @@ def floors(
     setter = max(working_sets, key=working_sets.__getitem__)
     host = max(max(update.values()), max(frozen.values()))
     in_files = sum(b.frozen.nbytes(compute_dtype) for b in layouts if b.frozen is not None and not b.quantized)
-    return Floors(working_sets[setter], host, setter, sum(update.values()) + sum(frozen.values()), in_files)
+    return Floors(working_sets[setter], host, setter, sum(update.values()) + sum(frozen.values()), in_files,
+                  grads=grads)
 
 
 def _outer_sides(layouts: list[BlockLayout], plan: BlockPlan) -> tuple[list[str], list[str]]:
@@ -98,10 +101,14 @@ def model_floors(
 
 
 def check_budget(
-    need: Floors, device_bytes: int, host_bytes: int, nvme: Path | None, *, frozen_in_files: bool = False
+    need: Floors, device_bytes: int, host_bytes: int, nvme: Path | None, *, frozen_in_files: bool = False,
+    grads_in_swap: bool = True,
 ) -> None:
     """Refuse now, with the numbers, rather than fail mid-step. `frozen_in_files`: the frozen weights are read
     from the model's safetensors (a model directory), so they are dropped, never swapped, when memory is short.
+    `grads_in_swap` False: updates run inside backward and nothing accumulates (`clipping.updates_in_backward`,
+    one micro-batch), so each gradient chunk is consumed by its block's update right after the block's backward
+    and discarded, never written to a swap file: the disk check leaves the gradient chunks out.
 
     Raises:
         ValueError: every problem found, each with the value to raise or the directory to change.
@@ -127,12 +134,14 @@ def check_budget(
             f"{format_bytes(in_memory)} and no NVMe directory was given; set Budget.nvme "
             f"to a directory on a fast disk, or raise the budgets"
         )
-    if nvme is not None and in_memory < swapped:
+    written = swapped - (0 if grads_in_swap else need.grads)  # what the swap files can grow to
+    if nvme is not None and in_memory < written:
         free = detect_hardware().disk_free(nvme)
-        if free < swapped:
+        if free < written:
+            which = "every chunk of the training state" if grads_in_swap else "every chunk but the gradients"
             problems.append(
                 f"Budget.nvme={nvme} has {format_bytes(free)} free but the swap files can grow to "
-                f"{format_bytes(swapped)} (every chunk of the training state may be evicted); free space there "
+                f"{format_bytes(written)} ({which} may be evicted); free space there "
                 "or choose a directory on a disk with more room"
             )
     if problems:

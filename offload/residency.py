@@ -13,6 +13,13 @@ Note [Saved weight views]: autograd saves views of weights for backward (a matmu
 would keep a chunk's buffer alive outside the budget, and once the store hands that buffer to another chunk they
 would read that chunk's bytes. `saved_weights` packs each saved view of a held weight chunk as (block, role,
 offset, shape, stride) and re-makes it at backward from the buffer the block is held in then.
+
+Note [Compute copies]: a chunk stored in another form than the compute dtype is not what the parameters view. A
+QLoRA layer's frozen chunk holds NF4 codes; MeZO weights may be stored in bf16 while MeZO computes in fp32. Holding
+such a block decodes the chunk into a compute-dtype buffer, `BlockState.dequantized`, that the parameters (and
+`weight_view`, and saved views) use until the last release; its room is kept outside the store's device budget
+(`block_layout.compute_copies_nbytes`). A write to the chunk while the block is held (MeZO's lazy update) is
+followed by `refresh`, so the copy never goes stale.
 """
 
 from __future__ import annotations
@@ -75,8 +82,8 @@ class Residency:
         for role, chunk, layout, bound in _weight_parts(state):
             flat = self._acquire(chunk)
             if state.holds == 0:
-                if role == "frozen" and state.quantized is not None:
-                    state.dequantized = flat = self.dequantize(state, flat)
+                if self._decoded(state, role):  # Note [Compute copies]
+                    state.dequantized = flat = self._decode(state, role, flat)
                 views = layout.views(flat)
                 for p, slot in bound:
                     p.data = views[slot]
@@ -138,9 +145,16 @@ class Residency:
         return self._slot_of[id(parameter)]
 
     def weight_view(self, index: int, slot: int) -> torch.Tensor:
-        """Slot `slot` of held block `index`'s weight chunk, as the tensor its parameter views."""
+        """Slot `slot` of held block `index`'s weights, as the tensor its parameter views: Note [Compute copies]."""
         state = self.blocks[index]
-        return state.layout.slots[slot].view(state.weights.typed(Tier.DEVICE))
+        return state.layout.slots[slot].view(self._compute_flat(state, "weights"))
+
+    def refresh(self, index: int) -> None:
+        """Held block `index`'s weight chunk was just written: bring the copy its parameters view up to date (Note
+        [Compute copies]); nothing to do where they view the chunk itself."""
+        state = self.blocks[index]
+        if state.holds and self._decoded(state, "weights"):
+            state.dequantized.copy_(state.weights.typed(Tier.DEVICE))  # the exact bf16 -> fp32 upcast
 
     def dequantize(self, state: BlockState, codes: torch.Tensor) -> torch.Tensor:
         """The frozen weights of a quantized block in the compute dtype, next to its held codes."""
@@ -154,10 +168,23 @@ class Residency:
         self.timers.add("load wait", time.perf_counter() - start)
         return flat
 
-    @staticmethod
-    def _compute_flat(state: BlockState, role: str) -> torch.Tensor:
-        """The held buffer the parameters of `role` view: the chunk's, or a quantized block's dequantized one."""
-        if role == "frozen" and state.quantized is not None:
+    def _decoded(self, state: BlockState, role: str) -> bool:
+        """Whether the parameters of `role` view a compute copy rather than the chunk: Note [Compute copies]."""
+        if role == "frozen":
+            return state.quantized is not None
+        return state.weights.dtype != self.compute_dtype
+
+    def _decode(self, state: BlockState, role: str, flat: torch.Tensor) -> torch.Tensor:
+        """The compute copy of a held chunk: NF4 codes dequantized, or bf16 weights upcast (exactly)."""
+        if state.dequantized is not None:
+            raise RuntimeError(f"{state.block.name} has two chunks stored apart from compute; this is a bug")
+        if role == "frozen":
+            return self.dequantize(state, flat)
+        return flat.to(self.compute_dtype)
+
+    def _compute_flat(self, state: BlockState, role: str) -> torch.Tensor:
+        """The held buffer the parameters of `role` view: the chunk's, or its compute copy (Note [Compute copies])."""
+        if self._decoded(state, role):
             return state.dequantized
         return getattr(state, role).typed(Tier.DEVICE)
 

@@ -321,10 +321,10 @@ def simulate_traffic(
 ) -> Traffic:
     """Replay `steps` training steps and report the bytes of the last one (the first fills the caches).
 
-    `device_bytes` is the device tier's room for chunks (the engine's budget less a quantized layer's
-    dequantized weights); `frozen_file_dtype`: the dtype of the model's safetensors when frozen chunks are read
-    from them (a model directory; `disk_read` counts the files' bytes), else None: frozen chunks are copied in
-    and swapped like any chunk.
+    `device_bytes` is the device tier's room for chunks (the engine's budget less the held compute copies,
+    `block_layout.compute_copies_nbytes`); `frozen_file_dtype`: the dtype of the model's safetensors when frozen
+    chunks are read from them (a model directory; `disk_read` counts the files' bytes), else None: frozen chunks
+    are copied in and swapped like any chunk.
     """
     from ..optim.mezo import MeZO
 

@@ -14,6 +14,10 @@ The previous step's update needs that step's projected gradients, known only onc
 is applied when the block is next loaded, so the weights are read once (update, then perturb) and written once.
 `flush` applies a pending update to every block, for when the weights are read outside a step (eval, export,
 checkpoint). The embedding and head blocks are held through the step: they are used at both of its ends.
+
+Weights stored in bf16 (`MeZO.storage_dtype`) are upcast to fp32 while a block is held (residency.py's
+Note [Compute copies]): the passes perturb and run in fp32, and the update reads the chunk, computes in fp32 and
+writes it back rounded stochastically (optim/rounding.py), then refreshes the held copy.
 """
 
 from __future__ import annotations
@@ -112,6 +116,7 @@ class ZerothOrderStep:
         for slot in state.layout.slots:
             self.optimizer.update(slot.view(flat), slot.name, *self.pending)
         self.timers.add("optimizer math", time.perf_counter() - start)
+        self.residency.refresh(index)  # a held block's fp32 copy of bf16-stored weights: Note [Compute copies]
         store.release(state.weights, Tier.DEVICE, dirty=True)
 
     # -------------------------------------------------------------------------------------- the hooks

@@ -5,7 +5,8 @@ from .adamw8bit import AdamW8bit
 from .base import ChunkOptimizer, StateSpec
 from .frugal import Frugal
 from .galore import GaLore
-from .mezo import InMemoryMeZO, MeZO, mezo_update
+from .mezo import STORAGE_DTYPES, InMemoryMeZO, MeZO, mezo_update
+from .rounding import stochastic_round_to_bf16
 from .torch_adapter import InMemory, embedding_names
 
 __all__ = [
@@ -17,8 +18,10 @@ __all__ = [
     "InMemory",
     "InMemoryMeZO",
     "MeZO",
+    "STORAGE_DTYPES",
     "StateSpec",
     "adamw_update",
     "embedding_names",
     "mezo_update",
+    "stochastic_round_to_bf16",
 ]

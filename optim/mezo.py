@@ -13,6 +13,10 @@ Perturbation here is exact: theta + eps*z is computed into a fresh tensor and th
 until the update. The MeZO paper's in-place "+eps z, -2 eps z, +eps z" does not restore theta exactly in
 floating point (and drifts badly in bf16). Weight decay applies to tensors of two or more dimensions (matrices
 and embeddings), not to biases and norm scales, as the MeZO reference does by name.
+
+Storage: the weights may be stored in bfloat16 (`storage_dtype`) to halve what the disk holds and moves, while
+the perturbed passes and the update math stay fp32: theta is upcast (exactly) to compute, and theta - lr*(...) is
+rounded back to bf16 stochastically (rounding.py), with noise seeded like z, from (seed, step, tensor name).
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["InMemoryMeZO", "MeZO", "mezo_update"]
+from .rounding import stochastic_round_to_bf16
+
+__all__ = ["STORAGE_DTYPES", "InMemoryMeZO", "MeZO", "mezo_update"]
+
+STORAGE_DTYPES = (torch.float32, torch.bfloat16)
+"""The dtypes MeZO can store weights in (`MeZO.storage_dtype`)."""
 
 
 @dataclass
@@ -36,6 +45,11 @@ class MeZO:
         weight_decay: decoupled weight decay for tensors of two or more dimensions.
         samples: SPSA samples per step (n); each costs two forward passes of the batch.
         seed: base seed of every perturbation.
+        storage_dtype: the dtype the trained weights are stored in: torch.float32, or torch.bfloat16 for half the
+            bytes in every tier and on disk. Compute and the update stay fp32 either way. bf16 storage always
+            rounds the updated weights stochastically: MeZO's steps (lr * g * z, often 1e-6 of a weight) are far
+            below half a bf16 step, so round-to-nearest would put nearly every weight back where it was; stochastic
+            rounding is unbiased, so the weights follow the fp32 trajectory in expectation.
     """
 
     lr: float = 1e-6
@@ -43,6 +57,7 @@ class MeZO:
     weight_decay: float = 0.0
     samples: int = 1
     seed: int = 0
+    storage_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         errors = []
@@ -54,6 +69,8 @@ class MeZO:
             errors.append(f"weight_decay={self.weight_decay} must be >= 0")
         if self.samples < 1:
             errors.append(f"samples={self.samples} must be >= 1")
+        if self.storage_dtype not in STORAGE_DTYPES:
+            errors.append(f"storage_dtype={self.storage_dtype} must be one of {STORAGE_DTYPES}")
         if errors:
             raise ValueError("MeZO: " + "; ".join(errors))
 
@@ -67,9 +84,13 @@ class MeZO:
 
     def direction(self, step: int, sample: int, name: str, like: torch.Tensor) -> torch.Tensor:
         """z for tensor `name` at `step` and `sample`: standard normal, shaped and placed like `like`."""
-        key = hashlib.blake2b(f"{self.seed}/{step}/{sample}/{name}".encode(), digest_size=8).digest()
-        generator = torch.Generator(like.device).manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+        generator = self._generator(f"{step}/{sample}/{name}", like.device)
         return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+    def _generator(self, key: str, device: torch.device) -> torch.Generator:
+        """A generator seeded from (seed, key) alone, so any tensor's noise is rebuilt wherever its weights are."""
+        digest = hashlib.blake2b(f"{self.seed}/{key}".encode(), digest_size=8).digest()
+        return torch.Generator(device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
     def perturbed(self, theta: torch.Tensor, z: torch.Tensor, sign: int) -> torch.Tensor:
         """theta + sign * eps * z, in a new tensor (theta is left exactly as it was)."""
@@ -79,11 +100,25 @@ class MeZO:
         """g = (loss+ - loss-) / (2 eps), as MeZO computes it (fp32 difference, then a Python float)."""
         return float((loss_plus - loss_minus) / (2 * self.eps))  # host sync: g scales every update
 
-    def update(self, theta: torch.Tensor, name: str, step: int, gradients: list[float]) -> None:
-        """Apply step `step`'s update to tensor `name` in place; `gradients` holds g for each sample."""
+    def update(self, stored: torch.Tensor, name: str, step: int, gradients: list[float]) -> None:
+        """Apply step `step`'s update to tensor `name` in place; `gradients` holds g for each sample.
+
+        `stored` is the tensor as stored (`storage_dtype`). The math is fp32 on theta upcast from it; bf16 storage
+        takes the result back by stochastic rounding, its noise keyed by (seed, step, name) like z.
+
+        Raises:
+            TypeError: `stored` is not in `storage_dtype`.
+        """
+        if stored.dtype != self.storage_dtype:
+            raise TypeError(f"MeZO(storage_dtype={self.storage_dtype}) was given {name} in {stored.dtype}")
+        theta = stored.float()  # the same tensor when stored in fp32; an exact upcast from bf16
         zs = [self.direction(step, sample, name, theta) for sample in range(len(gradients))]
         decay = self.weight_decay if theta.dim() >= 2 else 0.0
-        theta.copy_(mezo_update(theta, zs, gradients, lr=self.lr, weight_decay=decay))
+        updated = mezo_update(theta, zs, gradients, lr=self.lr, weight_decay=decay)
+        if stored.dtype == torch.float32:
+            stored.copy_(updated)
+        else:
+            stored.copy_(stochastic_round_to_bf16(updated, self._generator(f"{step}/round/{name}", stored.device)))
 
 
 def mezo_update(
@@ -107,6 +142,11 @@ class InMemoryMeZO(torch.optim.Optimizer):
     `step(closure)` needs the closure: it returns the loss of the model's current parameters (no backward; called
     twice per sample with the parameters perturbed).
 
+    With `mezo.storage_dtype=torch.bfloat16` the parameters stay fp32 tensors (they compute in fp32, as the
+    engine's do) but hold bf16 values: rounded to nearest here, as the engine rounds weights when it loads them, and
+    stochastically after each update. Each step takes the bf16 weights from the parameters (exactly) and gives
+    them back upcast, so the optimizer keeps no copy of its own.
+
     Args:
         named_parameters: `model.named_parameters()`; the names key the perturbations, as the engine's do.
         mezo: the hyperparameters; `lr` may be changed through `param_groups[0]["lr"]` (LR schedulers).
@@ -116,6 +156,9 @@ class InMemoryMeZO(torch.optim.Optimizer):
         self._named = list(named_parameters)
         super().__init__([p for _, p in self._named], {"lr": mezo.lr, "step": 0})
         self.mezo = mezo
+        if mezo.storage_dtype != torch.float32:
+            for _, p in self._named:
+                p.data = p.data.to(mezo.storage_dtype).float()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
@@ -124,7 +167,10 @@ class InMemoryMeZO(torch.optim.Optimizer):
         group = self.param_groups[0]
         group["step"] += 1
         self.mezo.lr = group["lr"]
-        theta = {name: p.data for name, p in self._named}
+        # As stored (fp32: the parameter's own tensor; bf16: exact, its values are bf16 already), and upcast to
+        # compute (fp32: the same tensor again).
+        stored = {name: p.data.to(self.mezo.storage_dtype) for name, p in self._named}
+        theta = {name: value.float() for name, value in stored.items()}
         losses = []
         for sample in range(self.mezo.samples):
             for sign in (1, -1):
@@ -134,6 +180,6 @@ class InMemoryMeZO(torch.optim.Optimizer):
                 losses.append(closure())
         gradients = [self.mezo.projected_gradient(losses[2 * i], losses[2 * i + 1]) for i in range(self.mezo.samples)]
         for name, p in self._named:
-            p.data = theta[name]
-            self.mezo.update(p.data, name, group["step"], gradients)
+            self.mezo.update(stored[name], name, group["step"], gradients)
+            p.data = stored[name].float()
         return torch.stack(losses).mean()

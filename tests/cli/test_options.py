@@ -85,6 +85,8 @@ def test_toml_config_with_dashed_names(probe: list[RunConfig], tmp_path: Path) -
     (["m", "d", "--lora", "--lora-rank", "0", "--lora-alpha", "-1", "--lora-dropout", "1"], None,
      "--lora-rank 0 must be >= 1; --lora-alpha -1.0 must be > 0; --lora-dropout 1.0 must be in [0, 1)"),
     (["m", "d", "--qlora", "--optimizer", "mezo"], None, "--optimizer mezo cannot train LoRA adapters"),
+    (["m", "d", "--storage-dtype", "bf16"], None, "--storage-dtype bf16 needs --optimizer mezo"),
+    (["m", "d", "--storage-dtype", "bfloat16"], None, "'bfloat16' is not one of 'fp32', 'bf16'"),
     (["m", "d", "--lora-rank", "8"], None, "--lora-rank 8 has no effect without --lora; add --lora"),
     (["m", "d"], "lora: true\nlora_targets: ' , '\n", "--lora-targets is empty"),
     (["m", "d"], "lr: fast\n", "--lr 'fast': expected float"),

@@ -119,3 +119,54 @@ def test_run_dry_run_writes_nothing(tiny: Tiny, learnable: Path, tmp_path: Path)
 def test_hardware_without_dry_run_is_a_usage_error(tiny: Tiny, learnable: Path) -> None:
     result = runner.invoke(app, ["run", str(tiny.model), str(learnable), "--hardware", CPU_PROFILE])
     assert result.exit_code == 2
+
+
+
+def _mezo_plan_args(tiny: Tiny, tmp_path: Path) -> list[str | Path]:
+    """A 12-layer copy of the tiny model (config.json only) and a --memory below its MeZO state even in bf16, at
+    the larger of the two storage dtypes' minimums (bf16's device floor holds fp32 copies too)."""
+    import torch
+
+    from finetune import offload, optim
+    from finetune.cli.model import build_meta_model
+
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    config = json.loads((tiny.model / "config.json").read_text())
+    (deep / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 12}))
+    model = build_meta_model(deep)
+    memory = max(sum(offload.Engine.minimum_budget(model, optim.MeZO(storage_dtype=dtype)))
+                 for dtype in (torch.float32, torch.bfloat16))
+    assert memory < offload.Engine.state_bytes(model, optim.MeZO(storage_dtype=torch.bfloat16))
+    (tmp_path / "disk").mkdir()
+    return [deep, *SHAPE, "--optimizer", "mezo", "--memory", str(memory), "--nvme", tmp_path / "disk" / "swap",
+            "--hardware", CPU_PROFILE]
+
+
+def test_mezo_with_bf16_storage_plans_about_half_the_swap(tiny: Tiny, tmp_path: Path) -> None:
+    args = _mezo_plan_args(tiny, tmp_path)
+    fp32 = json.loads(_plan(*args, "--json").output.strip().splitlines()[-1])
+    bf16 = json.loads(_plan(*args, "--storage-dtype", "bf16", "--json").output.strip().splitlines()[-1])
+    assert (fp32["weights_dtype"], bf16["weights_dtype"]) == ("float32", "bfloat16")
+    assert bf16["compute_dtype"] == "float32"
+    assert 0 < bf16["disk"]["swap_bytes"] <= 0.55 * fp32["disk"]["swap_bytes"]
+    assert bf16["memory"]["state"] <= 0.55 * fp32["memory"]["state"]
+    assert 0 < bf16["io_per_step"]["disk_read"] <= 0.55 * fp32["io_per_step"]["disk_read"]
+    assert bf16["disk"]["checkpoint_bytes"] == fp32["disk"]["checkpoint_bytes"]  # checkpoints are fp32
+    table = _plan(*args, "--storage-dtype", "bf16")
+    assert table.exit_code == 0, table.output
+    assert "weights stored in bfloat16" in table.output
+
+
+def test_a_mezo_run_beyond_the_disk_is_told_of_bf16_storage(tiny: Tiny, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    args = _mezo_plan_args(tiny, tmp_path)
+    swap = json.loads(_plan(*args, "--json").output.strip().splitlines()[-1])["disk"]["swap_bytes"]
+    usage = shutil.disk_usage(tmp_path)
+    short = usage._replace(free=swap // 2 + swap // 8)  # room for bf16 weights, not for fp32 ones
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: short if Path(path).name == "disk" else usage)
+    result = _plan(*args)
+    assert result.exit_code == 1
+    assert "pass --storage-dtype bf16" in " ".join(result.output.split())
+    fits = _plan(*args, "--storage-dtype", "bf16")
+    assert fits.exit_code == 0, fits.output

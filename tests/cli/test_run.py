@@ -161,3 +161,19 @@ def test_each_optimizer_trains_through_nvme(optimizer, tiny: Tiny, env, tmp_path
     result = summary(run_finetune(env, *args))
     assert result["status"] == "completed" and result["step"] == 3
     assert torch.isfinite(torch.tensor(result["train_loss"]))
+
+
+def test_mezo_with_bf16_storage_trains(tiny: Tiny, env, tmp_path: Path) -> None:
+    """--storage-dtype bf16 reaches the engine: the checkpoint holds fp32 tensors of bf16 values. (This 2-layer
+    model's bf16 state fits in its minimum budget; tests/offload/test_zeroth_order.py streams one through NVMe.)"""
+    data = _prompt_completion_csv(tmp_path)
+    output = tmp_path / "run"
+    args = ["run", tiny.model, data, "--output", output, "--steps", "3", "--batch-size", "2", "--seq-len", "64",
+            "--lr", "1e-3", "--optimizer", "mezo", "--storage-dtype", "bf16", "--checkpoint-every", "0", "--json",
+            "--device-memory", str(tiny.device_bytes), "--host-memory", str(tiny.host_bytes),
+            "--nvme", tmp_path / "swap"]
+    result = summary(run_finetune(env, *args))
+    assert result["status"] == "completed" and result["step"] == 3
+    assert torch.isfinite(torch.tensor(result["train_loss"]))
+    weights = load_file(output / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert all(w.dtype == torch.float32 and torch.equal(w, w.to(torch.bfloat16).float()) for w in weights.values())

@@ -131,3 +131,33 @@ def test_a_frozen_base_read_from_bf16_files_moves_half_its_chunk_bytes(tmp_path)
         for dtype in (torch.float32, torch.bfloat16)
     }
     assert 0 < reads[torch.bfloat16] < 0.8 * reads[torch.float32]  # the base is most of what is read (measured 72%)
+
+
+def test_the_swap_the_replay_fills_is_what_the_engine_checks_the_disk_for(tmp_path):
+    """The engine's disk check (floors.check_budget) counts every chunk but the gradients when each is consumed by
+    its update inside backward, all of them otherwise. At the minimum budget every chunk the replay may write is
+    evicted at least once, so its swap files hold exactly that. bf16-stored MeZO weights: about half the fp32
+    ones."""
+    from finetune.offload.block_layout import compute_copies_nbytes
+    from finetune.offload.floors import model_floors
+
+    model = _meta_llama(tmp_path, num_hidden_layers=6)
+    plan = find_blocks(model)
+    layouts = block_layouts(model, plan, None, torch.float32)
+
+    def swap(optimizer, **options) -> tuple[int, object]:
+        need = model_floors(model, optimizer, torch.float32, None)
+        room = need.device - compute_copies_nbytes(layouts, optimizer, torch.float32)  # as the engine's store gets
+        traffic = simulate_traffic(layouts, plan, optimizer, torch.float32, device_bytes=room,
+                                   host_bytes=need.host, nvme=True, shares_memory=True, **options)
+        return traffic.swap_bytes, need
+
+    consumed, need = swap(optim.AdamW(lr=1e-3), updates_in_backward=True)
+    kept, _ = swap(optim.AdamW(lr=1e-3), updates_in_backward=True, accumulation_steps=2)
+    assert need.grads > 0
+    assert consumed == need.state - need.grads
+    assert kept == need.state
+    fp32, mezo = swap(optim.MeZO())
+    bf16, mezo_bf16 = swap(optim.MeZO(storage_dtype=torch.bfloat16))
+    assert 0 < fp32 <= mezo.state and 0 < bf16 <= mezo_bf16.state  # MeZO's held embedding may never leave
+    assert bf16 == pytest.approx(fp32 / 2, rel=0.1)

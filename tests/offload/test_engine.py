@@ -226,7 +226,42 @@ def test_swap_directory_without_room_for_the_state_is_refused(tmp_path, monkeypa
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=total - 1))
     with pytest.raises(ValueError, match=r"Budget.nvme=.* has .* free but the swap files can grow to"):
-        offload.Engine(model, optim.AdamW(), offload.Budget(device=device, host=host, nvme=tmp_path / "swap"))
+        # exact clipping keeps every gradient chunk to the end of backward: all of the state may be swapped
+        offload.Engine(model, optim.AdamW(), offload.Budget(device=device, host=host, nvme=tmp_path / "swap"),
+                       max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize(
+    "options, refused",
+    [
+        ({}, False),  # no clipping: each block's update right after its backward
+        ({"max_grad_norm": 1.0, "clip_mode": "per-block"}, False),
+        ({"max_grad_norm": 1.0}, True),  # exact clipping: gradients wait for the global norm
+        ({"accumulation_steps": 2}, True),  # gradients kept from one micro-batch to the next
+    ],
+)
+def test_gradients_consumed_inside_backward_need_no_swap_room(tmp_path, monkeypatch, options, refused):
+    """The free space passes the check only because the gradient chunks are not counted, where each is consumed by
+    its update right after its block's backward and never written to swap. The run then trains, writing no
+    gradient to the swap directory."""
+    from finetune.offload.floors import model_floors
+
+    path = save_tiny_model("llama", tmp_path / "model", num_hidden_layers=4)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    need = model_floors(model, optim.AdamW(), torch.float32, None)
+    assert 0 < need.grads < need.state and need.device + need.host < need.state - need.grads
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=need.state - need.grads))
+    budget = offload.Budget(device=need.device, host=need.host, nvme=tmp_path / "swap")
+    if refused:
+        with pytest.raises(ValueError, match=r"has .* free but the swap files can grow to .* \(every chunk of the"):
+            offload.Engine(model, optim.AdamW(), budget, **options)
+        return
+    with offload.Engine(model, optim.AdamW(), budget, keep_swap=True, **options) as engine:
+        for batch in _batches(128, seed=3, steps=3):
+            engine.train_step(batch)
+        assert engine.store.bytes_written > 0  # it streamed through the swap directory
+    assert not [name for name in (tmp_path / "swap").iterdir() if "grads" in name.name]
 
 
 def test_bad_options_are_reported_together(tmp_path):

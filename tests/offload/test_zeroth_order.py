@@ -8,6 +8,8 @@ seeding scheme both share. The engine runs every chunk through NVMe at its minim
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_models import random_batch, save_tiny_model
@@ -105,10 +107,13 @@ def test_mezo_refuses_gradient_options(tmp_path):
         optim.MeZO(eps=0)
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
-    """save_checkpoint applies the pending lazy update first; the resumed run goes on exactly as the first."""
+@pytest.mark.parametrize("storage_dtype", [torch.float32, torch.bfloat16])
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, storage_dtype):
+    """save_checkpoint applies the pending lazy update first; the resumed run goes on exactly as the first. bf16
+    storage: the checkpoint's fp32 export of bf16 values loads back exactly, and the flushed update is rounded with
+    the noise the lazy one would have used."""
     path = save_tiny_model("llama", tmp_path / "model", seed=5, num_hidden_layers=3)
-    mezo = optim.MeZO(lr=1e-3, seed=6, samples=2)
+    mezo = optim.MeZO(lr=1e-3, seed=6, samples=2, storage_dtype=storage_dtype)
     batches = _batches(seed=7)[:5]
     with _engine(path, tmp_path / "a", mezo) as engine:
         uninterrupted = [engine.train_step(b) for b in batches]
@@ -139,3 +144,49 @@ def test_in_memory_mezo_optimizer_equals_the_reference(tmp_path):
         optimizer.step(lambda batch=batch: model(**batch, use_cache=False).loss)
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), expected[name]), name
+
+
+# ------------------------------------------------------------------------------------- weights stored in bf16
+
+
+def _in_memory(path, batches, mezo: optim.MeZO) -> dict[str, torch.Tensor]:
+    """optim.InMemoryMeZO on the model in memory: the reference for bf16 storage (its own tests check it keeps
+    bf16 values in fp32 parameters, and fp32 storage against `_reference` above)."""
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.eval()
+    optimizer = optim.InMemoryMeZO(model.named_parameters(), mezo)
+    for batch in batches:
+        optimizer.step(lambda batch=batch: model(**batch, use_cache=False).loss)
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch, options", [("llama", {}), ("gpt2", {"samples": 2, "weight_decay": 0.1})])
+def test_bf16_storage_streamed_equals_in_memory_mezo(arch, options, tmp_path):
+    """bf16 chunks through NVMe at the minimum budget, fp32 compute, stochastic rounding: bit-equal to InMemoryMeZO
+    with the same storage after 3 steps."""
+    path = save_tiny_model(arch, tmp_path / "model", seed=11, num_hidden_layers=3)
+    seed = int(torch.randint(0, 2**31, ()))
+    mezo = optim.MeZO(lr=1e-3, eps=1e-3, seed=seed, storage_dtype=torch.bfloat16, **options)
+    batches = _batches(seed)[:3]
+    expected = _in_memory(path, batches, dataclasses.replace(mezo))
+    with _engine(path, tmp_path, mezo) as engine:
+        assert {state.weights.dtype for state in engine.blocks} == {torch.bfloat16}
+        assert engine.compute_dtype == torch.float32
+        for batch in batches:
+            engine.train_step(batch)
+        assert engine.store.bytes_written > 0  # the chunks went through NVMe
+        engine.export(tmp_path / "out")
+    exported = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out").named_parameters())
+    for name, value in expected.items():
+        assert torch.equal(exported[name], value), name
+
+
+def test_bf16_storage_halves_the_weight_chunks(tmp_path):
+    path = save_tiny_model("llama", tmp_path / "model", seed=15, num_hidden_layers=2)
+    meta = offload.meta_model(AutoModelForCausalLM.from_pretrained(path).config)
+    fp32 = offload.Engine.state_bytes(meta, optim.MeZO())
+    bf16 = offload.Engine.state_bytes(meta, optim.MeZO(storage_dtype=torch.bfloat16))
+    assert bf16 == pytest.approx(fp32 / 2, rel=0.05)  # chunk padding aside
+    # ... while the device floor grows by the fp32 copies of the blocks held at once
+    assert offload.Engine.minimum_budget(meta, optim.MeZO(storage_dtype=torch.bfloat16))[0] > \
+        offload.Engine.minimum_budget(meta, optim.MeZO())[0]
