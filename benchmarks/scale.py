@@ -4,7 +4,8 @@
     python benchmarks/scale.py --rows 13b-lora       # one row
     python benchmarks/scale.py --preset llama-tiny   # every row on a tiny model: a check of the script itself
 
-Rows (issue 12): full fine-tuning of a 7B Llama with 8-bit AdamW, state on NVMe; MeZO on a 13B Llama; LoRA and
+Rows (issue 12): full fine-tuning of a 7B Llama with 8-bit AdamW, state on NVMe; MeZO on a 13B Llama (weights
+stored in bf16 with stochastic rounding, `--storage-dtype bf16`: fp32 would need 48 GiB of swap); LoRA and
 QLoRA on a 13B Llama with the base read from its own safetensors. Models are written synthetically
 (`synthetic_model.py`, bf16 shards, layer by layer) into --workdir and deleted when the next row needs another.
 
@@ -63,7 +64,7 @@ def _optimizer(name: str) -> Any:
     from finetune import optim
 
     return {"adamw": lambda: optim.AdamW(lr=1e-4), "adamw8bit": lambda: optim.AdamW8bit(lr=1e-5),
-            "mezo": lambda: optim.MeZO(lr=1e-6)}[name]()
+            "mezo": lambda: optim.MeZO(lr=1e-6, storage_dtype=torch.bfloat16)}[name]()
 
 
 def _budget(model: torch.nn.Module, optimizer: Any, quantize: str | None, memory: int) -> tuple[int, int, str]:

@@ -83,10 +83,12 @@ def compute_copy_nbytes(b: BlockLayout, optimizer: ChunkOptimizer | MeZO, comput
 
 
 def compute_copies_nbytes(
-    layouts: list[BlockLayout], optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype
+    layouts: list[BlockLayout], plan: BlockPlan, optimizer: ChunkOptimizer | MeZO, compute_dtype: torch.dtype
 ) -> int:
-    """The most bytes of compute copies held at once, which the engine keeps out of the store's device budget: the
-    embedding and head blocks' (MeZO holds them through its step) and one layer's (layers are held one at a time)."""
-    copies = [(b.block.is_layer, compute_copy_nbytes(b, optimizer, compute_dtype)) for b in layouts]
-    outer = sum(nbytes for is_layer, nbytes in copies if not is_layer)
-    return outer + max((nbytes for is_layer, nbytes in copies if is_layer), default=0)
+    """The most bytes of compute copies held at once, which the engine keeps out of the store's device budget:
+    those of the blocks MeZO holds through its step (a block both ends of the model use: a tied embedding's), and
+    the largest of the rest (held one at a time)."""
+    copies = [compute_copy_nbytes(b, optimizer, compute_dtype) for b in layouts]
+    before, after = plan.outer_sides()
+    through = [i for i in before if i in after] if isinstance(optimizer, MeZO) else []
+    return sum(copies[i] for i in through) + max((c for i, c in enumerate(copies) if i not in through), default=0)

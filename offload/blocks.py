@@ -66,6 +66,16 @@ class BlockPlan:
                 return block.index
         raise KeyError(f"{param_name!r} is not a parameter of this model")
 
+    def outer_sides(self) -> tuple[list[int], list[int]]:
+        """The blocks the modules before the layers need, and those the modules after them need (a tied head
+        needs the embedding's block), each once, in the order of the hook points."""
+        layer_points = [k for k, point in enumerate(self.hook_points) if self.blocks[point.blocks[0]].is_layer]
+
+        def blocks_of(points: list[HookPoint]) -> list[int]:
+            return list(dict.fromkeys(index for point in points for index in point.blocks))
+
+        return blocks_of(self.hook_points[: layer_points[0]]), blocks_of(self.hook_points[layer_points[-1] + 1 :])
+
 
 def find_blocks(model: nn.Module) -> BlockPlan:
     """Split ``model`` into an embed block, one block per repeated layer and a

@@ -176,7 +176,7 @@ def predict(
     plan = find_blocks(model)
     layouts = block_layouts(model, plan, workload.quantize_frozen, compute_dtype)
     need = floors(layouts, plan, optimizer, compute_dtype, workload.accumulation_steps)
-    dequantized = compute_copies_nbytes(layouts, optimizer, compute_dtype)  # residency's Note [Compute copies]
+    dequantized = compute_copies_nbytes(layouts, plan, optimizer, compute_dtype)  # residency's Note [Compute copies]
     traffic = simulate_traffic(
         layouts, plan, optimizer, compute_dtype, device_bytes=device_budget - dequantized, host_bytes=host_budget,
         nvme=nvme, shares_memory=not machine.cuda, prefetch=workload.prefetch,

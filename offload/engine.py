@@ -128,7 +128,7 @@ class Engine:
         backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
         # Held compute copies (a QLoRA layer's dequantized weights, bf16-stored MeZO weights upcast to fp32) are
         # temporaries outside the chunks: their room is kept aside.
-        copies = compute_copies_nbytes(layouts, optimizer, self.compute_dtype)
+        copies = compute_copies_nbytes(layouts, self.plan, optimizer, self.compute_dtype)
         self.store = ChunkStore(device_bytes - copies, host_bytes, make_transport(self.device), backend)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
         self._blocks = block_states(layouts, self.store, optimizer, self.compute_dtype, plan=self.plan,
@@ -145,7 +145,9 @@ class Engine:
         self.model.to(self.device)  # buffers only: every parameter is an empty placeholder by now
         self._zeroth = self._first = self._updates = None
         if isinstance(self.optimizer, MeZO):
-            self._zeroth = ZerothOrderStep(self.model, self.residency, self.optimizer, timers)
+            before, after = self.plan.outer_sides()
+            self._zeroth = ZerothOrderStep(self.model, self.residency, self.optimizer, timers,
+                                           held_through=[i for i in before if i in after])
         else:
             clipping = Clipping(max_grad_norm, clip_mode, self._blocks)
             self._updates = UpdateWorker(self._blocks, self.store, self.optimizer, clipping, timers)

@@ -14,7 +14,7 @@ from torch import nn
 from ..optim.base import ChunkOptimizer
 from ..optim.layout import chunk_nbytes
 from ..optim.mezo import MeZO
-from .block_layout import BlockLayout, block_layouts, chunk_specs, compute_copy_nbytes
+from .block_layout import BlockLayout, block_layouts, chunk_specs, compute_copies_nbytes
 from .blocks import BlockPlan, find_blocks
 from .budget import detect_hardware, format_bytes
 
@@ -39,11 +39,10 @@ def floors(
 ) -> Floors:
     """The floors of a model's blocks.
 
-    Device: first-order, the one block that computes with its gradients at a time: the largest layer, or the
+    Device: the one block that computes at a time (with its gradients, first-order): the largest layer, or the
     head's side (the blocks the modules after the layers need, held together in its backward: a tied head holds
-    the embedding block), or the embedding; outer_holds.py releases each outer block after its own backward
-    (except a tied head's block under gradient accumulation, held to the end).
-    MeZO holds the embedding and head blocks through the whole step beside one layer, without gradients; its
+    the embedding block), or the embedding; outer_holds.py releases each outer block after its own backward.
+    A tied head's block is held beside the layers under gradient accumulation, and through MeZO's step. MeZO's
     perturbed copies of one module's weights are temporaries, like activations. Host: one block's whole update
     (weights, gradients, states) at once, or its frozen weights chunk (staged through host memory on CUDA). Frozen
     parameters have only that chunk: no gradients, masters or states. A quantized block computes with its NF4
@@ -53,41 +52,29 @@ def floors(
     for b in layouts:
         name = b.block.name
         frozen[name] = b.quantized.nbytes if b.quantized else b.frozen.nbytes(compute_dtype) if b.frozen else 0
-        dequantized = compute_copy_nbytes(b, optimizer, compute_dtype)
         chunks = {role: chunk_nbytes(spec.numel, spec.dtype)
                   for role, spec in chunk_specs(b.trainable, compute_dtype, optimizer).items()}
         held = chunks["weights"] + chunks.get("grads", 0)  # gradients unless zeroth-order
-        compute[name] = held + frozen[name] + dequantized
+        compute[name] = held + frozen[name]
         update[name] = sum(chunks.values())
         grads += chunks.get("grads", 0)
     largest = max((b.block.name for b in layouts if b.block.is_layer), key=compute.__getitem__)
     outer = [b.block.name for b in layouts if not b.block.is_layer]
-    if isinstance(optimizer, MeZO):
-        working_sets = {" + ".join([*outer, largest]): sum(compute[name] for name in [*outer, largest])}
-    else:
-        working_sets = {name: compute[name] for name in [largest, *outer]}
-        embedding_side, head_side = _outer_sides(layouts, plan)
-        working_sets[" + ".join(head_side)] = sum(compute[name] for name in head_side)
-        for name in [name for name in head_side if name in embedding_side] if accumulation_steps > 1 else []:
-            # A tied weight kept as one Parameter (binding.bind_parameters, under accumulation) accumulates only
-            # after the embedding's backward, so its block stays held through every layer's.
+    working_sets = {name: compute[name] for name in [largest, *outer]}
+    embedding_side, head_side = ([layouts[i].block.name for i in side] for side in plan.outer_sides())
+    working_sets[" + ".join(head_side)] = sum(compute[name] for name in head_side)
+    if isinstance(optimizer, MeZO) or accumulation_steps > 1:
+        # MeZO holds a block both sides use (a tied head's) through the step; first-order, a tied weight kept as
+        # one Parameter (binding.bind_parameters, under accumulation) accumulates only after the embedding's
+        # backward, so its block stays held through every layer's.
+        for name in [name for name in head_side if name in embedding_side]:
             working_sets[f"{name} + {largest}"] = compute[name] + compute[largest]
     setter = max(working_sets, key=working_sets.__getitem__)
+    copies = compute_copies_nbytes(layouts, plan, optimizer, compute_dtype)  # room the engine keeps aside
     host = max(max(update.values()), max(frozen.values()))
     in_files = sum(b.frozen.nbytes(compute_dtype) for b in layouts if b.frozen is not None and not b.quantized)
-    return Floors(working_sets[setter], host, setter, sum(update.values()) + sum(frozen.values()), in_files,
+    return Floors(working_sets[setter] + copies, host, setter, sum(update.values()) + sum(frozen.values()), in_files,
                   grads=grads)
-
-
-def _outer_sides(layouts: list[BlockLayout], plan: BlockPlan) -> tuple[list[str], list[str]]:
-    """Names of the blocks the modules before the layers need, and of those the modules after them need."""
-    points = plan.hook_points
-    layer_points = [k for k, point in enumerate(points) if layouts[point.blocks[0]].block.is_layer]
-
-    def names(selected: list) -> list[str]:
-        return list(dict.fromkeys(layouts[i].block.name for point in selected for i in point.blocks))
-
-    return names(points[: layer_points[0]]), names(points[layer_points[-1] + 1 :])
 
 
 def model_floors(

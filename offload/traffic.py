@@ -259,9 +259,10 @@ class _Replay:
             self.update(index)
 
     def zeroth_order_step(self, first: bool) -> None:
-        """zeroth_order.ZerothOrderStep.step: outer blocks held throughout; each block updated once (not on the
-        first step: no pending update), in the order of the forward."""
-        outer = [i for i, b in enumerate(self.blocks) if not b.is_layer]
+        """zeroth_order.ZerothOrderStep.step: a block both ends use held throughout; each block updated once (not
+        on the first step: no pending update), in the order of the forward."""
+        before, after = self.plan.outer_sides()
+        outer = [i for i in before if i in after]
         for index in outer:
             self.hold(index)
         fresh: set[int] = set()

@@ -10,10 +10,20 @@ pass's perturbed weights, on that pass's rows:
     after it (forward hook): run the module's forward again for every other pass with its weights, put theta
         back, and return the passes' outputs concatenated in pass order
 
+Note [Perturbed one module at a time]: a decoder layer's perturbed weights, with z beside them, are two copies of
+the layer in fp32 outside the budget (2.5 GB for a 13B Llama). Each module inside a hooked one that owns
+parameters (a Linear, a norm) is hooked too: just before it runs in a perturbed pass its weights are drawn
+perturbed, z generated from its seed into the buffer that becomes theta +- eps*z, and just after it they are
+theta again. So one module's weights are perturbed at a time, z is never kept, and it is drawn once per pass
+rather than once per sample (plus once for the update). The hooked module's own parameters (an embedding, the
+head) are perturbed around its passes in the same way.
+
 The previous step's update needs that step's projected gradients, known only once its forward has finished; it
 is applied when the block is next loaded, so the weights are read once (update, then perturb) and written once.
 `flush` applies a pending update to every block, for when the weights are read outside a step (eval, export,
-checkpoint). The embedding and head blocks are held through the step: they are used at both of its ends.
+checkpoint). A block the modules at both ends of the model use (a tied embedding and head) is held through the
+step, so it is read and updated once; the embedding and head blocks of an untied model are held only while
+their module runs, like the layers.
 
 Weights stored in bf16 (`MeZO.storage_dtype`) are upcast to fp32 while a block is held (residency.py's
 Note [Compute copies]): the passes perturb and run in fp32, and the update reads the chunk, computes in fp32 and
@@ -40,21 +50,28 @@ __all__ = ["ZerothOrderStep"]
 class ZerothOrderStep:
     """The zeroth-order step of an engine whose optimizer is `optim.MeZO`. Compute thread only."""
 
-    def __init__(self, model: nn.Module, residency: Residency, optimizer: MeZO, timers: Timers) -> None:
+    def __init__(self, model: nn.Module, residency: Residency, optimizer: MeZO, timers: Timers,
+                 held_through: list[int]) -> None:
         self.model, self.residency, self.optimizer, self.timers = model, residency, optimizer, timers
         self.blocks = residency.blocks
+        self.held_through = held_through  # blocks used at both ends of the model: held through the step
         self.pending: tuple[int, list[float]] | None = None  # (step, g per sample) not yet applied to weights
         self._step = 0  # the step whose forward runs
         self._passes = 0  # perturbed passes (2 x samples) while a step's forward runs, else 0
         self._rows = 0  # rows of the batch, per pass
         self._fresh: set[int] = set()  # blocks brought up to date in this step
-        self._call: tuple[list[tuple[nn.Parameter, int, int]], tuple, dict] | None = None  # the module running
-        self._z: dict[int, torch.Tensor] = {}  # z of the current sample, by parameter position in the module
+        self._call: tuple[tuple, dict] | None = None  # the arguments of the module running
+        self._pass: int | None = None  # the perturbed pass that module runs
 
     def install(self, module: nn.Module, blocks: tuple[int, ...]) -> None:
-        """Hook `module`, after the engine's hook that holds its blocks and before the one that releases them."""
+        """Hook `module`, after the engine's hook that holds its blocks and before the one that releases them, and
+        each module inside it that owns parameters: Note [Perturbed one module at a time]."""
         module.register_forward_pre_hook(partial(self._before, blocks), with_kwargs=True)
         module.register_forward_hook(partial(self._after, blocks), with_kwargs=True, prepend=True)
+        for inner in module.modules():
+            if inner is not module and _own_parameters(inner):
+                inner.register_forward_pre_hook(self._before_inner)
+                inner.register_forward_hook(self._after_inner)
 
     # ----------------------------------------------------------------------------------------- the step
 
@@ -66,7 +83,7 @@ class ZerothOrderStep:
         self._passes, self._rows, self._step = 2 * self.optimizer.samples, len(labels), step
         inputs = {k: v.repeat(self._passes, *[1] * (v.dim() - 1)) for k, v in batch.items() if k != "labels"}
         self._fresh = set()
-        outer = [index for index, state in enumerate(self.blocks) if not state.block.is_layer]
+        outer = self.held_through
         self.model.eval()  # MeZO measures the loss without dropout, as its reference does
         try:
             for index in outer:
@@ -129,40 +146,47 @@ class ZerothOrderStep:
                                       "needs the modules that own weights to be disjoint")
         for index in blocks:
             self._bring_up_to_date(index)
-        parameters = [(p, *self.residency.slot_of(p)) for p in module.parameters()]
-        self._call = (parameters, args, kwargs)
-        self._set_weights(parameters, pass_index=0)
+        self._call, self._pass = (args, kwargs), 0
+        self._perturb(_own_parameters(module))
         return self._rows_of(args, 0), self._rows_of(kwargs, 0)
 
     def _after(self, blocks: tuple[int, ...], module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self._passes:
             return None
-        parameters, full_args, full_kwargs = self._call
+        full_args, full_kwargs = self._call
         outputs = [output]
         try:
             for pass_index in range(1, self._passes):
-                self._set_weights(parameters, pass_index)
+                self._pass = pass_index
+                self._perturb(_own_parameters(module))
                 rows_args, rows_kwargs = self._rows_of(full_args, pass_index), self._rows_of(full_kwargs, pass_index)
-                outputs.append(module.forward(*rows_args, **rows_kwargs))
+                outputs.append(module.forward(*rows_args, **rows_kwargs))  # the inner modules' hooks perturb them
         finally:
-            for p, index, slot in parameters:
-                p.data = self.residency.weight_view(index, slot)
-            self._call = None
-            self._z = {}
+            self._restore(_own_parameters(module))
+            self._call = self._pass = None
         return _concatenate(outputs, self._rows)
 
-    def _set_weights(self, parameters: list[tuple[nn.Parameter, int, int]], pass_index: int) -> None:
-        """Point each parameter at theta + eps*z (even passes) or theta - eps*z (odd) of the pass's sample.
+    def _before_inner(self, module: nn.Module, args: tuple) -> None:
+        if self._pass is not None:
+            self._perturb(_own_parameters(module))
 
-        The + pass draws z and keeps it for the - pass that follows (one module's worth of memory), so z is
-        generated once per sample here and once more for the update in the next step."""
-        sample, sign = divmod(pass_index, 2)
-        for position, (p, index, slot) in enumerate(parameters):
+    def _after_inner(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._pass is not None:
+            self._restore(_own_parameters(module))
+
+    def _perturb(self, parameters: list[nn.Parameter]) -> None:
+        """Point each parameter at theta + eps*z (even passes) or theta - eps*z (odd) of the pass's sample, z drawn
+        again from its seed into the buffer that becomes the perturbed weights."""
+        sample, sign = divmod(self._pass, 2)
+        for p in parameters:
+            index, slot = self.residency.slot_of(p)
             theta = self.residency.weight_view(index, slot)
-            if sign == 0:
-                name = self.blocks[index].layout.slots[slot].name
-                self._z[position] = self.optimizer.direction(self._step, sample, name, theta)
-            p.data = self.optimizer.perturbed(theta, self._z[position], -1 if sign else 1)
+            z = self.optimizer.direction(self._step, sample, self.blocks[index].layout.slots[slot].name, theta)
+            p.data = self.optimizer.perturb_into(z, theta, -1 if sign else 1)
+
+    def _restore(self, parameters: list[nn.Parameter]) -> None:
+        for p in parameters:
+            p.data = self.residency.weight_view(*self.residency.slot_of(p))
 
     def _rows_of(self, value: Any, pass_index: int) -> Any:
         """`value` with every batched tensor (2+ dims, passes x rows first) cut to the pass's rows."""
@@ -175,6 +199,10 @@ class ZerothOrderStep:
         if isinstance(value, dict):
             return {key: self._rows_of(item, pass_index) for key, item in value.items()}
         return value
+
+
+def _own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return list(module.parameters(recurse=False))
 
 
 def _concatenate(outputs: list[Any], rows: int) -> Any:

@@ -96,6 +96,11 @@ class MeZO:
         """theta + sign * eps * z, in a new tensor (theta is left exactly as it was)."""
         return theta + z * (sign * self.eps)
 
+    def perturb_into(self, z: torch.Tensor, theta: torch.Tensor, sign: int) -> torch.Tensor:
+        """`perturbed` computed in z's buffer, which is returned (z is consumed): the same two roundings, z * c
+        then the sum (addition commutes bit for bit), without a second tensor of theta's size."""
+        return z.mul_(sign * self.eps).add_(theta)
+
     def projected_gradient(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor) -> float:
         """g = (loss+ - loss-) / (2 eps), as MeZO computes it (fp32 difference, then a Python float)."""
         return float((loss_plus - loss_minus) / (2 * self.eps))  # host sync: g scales every update

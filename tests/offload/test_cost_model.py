@@ -147,7 +147,7 @@ def test_the_swap_the_replay_fills_is_what_the_engine_checks_the_disk_for(tmp_pa
 
     def swap(optimizer, **options) -> tuple[int, object]:
         need = model_floors(model, optimizer, torch.float32, None)
-        room = need.device - compute_copies_nbytes(layouts, optimizer, torch.float32)  # as the engine's store gets
+        room = need.device - compute_copies_nbytes(layouts, plan, optimizer, torch.float32)  # the engine store.s room
         traffic = simulate_traffic(layouts, plan, optimizer, torch.float32, device_bytes=room,
                                    host_bytes=need.host, nvme=True, shares_memory=True, **options)
         return traffic.swap_bytes, need

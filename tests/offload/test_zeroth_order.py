@@ -190,3 +190,30 @@ def test_bf16_storage_halves_the_weight_chunks(tmp_path):
     # ... while the device floor grows by the fp32 copies of the blocks held at once
     assert offload.Engine.minimum_budget(meta, optim.MeZO(storage_dtype=torch.bfloat16))[0] > \
         offload.Engine.minimum_budget(meta, optim.MeZO())[0]
+
+
+def test_one_module_is_perturbed_at_a_time(tmp_path):
+    """Note [Perturbed one module at a time]: the perturbed weights alive at once are at most the largest single
+    module's own parameters (a projection, the embedding), never a whole layer's, and nothing of z is kept."""
+    import weakref
+
+    alive: list[weakref.ref] = []
+    most = [0]
+
+    @dataclasses.dataclass
+    class Watched(optim.MeZO):
+        def perturb_into(self, z, theta, sign):
+            perturbed = super().perturb_into(z, theta, sign)
+            alive.append(weakref.ref(perturbed))
+            most[0] = max(most[0], sum(ref().numel() for ref in alive if ref() is not None))
+            return perturbed
+
+    path = save_tiny_model("llama", tmp_path / "model", seed=2, num_hidden_layers=3)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert largest_module < layer / 2
+    with _engine(path, tmp_path, Watched(lr=1e-3, seed=3)) as engine:
+        for batch in _batches(seed=4)[:2]:
+            engine.train_step(batch)
+    assert 0 < most[0] <= largest_module
