@@ -121,10 +121,10 @@ class Engine:
         self._weights_dir = Path(weights) if weights is not None else None
         layouts = block_layouts(model, self.plan, quantize_frozen, self.compute_dtype)
         device_bytes, host_bytes = self.budget.resolved(self.device)
-        consumed = accumulation_steps == 1 and updates_in_backward(max_grad_norm, ClipMode(clip_mode))
+        self._grads_consumed = accumulation_steps == 1 and updates_in_backward(max_grad_norm, ClipMode(clip_mode))
         need = floors(layouts, self.plan, optimizer, self.compute_dtype, accumulation_steps)
         check_budget(need, device_bytes, host_bytes, self.budget.nvme, frozen_in_files=self._weights_dir is not None,
-                     grads_in_swap=not consumed)
+                     grads_in_swap=not self._grads_consumed)
         backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
         # Held compute copies (a QLoRA layer's dequantized weights, bf16-stored MeZO weights upcast to fp32) are
         # temporaries outside the chunks: their room is kept aside.
@@ -145,12 +145,11 @@ class Engine:
         self.model.to(self.device)  # buffers only: every parameter is an empty placeholder by now
         self._zeroth = self._first = self._updates = None
         if isinstance(self.optimizer, MeZO):
-            before, after = self.plan.outer_sides()
-            self._zeroth = ZerothOrderStep(self.model, self.residency, self.optimizer, timers,
-                                           held_through=[i for i in before if i in after])
+            self._zeroth = ZerothOrderStep(self.model, self.residency, self.optimizer, timers, self.plan)
         else:
             clipping = Clipping(max_grad_norm, clip_mode, self._blocks)
-            self._updates = UpdateWorker(self._blocks, self.store, self.optimizer, clipping, timers)
+            self._updates = UpdateWorker(self._blocks, self.store, self.optimizer, clipping, timers,
+                                         release_spilled_grads=self._grads_consumed)
             self._first = FirstOrderStep(self.model, self.residency, self._updates, clipping, timers)
         _install_hooks(self.plan, self._blocks, self.residency, self._zeroth,
                        StreamedCheckpoint if self.checkpoint_activations else StreamedLayer, self._first)

@@ -17,6 +17,7 @@ from ..optim.mezo import MeZO
 from .block_layout import BlockLayout, block_layouts, chunk_specs, compute_copies_nbytes
 from .blocks import BlockPlan, find_blocks
 from .budget import detect_hardware, format_bytes
+from .updates import QUEUED
 
 __all__ = ["Floors", "check_budget", "floors", "model_floors"]
 
@@ -31,6 +32,7 @@ class Floors:
     state: int  # weights, gradients, masters, optimizer state and frozen weights, padded as chunks
     frozen_in_files: int = 0  # of `state`, frozen weights that a model directory's safetensors hold (not swapped)
     grads: int = 0  # of `state`, the gradient chunks (not swapped when each is consumed inside backward)
+    grads_waiting: int = 0  # the most gradient bytes waiting for their updates at once (updates.QUEUED)
 
 
 def floors(
@@ -48,7 +50,7 @@ def floors(
     parameters have only that chunk: no gradients, masters or states. A quantized block computes with its NF4
     chunk and, while held, the dequantized weights; MeZO weights stored in bf16 likewise with their fp32 copy.
     """
-    frozen, compute, update, grads = {}, {}, {}, 0
+    frozen, compute, update, grads = {}, {}, {}, []
     for b in layouts:
         name = b.block.name
         frozen[name] = b.quantized.nbytes if b.quantized else b.frozen.nbytes(compute_dtype) if b.frozen else 0
@@ -57,7 +59,7 @@ def floors(
         held = chunks["weights"] + chunks.get("grads", 0)  # gradients unless zeroth-order
         compute[name] = held + frozen[name]
         update[name] = sum(chunks.values())
-        grads += chunks.get("grads", 0)
+        grads.append(chunks.get("grads", 0))
     largest = max((b.block.name for b in layouts if b.block.is_layer), key=compute.__getitem__)
     outer = [b.block.name for b in layouts if not b.block.is_layer]
     working_sets = {name: compute[name] for name in [largest, *outer]}
@@ -74,7 +76,7 @@ def floors(
     host = max(max(update.values()), max(frozen.values()))
     in_files = sum(b.frozen.nbytes(compute_dtype) for b in layouts if b.frozen is not None and not b.quantized)
     return Floors(working_sets[setter] + copies, host, setter, sum(update.values()) + sum(frozen.values()), in_files,
-                  grads=grads)
+                  grads=sum(grads), grads_waiting=sum(sorted(grads)[-(QUEUED + 2):]))
 
 
 def model_floors(
@@ -95,7 +97,7 @@ def check_budget(
     from the model's safetensors (a model directory), so they are dropped, never swapped, when memory is short.
     `grads_in_swap` False: updates run inside backward and nothing accumulates (`clipping.updates_in_backward`,
     one micro-batch), so each gradient chunk is consumed by its block's update right after the block's backward
-    and discarded, never written to a swap file: the disk check leaves the gradient chunks out.
+    and discarded: the disk check counts only those that may wait for their updates at once.
 
     Raises:
         ValueError: every problem found, each with the value to raise or the directory to change.
@@ -121,7 +123,10 @@ def check_budget(
             f"{format_bytes(in_memory)} and no NVMe directory was given; set Budget.nvme "
             f"to a directory on a fast disk, or raise the budgets"
         )
-    written = swapped - (0 if grads_in_swap else need.grads)  # what the swap files can grow to
+    # What the swap files can grow to. A consumed gradient spills only while it waits for its update (at most
+    # updates.QUEUED of them wait, beside the one updating and the one just finished), and its file is removed
+    # once it is used.
+    written = swapped - (0 if grads_in_swap else need.grads - need.grads_waiting)
     if nvme is not None and in_memory < written:
         free = detect_hardware().disk_free(nvme)
         if free < written:

@@ -9,12 +9,10 @@ Rules it keeps:
   one is needed sooner), and it is dropped when it comes too late (`prefetch_order.PrefetchOrder`).
 - A chunk is never dropped from the last tier holding its newest bytes: a dirty host chunk is written to its
   NVMe file first, and its memory is counted until that write completes.
-- Loads and writes are asynchronous (the NVMe backend's thread pool); `prefetch` starts a load on a staging
-  thread so that the compute thread never waits for eviction work it did not need.
-- Freed host-memory buffers are kept for reuse by the next chunk of the same size (`buffer_pool.BufferPool`).
-  Kept buffers count against the budget: host bytes in use + kept never exceed it.
-
-All bookkeeping happens under one lock (a Condition); I/O and copies happen outside it.
+- Loads and writes are asynchronous (the NVMe backend's threads); `prefetch` loads on a staging thread, so the
+  compute thread never waits for eviction work it did not need. Freed host buffers are kept for the next chunk
+  of their size (`buffer_pool.BufferPool`), counted against the budget. All bookkeeping happens under one lock
+  (a Condition); I/O and copies happen outside it.
 """
 
 from __future__ import annotations
@@ -30,15 +28,9 @@ from .chunks import Chunk, Tier
 from .device import Transport
 from .eviction import BudgetExceeded, choose_victim, may_free_later, no_room
 from .prefetch_order import PrefetchOrder, Ticket
-from .swap import SwapBackend, SwapFiles, write_failed
+from .swap import SwapBackend, SwapFiles, completed, write_failed
 
 __all__ = ["BudgetExceeded", "ChunkStore"]
-
-
-def _done(value: object = None) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
 
 
 class ChunkStore:
@@ -134,8 +126,9 @@ class ChunkStore:
                 self._mark_dirty(chunk, tier)
             self._lock.notify_all()
 
-    def discard(self, chunk: Chunk) -> None:
-        """Forget the contents (they become zeros) and free the memory: a used gradient chunk needs no write."""
+    def discard(self, chunk: Chunk, *, release_file: bool = False) -> None:
+        """Forget the contents (zeros now), free the memory (a used gradient needs no write) and, with
+        `release_file`, the swap file's disk space."""
         with self._lock:
             while id(chunk) in self._writing or id(chunk) in self._moving or chunk.loading:
                 self._lock.wait(timeout=1.0)
@@ -144,6 +137,8 @@ class ChunkStore:
             for tier in list(chunk.buffers):
                 self._drop(chunk, tier)
             chunk.zero, chunk.dirty, chunk.on_nvme = True, None, False
+            if release_file:  # no request of it is in flight: writes and loads were waited for
+                self._files.release(chunk)
             self._lock.notify_all()
 
     def flush(self) -> None:
@@ -195,11 +190,11 @@ class ChunkStore:
                 ):
                     self._lock.wait(timeout=1.0)
                 if self._order.stale(chunk, tier, ticket):
-                    return _done()
+                    return completed()
                 self._clock += 1
                 chunk.last_use = self._clock
                 if tier in chunk.buffers:
-                    return _done(chunk.ready.get(tier))
+                    return completed(chunk.ready.get(tier))
                 if tier in chunk.loading:
                     return chunk.loading[tier]
                 other = Tier.HOST if tier is Tier.DEVICE else Tier.DEVICE
@@ -212,7 +207,7 @@ class ChunkStore:
                 had_other = other in chunk.buffers  # the copy this one is filled from (CUDA) or moved from (CPU)
                 reserved = self._reserve_for(chunk, tier, best_effort, takes_buffer=not moving, prefetch=best_effort)
                 if not reserved:
-                    return _done()
+                    return completed()
                 changed = tier in chunk.buffers or tier in chunk.loading or (other in chunk.buffers) != had_other
                 if changed or self._order.stale(chunk, tier, ticket):
                     self.used[tier] -= chunk.nbytes  # the chunk changed while we made room: decide again
@@ -239,7 +234,7 @@ class ChunkStore:
             if chunk.dirty is move_from:
                 chunk.dirty = tier
             self._lock.notify_all()
-            return _done()
+            return completed()
         buffer = self._take(tier, chunk.nbytes)
         other = Tier.HOST if tier is Tier.DEVICE else Tier.DEVICE
         if other in chunk.buffers:  # CUDA: copied from the other tier's copy (the newest, if either is dirty)
@@ -248,11 +243,11 @@ class ChunkStore:
                 self.transport.ready_on_host(chunk.ready.pop(tier))
                 chunk.dirty = Tier.HOST if chunk.dirty is Tier.DEVICE else chunk.dirty
             self._set_present(chunk, tier, buffer)
-            return _done(chunk.ready.get(tier))
+            return completed(chunk.ready.get(tier))
         if chunk.zero:
             buffer.zero_()
             self._set_present(chunk, tier, buffer)
-            return _done()
+            return completed()
         future = self._files.of(chunk).read_into(buffer)
         chunk.loading[tier] = future
         # The read completes on an I/O thread; only then is the buffer published as present, so a reader that

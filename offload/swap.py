@@ -20,7 +20,10 @@ import torch
 from ..optim.layout import round_up
 from .chunks import Chunk
 
-__all__ = ["InflightRequests", "SwapBackend", "SwapDirectory", "SwapFileIO", "SwapFiles", "as_bytes", "write_failed"]
+__all__ = [
+    "InflightRequests", "SwapBackend", "SwapDirectory", "SwapFileIO", "SwapFiles", "as_bytes", "completed",
+    "write_failed",
+]
 
 
 def write_failed(directory: object, error: BaseException) -> OSError:
@@ -29,6 +32,13 @@ def write_failed(directory: object, error: BaseException) -> OSError:
         f"writing a swap file in {directory} failed ({error}); nothing was lost from memory, but training cannot go "
         "on: free space there or choose another Budget.nvme"
     )
+
+
+def completed(value: object = None) -> Future:
+    """A future already resolved with `value`: a request that needed no I/O."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 class SwapFileIO(Protocol):
@@ -60,6 +70,10 @@ class SwapBackend(Protocol):
         """The swap file `name` in the directory, at least `nbytes` long."""
         ...
 
+    def remove(self, swap: Any) -> None:
+        """Close a file `open` returned and give back its disk space."""
+        ...
+
 
 class SwapFiles:
     """The swap file of each chunk, opened on its first write or read. A frozen chunk's is its source (read-only:
@@ -82,6 +96,13 @@ class SwapFiles:
         """Make every file's bytes durable."""
         for file in self._files.values():
             file.sync()
+
+    def release(self, chunk: Chunk) -> None:
+        """Give back the disk space of `chunk`'s swap file, if it has one: its bytes are no longer needed (a
+        gradient chunk its update consumed). Its next write opens a new one."""
+        file = self._files.pop(chunk.key, None)
+        if file is not None and self.backend is not None:
+            self.backend.remove(file)
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -189,6 +210,15 @@ class SwapDirectory(Generic[_File]):
     def _open_file(self, path: Path) -> _File:
         """The backend's file object for the existing, preallocated `path`."""
         raise NotImplementedError
+
+    def remove(self, swap: _File) -> None:
+        """Close `swap` (it waits for its requests) and delete its file if this backend created it."""
+        swap.close()
+        self._files.remove(swap)
+        path = swap.path
+        if path in self._created:
+            self._created.remove(path)
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Close every file (each waits for its requests), then remove what this backend created."""

@@ -26,6 +26,7 @@ from .blocks import BlockPlan
 from .chunks import Chunk, Tier
 from .device import Transport
 from .store import ChunkStore
+from .swap import completed
 
 __all__ = ["Traffic", "simulate_traffic"]
 
@@ -44,27 +45,21 @@ class Traffic:
     setup_write: int  # bytes written before the first step (weights copied in, then evicted)
 
 
-def _done(value: object = None) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
-
-
 class _Inline(Executor):
     """Runs each prefetch at once on the calling thread."""
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
-        return _done(fn(*args, **kwargs))
+        return completed(fn(*args, **kwargs))
 
 
 class _CountingFile:
     """A swap file (or a frozen chunk's safetensors source) that moves no bytes; the store counts them."""
 
     def read_into(self, dest: torch.Tensor, offset: int = 0) -> Future:
-        return _done()
+        return completed()
 
     def write_from(self, src: torch.Tensor, offset: int = 0) -> Future:
-        return _done()
+        return completed()
 
     def sync(self) -> None:
         pass
@@ -91,7 +86,7 @@ class _SourceFile(_CountingFile):
         nbytes = dest.numel() * dest.element_size()
         self.sources.chunk_bytes += nbytes
         self.sources.file_bytes += int(nbytes * self.sources.ratio)
-        return _done()
+        return completed()
 
 
 class _CountingBackend:
@@ -103,6 +98,9 @@ class _CountingBackend:
     def open(self, name: str, nbytes: int) -> _CountingFile:
         self.sizes[name] = nbytes
         return _CountingFile()
+
+    def remove(self, swap: _CountingFile) -> None:
+        pass  # the replay never spills a gradient its update consumes: the worker runs inline
 
 
 class _MetaTransport(Transport):

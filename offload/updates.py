@@ -9,6 +9,7 @@ two threads' acquires and releases; nothing else is shared but `BlockState.norms
 from __future__ import annotations
 
 import time
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -20,7 +21,11 @@ from .clipping import Clipping
 from .store import ChunkStore
 from .timers import Timers
 
-__all__ = ["UpdateWorker"]
+__all__ = ["QUEUED", "UpdateWorker"]
+
+
+QUEUED = 1
+"""Updates that may wait behind the running one (see `UpdateWorker.submit`)."""
 
 
 class UpdateWorker:
@@ -28,16 +33,28 @@ class UpdateWorker:
 
     def __init__(
         self, blocks: list[BlockState], store: ChunkStore, optimizer: ChunkOptimizer, clipping: Clipping,
-        timers: Timers,
+        timers: Timers, *, release_spilled_grads: bool = False,
     ) -> None:
         self.blocks, self.store, self.optimizer, self.clipping = blocks, store, optimizer, clipping
         self.timers = timers
+        # Gradients consumed inside backward get no swap room (floors.check_budget): one that spilled while it
+        # waited for its update gives its file's space back once used.
+        self.release_spilled_grads = release_spilled_grads
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="optimizer")
         self._pending: list[Future] = []  # compute thread only
 
     def submit(self, index: int, step: int, coefficient: torch.Tensor | None = None) -> None:
         """Start block `index`'s update for optimizer step `step`: Note [The worker owns a block's chunks].
-        `coefficient`: the global clipping coefficient (exact clipping), else the block's own is used."""
+        `coefficient`: the global clipping coefficient (exact clipping), else the block's own is used.
+
+        At most QUEUED updates wait behind the running one: when updates are slower than backward (the disk
+        serves their states), gradient chunks would otherwise pile up waiting and spill to swap files, which the
+        disk check counts only QUEUED + 1 of (floors.check_budget). The compute thread waits here instead; it
+        holds no chunk the worker needs (the block it just released, nothing else)."""
+        start = time.perf_counter()
+        while sum(not future.done() for future in self._pending) > QUEUED:
+            futures.wait([f for f in self._pending if not f.done()], return_when=futures.FIRST_COMPLETED)
+        self.timers.add("wait for updates", time.perf_counter() - start)
         self._pending.append(self._pool.submit(self._update, index, coefficient, step))
 
     def wait(self) -> None:
@@ -75,6 +92,7 @@ class UpdateWorker:
         for chunk in state.states.values():
             self.store.release(chunk, Tier.HOST, dirty=True)
         self.store.release(state.grads, Tier.HOST)
-        self.store.discard(state.grads)  # used up: the next step starts from zeros without reading anything
+        # Used up: the next step starts from zeros without reading anything.
+        self.store.discard(state.grads, release_file=self.release_spilled_grads)
         state.norms = None
         self.timers.add("update", time.perf_counter() - start)

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..optim.mezo import MeZO
+from .blocks import BlockPlan
 from .chunks import Tier
 from .residency import Residency
 from .timers import Timers
@@ -51,10 +52,11 @@ class ZerothOrderStep:
     """The zeroth-order step of an engine whose optimizer is `optim.MeZO`. Compute thread only."""
 
     def __init__(self, model: nn.Module, residency: Residency, optimizer: MeZO, timers: Timers,
-                 held_through: list[int]) -> None:
+                 plan: BlockPlan) -> None:
         self.model, self.residency, self.optimizer, self.timers = model, residency, optimizer, timers
         self.blocks = residency.blocks
-        self.held_through = held_through  # blocks used at both ends of the model: held through the step
+        before, after = plan.outer_sides()
+        self.held_through = [i for i in before if i in after]  # blocks both ends of the model use
         self.pending: tuple[int, list[float]] | None = None  # (step, g per sample) not yet applied to weights
         self._step = 0  # the step whose forward runs
         self._passes = 0  # perturbed passes (2 x samples) while a step's forward runs, else 0

@@ -156,6 +156,30 @@ def test_discard_frees_memory_and_reads_back_zeros_without_io(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("release_file", [False, True])
+def test_discard_gives_back_the_swap_file_when_asked(tmp_path, release_file):
+    """A gradient that spilled while it waited for its update: once used, its file's disk space is given back
+    (the disk check counted none for it); kept otherwise, for the next spill."""
+    store = _store(tmp_path, device_chunks=0, host_chunks=1)
+    spilled, newcomer = _chunks(store, 2)
+    store.acquire(spilled, Tier.HOST).fill_(3.0)
+    store.release(spilled, Tier.HOST, dirty=True)
+    store.acquire(newcomer, Tier.HOST)  # evicts `spilled` to its swap file
+    store.release(newcomer, Tier.HOST)
+    files = tmp_path / "swap"
+    assert [f.name for f in files.iterdir()] == [spilled.key]
+    assert torch.equal(store.acquire(spilled, Tier.HOST), torch.full((NUMEL,), 3.0))
+    store.release(spilled, Tier.HOST)
+    store.discard(spilled, release_file=release_file)
+    assert [f.name for f in files.iterdir()] == ([] if release_file else [spilled.key])
+    store.acquire(spilled, Tier.HOST).fill_(4.0)  # used again: a new file on its next spill
+    store.release(spilled, Tier.HOST, dirty=True)
+    store.acquire(newcomer, Tier.HOST)
+    store.release(newcomer, Tier.HOST)
+    assert torch.equal(store.acquire(spilled, Tier.HOST), torch.full((NUMEL,), 4.0))
+    store.close()
+
+
 def test_kept_chunks_are_evicted_only_when_nothing_else_can_be(tmp_path):
     """The kept chunk is the least recently used, yet the other is evicted; once only kept chunks are left,
     one of them goes."""

@@ -1,0 +1,30 @@
+"""The optimizer worker's queue: updates slower than backward hold the compute thread back, not its gradients."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from finetune.offload.timers import NO_TIMERS
+from finetune.offload.updates import QUEUED, UpdateWorker
+
+
+def test_at_most_queued_updates_wait_behind_the_running_one(monkeypatch):
+    waiting_most = [0]
+    started: list[int] = []
+    lock = threading.Lock()
+    worker = UpdateWorker([], None, None, None, NO_TIMERS)  # type: ignore[arg-type]
+
+    def slow_update(index, coefficient, step):
+        with lock:
+            started.append(index)
+        time.sleep(0.02)
+
+    monkeypatch.setattr(worker, "_update", slow_update)
+    for index in range(8):
+        worker.submit(index, step=1)
+        with lock:
+            waiting_most[0] = max(waiting_most[0], index + 1 - len(started))  # submitted, not started yet
+    worker.close()
+    assert started == list(range(8))
+    assert 1 <= waiting_most[0] <= QUEUED + 1  # the one just submitted may not have started yet
