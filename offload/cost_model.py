@@ -46,6 +46,9 @@ class Machine:
     device_memory: int | None = None  # GPU memory (None on CPU)
     baseline_rss: int = 512 * 2**20  # the process before any chunk: interpreter, torch, transformers, the engine
     block_overhead_s: float = 0.0  # the engine's fixed cost per block and step (hooks, holds, bookkeeping)
+    adapter_overhead_s: float = 0.0  # per LoRA adapter module and micro-batch, beyond its FLOPs (peft, its update)
+    peft_rss: int = 0  # what a peft model's process holds beyond a plain one's (peft's modules)
+    dequantize_rate: float = 1.0e9  # bytes of compute-dtype weights NF4 dequantization writes per second (QLoRA)
 
     @property
     def cuda(self) -> bool:
