@@ -10,6 +10,10 @@ resource's busy time from those bytes and the FLOPs of the step, combined by wha
 - CUDA: the GPU computes while the copy engine, the disks and the CPU (optimizer math) work in parallel, so a
   step takes the longest of the four, plus what cannot overlap: the first block's load and the last update.
 - CPU: compute and optimizer math share the same cores, so they add; disk reads and writes run beside them.
+
+Compute time is FLOPs at the measured rate plus what a step spends beyond them: the engine's cost per block,
+peft's per LoRA adapter, and QLoRA's dequantization of each quantized layer every time it is held (on the CPU,
+or with CUDA on the GPU, where bitsandbytes dequantizes).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from ..optim.mezo import MeZO
 from .block_layout import block_layouts, chunk_specs
 from .blocks import find_blocks
 from .floors import Floors, floors
+from .model_export import is_peft
 from .traffic import Traffic, simulate_traffic
 
-__all__ = ["Machine", "Prediction", "Workload", "activation_bytes", "predict", "step_flops"]
+__all__ = ["Machine", "Prediction", "Workload", "activation_bytes", "dequantized_bytes", "lora_modules", "predict",
+           "step_flops"]
 
 GiB = 2**30
 
@@ -186,26 +192,48 @@ def predict(
     # What the chunks hold at the most, freed buffers kept for reuse included (the pool keeps what a tier used):
     # the replay's peaks, with a QLoRA layer's dequantized weights, which the device tier's budget sets aside.
     resident = traffic.peak_host + (0 if machine.cuda else traffic.peak_device + dequantized)
-    peak_rss = machine.baseline_rss + resident + (0 if machine.cuda else sum(outside.values()))
+    baseline = machine.baseline_rss + (machine.peft_rss if is_peft(model) else 0)
+    peak_rss = baseline + resident + (0 if machine.cuda else sum(outside.values()))
     # CUDA device memory: what the chunks reach at the most (torch's allocator, not a pool kept up to the budget).
     peak_device = traffic.peak_device + sum(outside.values()) + dequantized if machine.cuda else peak_rss
     layer_flops, head_flops = step_flops(model, workload, zeroth_order, samples)
     flops = layer_flops + head_flops
-    busy = _busy_times(traffic, flops, layouts, optimizer, compute_dtype, machine, zeroth_order)
+    held_s = lora_modules(model) * machine.adapter_overhead_s * workload.accumulation_steps + \
+        dequantized_bytes(layouts, workload, compute_dtype) / machine.dequantize_rate
+    busy = _busy_times(traffic, flops, layouts, optimizer, compute_dtype, machine, zeroth_order, held_s)
     step_s, bottleneck = _step_time(busy, machine)
     return Prediction(need, device_budget, host_budget, traffic, outside, peak_rss, peak_device, flops, busy, step_s,
                       bottleneck, workload.tokens)
 
 
+def lora_modules(model: nn.Module) -> int:
+    """How many layers of `model` carry a peft LoRA adapter (one LoraLayer around each adapted nn.Linear); 0
+    for a model without peft. Each costs a run more than its FLOPs (`Machine.adapter_overhead_s`)."""
+    if not is_peft(model):
+        return 0
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(module, LoraLayer) for module in model.modules())
+
+
+def dequantized_bytes(layouts: list, workload: Workload, compute_dtype: torch.dtype) -> int:
+    """Bytes of compute-dtype weights QLoRA's NF4 layers are dequantized into per step: each quantized layer
+    every time it is held (residency.hold), once in forward and once in backward (for its recompute, or to remake
+    its saved weight views), per micro-batch."""
+    per_hold = sum(b.frozen.nbytes(compute_dtype) for b in layouts if b.quantized is not None)
+    return 2 * per_hold * workload.accumulation_steps
+
+
 def _busy_times(traffic: Traffic, flops: float, layouts: list, optimizer: Any, compute_dtype: torch.dtype,
-                machine: Machine, zeroth_order: bool) -> dict[str, float]:
-    """Seconds per step each resource is busy."""
+                machine: Machine, zeroth_order: bool, held_s: float = 0.0) -> dict[str, float]:
+    """Seconds per step each resource is busy. `held_s`: compute beyond FLOPs and per-block costs (LoRA adapters,
+    QLoRA's dequantization), which runs where the layer computes: the CPU, or the GPU with CUDA."""
     update_bytes = 0
     for b in layouts:
         specs = chunk_specs(b.trainable, compute_dtype, optimizer).values()
         update_bytes += 2 * sum(chunk_nbytes(spec.numel, spec.dtype) for spec in specs)  # read and written
     busy = {
-        "compute": flops / machine.flops + len(layouts) * machine.block_overhead_s,
+        "compute": flops / machine.flops + len(layouts) * machine.block_overhead_s + held_s,
         "disk": traffic.disk_read / machine.disk_read + traffic.disk_write / machine.disk_write,
         "optimizer": update_bytes / machine.optimizer_rate,
     }
