@@ -11,6 +11,7 @@ resource's busy time from those bytes and the FLOPs of the step, combined by wha
   step takes the longest of the four, plus what cannot overlap: the first block's load and the last update.
 - CPU: compute and optimizer math share the same cores, so they add; disk reads and writes run beside them.
 
+Either way the compute also waits for the loads its prefetch depth cannot hide (load_stall.py): "load wait".
 Compute time is FLOPs at the measured rate plus what a step spends beyond them: the engine's cost per block,
 peft's per LoRA adapter, and QLoRA's dequantization of each quantized layer every time it is held (on the CPU,
 or with CUDA on the GPU, where bitsandbytes dequantizes).
@@ -29,6 +30,7 @@ from ..optim.mezo import MeZO
 from .block_layout import block_layouts, chunk_specs
 from .blocks import find_blocks
 from .floors import Floors, floors
+from .load_stall import load_wait, prefetch_bytes, prefetch_fits, step_holds, update_reads
 from .model_export import is_peft
 from .traffic import Traffic, simulate_traffic
 
@@ -201,6 +203,14 @@ def predict(
     held_s = lora_modules(model) * machine.adapter_overhead_s * workload.accumulation_steps + \
         dequantized_bytes(layouts, workload, compute_dtype) / machine.dequantize_rate
     busy = _busy_times(traffic, flops, layouts, optimizer, compute_dtype, machine, zeroth_order, held_s)
+    holds = step_holds(plan, layouts, compute_dtype, layer_flops=layer_flops, head_flops=head_flops,
+                       recompute=workload.recompute, zeroth_order=zeroth_order,
+                       accumulation_steps=workload.accumulation_steps, file_ratio=_file_ratio(workload, compute_dtype))
+    read_s = max(traffic.disk_read / machine.disk_read, busy.get("host-device link", 0.0))
+    block = prefetch_bytes(layouts, compute_dtype, workload.accumulation_steps)
+    depth = min(workload.prefetch, prefetch_fits(device_budget, need.device, block))  # the store drops the rest
+    busy["load wait"] = load_wait(holds, read_s, busy["compute"], update_reads(layouts, optimizer, compute_dtype),
+                                  depth, fixed_s=len(layouts) * machine.block_overhead_s)
     step_s, bottleneck = _step_time(busy, machine)
     return Prediction(need, device_budget, host_budget, traffic, outside, peak_rss, peak_device, flops, busy, step_s,
                       bottleneck, workload.tokens)
@@ -224,6 +234,12 @@ def dequantized_bytes(layouts: list, workload: Workload, compute_dtype: torch.dt
     return 2 * per_hold * workload.accumulation_steps
 
 
+def _file_ratio(workload: Workload, compute_dtype: torch.dtype) -> float:
+    """Bytes of a frozen chunk's file per chunk byte (1 when the frozen chunks are not read from files)."""
+    file_dtype = workload.frozen_file_dtype
+    return file_dtype.itemsize / compute_dtype.itemsize if file_dtype is not None else 1.0
+
+
 def _busy_times(traffic: Traffic, flops: float, layouts: list, optimizer: Any, compute_dtype: torch.dtype,
                 machine: Machine, zeroth_order: bool, held_s: float = 0.0) -> dict[str, float]:
     """Seconds per step each resource is busy. `held_s`: compute beyond FLOPs and per-block costs (LoRA adapters,
@@ -243,11 +259,15 @@ def _busy_times(traffic: Traffic, flops: float, layouts: list, optimizer: Any, c
 
 
 def _step_time(busy: dict[str, float], machine: Machine) -> tuple[float, str]:
-    """The step time from the busy times, and the resource that sets it."""
+    """The step time from the busy times, and the resource that sets it ("load wait": compute waiting for loads
+    that prefetch could not hide, when that outlasts every resource)."""
+    waited = busy["compute"] + busy.get("load wait", 0.0)
     if machine.cuda:
-        bottleneck = max(busy, key=busy.__getitem__)
-        return busy[bottleneck], bottleneck
-    cores = busy["compute"] + busy["optimizer"]  # one set of cores does both
-    if busy["disk"] > cores:
-        return busy["disk"], "disk"
-    return cores, "compute" if busy["compute"] >= busy["optimizer"] else "optimizer"
+        resources = {name: seconds for name, seconds in busy.items() if name != "load wait"}
+        bottleneck = max(resources, key=resources.__getitem__)
+        step = resources[bottleneck]
+    else:
+        cores = busy["compute"] + busy["optimizer"]  # one set of cores does both
+        step, bottleneck = (busy["disk"], "disk") if busy["disk"] > cores else \
+            (cores, "compute" if busy["compute"] >= busy["optimizer"] else "optimizer")
+    return (waited, "load wait") if waited > step else (step, bottleneck)
