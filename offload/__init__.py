@@ -6,7 +6,7 @@ from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTI
 from .cost_model import Machine, Prediction, Workload, predict
 from .device import default_compute_dtype
 from .durable import atomic_directory, fsync_tree, write_atomic
-from .engine import ClipMode, Engine
+from .engine import DEFAULT_PREFETCH, ClipMode, Engine
 from .host_memory import aligned_empty, return_freed_memory_to_os
 from .merge import merge_adapter
 from .meta_model import meta_model
@@ -23,6 +23,7 @@ from .safetensors_io import (
     write_safetensors_shards,
 )
 from .store import BudgetExceeded
+from .tuning import Settings, choose_settings
 
 # At import, before the first large tensor is freed: measured, the same setting made later (when the engine is
 # built) leaves the heap to grow as if it were not made. See offload/host_memory.py.
@@ -31,6 +32,7 @@ return_freed_memory_to_os()
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "DEFAULT_PREFETCH",
     "ENGINE_STATE_FILE",
     "OPTIMIZER_PREFIX",
     "Block",
@@ -42,10 +44,12 @@ __all__ = [
     "Hardware",
     "Machine",
     "Prediction",
+    "Settings",
     "Workload",
     "ThreadPoolBackend",
     "aligned_empty",
     "atomic_directory",
+    "choose_settings",
     "default_compute_dtype",
     "detect_hardware",
     "disk_bandwidth",

@@ -51,7 +51,9 @@ from .timers import NO_TIMERS, Timers
 from .updates import UpdateWorker
 from .zeroth_order import ZerothOrderStep
 
-__all__ = ["ClipMode", "Engine"]
+__all__ = ["DEFAULT_PREFETCH", "ClipMode", "Engine"]
+
+DEFAULT_PREFETCH = 2  # blocks loaded ahead; `offload.choose_settings` picks one for a model, budget and machine
 
 Batch = dict[str, torch.Tensor]
 
@@ -65,7 +67,8 @@ class Engine:
         optimizer: a chunk-wise optimizer from `optim`, or `optim.MeZO` (zeroth-order: no backward, no
             gradients; needs fp32 compute, no accumulation and no clipping).
         budget: bytes per tier and the NVMe swap directory.
-        prefetch: how many blocks ahead to start loading.
+        prefetch: how many blocks ahead to start loading. The best depth depends on the model, the budget and the
+            machine's rates: `offload.choose_settings` predicts it (as `finetune run` does without --prefetch).
         accumulation_steps: micro-batches per optimizer step; `train_step` splits its batch into this many.
         max_grad_norm: clip gradients to this norm (None: no clipping).
         clip_mode: see `ClipMode`.
@@ -93,7 +96,7 @@ class Engine:
         optimizer: ChunkOptimizer | MeZO,
         budget: Budget | None = None,
         *,
-        prefetch: int = 2,
+        prefetch: int = DEFAULT_PREFETCH,
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
         clip_mode: ClipMode | str = ClipMode.EXACT,
