@@ -27,7 +27,7 @@ from rich.console import Console
 from torch import nn
 
 from .. import optim
-from ..offload import Budget, Engine, default_compute_dtype, write_atomic
+from ..offload import DEFAULT_PREFETCH, Budget, Engine, default_compute_dtype, write_atomic
 from .batches import Batches, eval_batches
 from .checkpoints import RUN_CONFIG, Checkpoints, Entry
 from .config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig
@@ -84,6 +84,7 @@ class Prepared:
     batches: Batches
     total_steps: int
     budget: Budget
+    prefetch: int  # --prefetch, else the engine's default; `run` puts the plan's knobs (depth, split) in here
 
 
 def prepare(config: RunConfig, *, resume: bool) -> Prepared:
@@ -129,7 +130,7 @@ def prepare(config: RunConfig, *, resume: bool) -> Prepared:
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Prepared(config, resume_from, model_dir, model, parameters, trainable, tokenizer, fmt, train_data, val_data,
-                    batches, total, budget)
+                    batches, total, budget, DEFAULT_PREFETCH if config.prefetch is None else config.prefetch)
 
 
 def _sequences(config: RunConfig, tokenizer: Any) -> tuple[Format, Sequences, Sequences | None]:
@@ -289,6 +290,7 @@ def _engine(prepared: Prepared) -> Engine:
             prepared.model,
             make_optimizer(config),
             prepared.budget,
+            prefetch=prepared.prefetch,  # the plan's or --prefetch
             max_grad_norm=None if config.optimizer is OptimizerName.MEZO else config.max_grad_norm or None,
             clip_mode=config.clip_mode,
             compute_dtype=compute_dtype(config),
