@@ -138,7 +138,8 @@ def test_config_round_trips_through_yaml() -> None:
         RunConfig(model="m", dataset="d", prefetch=-1)
 
 
-def test_info_reports_disk_speed_as_json(tmp_path: Path) -> None:
+def test_info_reports_disk_speed_as_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path.parent / "cache"))  # --bandwidth stores the rates there
     result = runner.invoke(app, ["info", "--path", str(tmp_path), "--bandwidth", "--bandwidth-size", "4MB", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
