@@ -183,8 +183,8 @@ class RunConfig:
     or comma-separated names such as q_proj,v_proj."""
 
     memory: str | None = option(None, Panel.MEMORY)
-    """RAM/VRAM for the device and host tiers together, e.g. 8GB. Each tier gets its minimum, and the rest is
-    split evenly. Default: taken from the machine."""
+    """RAM/VRAM for the device and host tiers together, e.g. 8GB. Each tier gets its minimum; on CPU the planner
+    splits the rest (its choice is in the plan), on CUDA it is split evenly. Default: taken from the machine."""
 
     device_memory: str | None = option(None, Panel.MEMORY)
     """Bytes for the device tier (GPU memory on CUDA), e.g. 6GB. Overrides its share of --memory."""
@@ -198,6 +198,8 @@ class RunConfig:
     storage_dtype: StorageDtype = option(StorageDtype.FP32, Panel.MEMORY)
     """With --optimizer mezo: bf16 stores the weights in half the bytes (in memory, in swap, and read and written
     each step); compute stays fp32, and each update is rounded back to bf16 stochastically."""
+    prefetch: int | None = option(None, Panel.MEMORY)
+    """Blocks loaded ahead of the one computing (0: none). Default: the planner's fastest, 1-4 (in the plan)."""
 
     checkpoint_every: int = option(100, Panel.CHECKPOINTS)
     """Save a checkpoint every N steps, and always at the end (0: only at the end)."""
@@ -233,7 +235,7 @@ class RunConfig:
         if self.dataset is None:
             errors.append("DATASET is missing: give it as the second argument or set `dataset:` in --config")
         minimums = {"seq_len": 2, "batch_size": 1, "accumulation_steps": 1, "warmup_steps": 0, "eval_every": 0,
-                    "checkpoint_every": 0, "keep_checkpoints": 1, "steps": 1}
+                    "checkpoint_every": 0, "keep_checkpoints": 1, "steps": 1, "prefetch": 0}
         for name, minimum in minimums.items():
             value = getattr(self, name)
             if isinstance(value, int) and value < minimum:
@@ -311,7 +313,7 @@ _LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 RESUMABLE_CHANGES = frozenset(
     {"model", "dataset", "tokenizer", "val_file", "output", "eval_every", "memory", "device_memory",
-     "host_memory", "nvme", "checkpoint_every", "keep_checkpoints"}
+     "host_memory", "nvme", "prefetch", "checkpoint_every", "keep_checkpoints"}
 )
 """Fields a resumed run may change: where things are, budgets, and how often to eval or save. They do not touch
 the training math (moved model or data files are checked by content instead). Every other field must equal the

@@ -22,7 +22,8 @@ def run_budget(config: RunConfig, need_device: int, need_host: int) -> Budget:
     """The tier budgets of `config`, checked against the engine's minimum (`need_device`, `need_host` bytes).
 
     --memory alone gives each tier its minimum and splits the rest evenly, so any --memory above the sum of
-    the minimums works. Without any of them the engine takes its budgets from the machine.
+    the minimums works (on CPU the plan then re-splits it as it predicts fastest: cli/plan.py). Without any of
+    them the engine takes its budgets from the machine.
 
     Raises:
         FinetuneError: a budget below the minimum (the message gives the minimum), or an --nvme that cannot be

@@ -143,6 +143,7 @@ def run(
             _print_plan(plan, as_json)
             return
         if plan is not None:
+            prepared.budget, prepared.prefetch = plan.budget, plan.prefetch  # the planner's knobs, or the flags'
             Console(stderr=True).print(summary_line(plan), highlight=False, soft_wrap=True)
         try:
             summary = train(prepared, console=Console(), quiet=as_json)

@@ -2,6 +2,8 @@
 
 The numbers are the cost model's (`offload.predict`): memory per tier and outside the budgets, disk for swap
 and checkpoints, bytes per link per step, each resource's busy time and the step time with its bottleneck. The
+knobs the user leaves open are the planner's (`offload.choose_settings`): the prefetch depth without --prefetch,
+and on CPU the split of --memory between the tiers without --device-memory/--host-memory; `run` uses them. The
 rates are this machine's, measured once and cached (`offload.measure_machine`), or a hardware profile's
 (`--hardware`), so a plan can answer for a machine we do not have. The model needs only its config.json: it is
 built on the meta device, so planning a 70B run takes seconds and no memory.
@@ -12,6 +14,7 @@ checkpoints larger than the free disk) is an expected failure: one `Error:` line
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,25 +26,26 @@ from rich.table import Table
 from torch import nn
 
 from ..offload import (
+    DEFAULT_PREFETCH,
     Budget,
     ClipMode,
     Engine,
     Machine,
     Prediction,
     Workload,
+    choose_settings,
     detect_hardware,
     format_bytes,
     hardware_profile,
     measure_machine,
-    predict,
     profile_names,
 )
 from .config import ConfigError, OptimizerName, RunConfig, StorageDtype
+from .engine_options import compute_dtype, make_optimizer, quantize_frozen
 from .errors import FinetuneError
 from .hardware import run_budget
 from .lora import wrap_lora
 from .model import build_meta_model, has_safetensors, resolve_model
-from .train import compute_dtype, make_optimizer, quantize_frozen
 
 __all__ = ["NO_DATASET", "Plan", "load_profile", "make_plan", "plan_dict", "plan_model", "plan_table", "problems",
            "summary_line"]
@@ -49,7 +53,6 @@ __all__ = ["NO_DATASET", "Plan", "load_profile", "make_plan", "plan_dict", "plan
 NO_DATASET = "(none: a plan reads no data)"
 """DATASET for `finetune plan` without one: the plan needs only --batch-size and --seq-len."""
 
-PREFETCH = 2  # the engine's default prefetch depth
 RECOMPUTE = True  # the engine always checkpoints activations (RunConfig has no switch yet)
 
 
@@ -66,6 +69,9 @@ class Plan:
     swap_free: int | None  # free bytes at --nvme (None without it)
     checkpoint_bytes: int  # one checkpoint: trainable weights (fp32) and optimizer state
     output_free: int
+    prefetch: int  # the depth the run uses: --prefetch, or the planner's
+    budget: Budget  # the budgets the run uses: the flags', with the planner's split of --memory on CPU
+    chosen: tuple[str, ...]  # what the planner chose: "prefetch", "split"
 
 
 def load_profile(name_or_file: str) -> Machine:
@@ -113,17 +119,24 @@ def make_plan(config: RunConfig, model: nn.Module, model_dir: Path, profile: Mac
     _check_memory(config, model, optimizer, dtype, quantize, device_bytes, host_bytes, (device_min, host_min))
     workload = Workload(
         batch_size=config.batch_size, seq_len=config.seq_len, accumulation_steps=config.accumulation_steps,
-        recompute=RECOMPUTE, prefetch=PREFETCH,
+        recompute=RECOMPUTE, prefetch=DEFAULT_PREFETCH if config.prefetch is None else config.prefetch,
         updates_in_backward=config.max_grad_norm == 0 or config.clip_mode is ClipMode.PER_BLOCK,
         frozen_file_dtype=_file_dtype(model) if config.lora and has_safetensors(model_dir) else None,
         quantize_frozen=quantize,
     )
-    prediction = predict(model, optimizer, workload, machine, device_budget=device_bytes, host_budget=host_bytes,
-                         nvme=config.nvme is not None, compute_dtype=dtype)
+    # One total on CPU (device and host are one RAM): the planner splits it. Typed tiers are the user's.
+    split = not machine.cuda and config.memory is not None and config.device_memory is None and \
+        config.host_memory is None
+    settings = choose_settings(model, optimizer, workload, machine, device_budget=device_bytes,
+                               host_budget=host_bytes, nvme=config.nvme is not None, compute_dtype=dtype,
+                               prefetch=config.prefetch, split=split)
+    if split:
+        budget = dataclasses.replace(budget, device=settings.device_budget, host=settings.host_budget)
     hardware = detect_hardware()
     swap_free = hardware.disk_free(config.nvme) if config.nvme else None
-    return Plan(config, machine, prediction, dtype, device_min, host_min, swap_free,
-                _checkpoint_bytes(model, optimizer, dtype, quantize), hardware.disk_free(config.output))
+    return Plan(config, machine, settings.prediction, dtype, device_min, host_min, swap_free,
+                _checkpoint_bytes(model, optimizer, dtype, quantize), hardware.disk_free(config.output),
+                settings.prefetch, budget, ("prefetch",) * (config.prefetch is None) + ("split",) * split)
 
 
 def _measure(config: RunConfig, model: nn.Module, dtype: torch.dtype, progress: Console | None) -> Machine:
@@ -239,6 +252,9 @@ def advice(plan: Plan) -> list[str]:
                      "compute-bound (activations grow with it)")
     elif bottleneck == "optimizer":
         lines.append("optimizer-bound: more --accumulation-steps spread each update over more tokens")
+    elif bottleneck == "load wait":
+        lines.append("load-wait-bound: blocks' loads outlast the compute prefetched ahead of them; more --memory "
+                     "leaves room for a deeper --prefetch, a larger --batch-size gives each block more compute")
     return lines
 
 
@@ -261,6 +277,7 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
                  "output_free": plan.output_free},
         "io_per_step": {"disk_read": traffic.disk_read, "disk_write": traffic.disk_write,
                         "host_to_device": traffic.host_to_device, "device_to_host": traffic.device_to_host},
+        "settings": {"prefetch": plan.prefetch, "chosen": list(plan.chosen)},
         "busy_s": dict(p.busy_s),
         "step_s": p.step_s,
         "tokens_per_step": p.tokens_per_step,
@@ -308,6 +325,8 @@ def _rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
                      f"(free {format_bytes(disk['swap_free'])})"))
     rows.append(("disk", f"checkpoints at {disk['output']}", f"{disk['checkpoints_kept']} x "
                  f"{format_bytes(disk['checkpoint_bytes'])} (free {format_bytes(disk['output_free'])})"))
+    rows += [("settings", *_setting(name, data["settings"])) for name in ("prefetch", "split")
+             if name == "prefetch" or name in data["settings"]["chosen"]]
     rows += [("I/O per step", name.replace("_", " "), format_bytes(value)) for name, value in io.items() if value]
     rows += [("busy per step", name, _seconds(value)) for name, value in data["busy_s"].items()]
     rows += [("time", "step time", _seconds(data["step_s"])), ("time", "tokens/s", f"{data['tokens_per_s']:,.0f}")]
@@ -315,6 +334,14 @@ def _rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("time", f"{data['steps']} steps", _seconds(data["total_s"])))
     rows.append(("time", "bottleneck", data["bottleneck"]))
     return rows
+
+
+def _setting(name: str, settings: dict[str, Any]) -> tuple[str, str]:
+    """(what, value) of a knob's row: its value, and whose it is (the planner's, or the flag's)."""
+    if name == "prefetch":
+        return "prefetch depth", f"{settings['prefetch']} " + ("(planner's choice)" if "prefetch" in
+                                                              settings["chosen"] else "(--prefetch)")
+    return "device / host split", "planner's choice"
 
 
 def plan_table(data: dict[str, Any]) -> Table:
@@ -330,8 +357,12 @@ def plan_table(data: dict[str, Any]) -> Table:
 
 
 def summary_line(plan: Plan) -> str:
-    """One line for the start of `run`: step time, peak RSS, bottleneck."""
+    """One line for the start of `run`: step time, peak RSS, bottleneck, and the knobs the run uses."""
     p = plan.prediction
     mezo = " (MeZO)" if plan.config.optimizer is OptimizerName.MEZO else ""
+    whose = "planner's choice" if "prefetch" in plan.chosen else "--prefetch"
+    split = f", device {format_bytes(p.device_budget)} + host {format_bytes(p.host_budget)} (planner's split of " \
+        "--memory)" if "split" in plan.chosen else ""
     return (f"plan{mezo}: {_seconds(p.step_s)}/step, {p.tokens_per_s:,.0f} tokens/s, peak RSS "
-            f"{format_bytes(p.peak_rss)}, {p.bottleneck}-bound (details: finetune plan)")
+            f"{format_bytes(p.peak_rss)}, {p.bottleneck}-bound, prefetch {plan.prefetch} ({whose}){split} "
+            "(details: finetune plan)")

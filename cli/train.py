@@ -26,12 +26,12 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from .. import optim
-from ..offload import Budget, Engine, default_compute_dtype, write_atomic
+from ..offload import DEFAULT_PREFETCH, Budget, Engine, write_atomic
 from .batches import Batches, eval_batches
 from .checkpoints import RUN_CONFIG, Checkpoints, Entry
-from .config import RESUMABLE_CHANGES, Dtype, OptimizerName, RunConfig, StorageDtype
+from .config import RESUMABLE_CHANGES, OptimizerName, RunConfig
 from .data import Format, Sequences, detect_format, load_rows, split_rows, tokenize_rows
+from .engine_options import compute_dtype, make_optimizer, quantize_frozen
 from .errors import FinetuneError, disk_full, one_line
 from .hardware import run_budget
 from .lora import base_fingerprint, lora_description, wrap_lora
@@ -39,9 +39,8 @@ from .model import build_meta_model, load_tokenizer, pad_id, resolve_model
 from .progress import Clock, MetricsLog, RunProgress, memory_line, plot_losses, summary_table
 from .schedule import LearningRate
 
-__all__ = ["Prepared", "compute_dtype", "configure", "make_optimizer", "prepare", "quantize_frozen", "train"]
+__all__ = ["Prepared", "configure", "prepare", "train"]
 
-_DTYPES = {Dtype.AUTO: None, Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16}
 
 
 def configure(values: dict[str, Any], *, resume: bool) -> RunConfig:
@@ -84,6 +83,7 @@ class Prepared:
     batches: Batches
     total_steps: int
     budget: Budget
+    prefetch: int  # --prefetch, else the engine's default; `run` puts the plan's knobs (depth, split) in here
 
 
 def prepare(config: RunConfig, *, resume: bool) -> Prepared:
@@ -130,7 +130,7 @@ def prepare(config: RunConfig, *, resume: bool) -> Prepared:
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Prepared(config, resume_from, model_dir, model, parameters, trainable, tokenizer, fmt, train_data, val_data,
-                    batches, total, budget)
+                    batches, total, budget, DEFAULT_PREFETCH if config.prefetch is None else config.prefetch)
 
 
 def _sequences(config: RunConfig, tokenizer: Any) -> tuple[Format, Sequences, Sequences | None]:
@@ -147,35 +147,6 @@ def _sequences(config: RunConfig, tokenizer: Any) -> tuple[Format, Sequences, Se
     val_data = tokenize_rows(val_rows, fmt, tokenizer, source=config.val_file or config.dataset, **options) \
         if len(val_rows) else None
     return fmt, train_data, val_data
-
-
-_OPTIMIZERS = {
-    OptimizerName.ADAMW: optim.AdamW,
-    OptimizerName.ADAMW8BIT: optim.AdamW8bit,
-    OptimizerName.GALORE: optim.GaLore,
-    OptimizerName.FRUGAL: optim.Frugal,
-}
-
-
-def make_optimizer(config: RunConfig) -> optim.ChunkOptimizer | optim.MeZO:
-    """The optimizer --optimizer names, with --lr and --weight-decay (and MeZO's --storage-dtype): the run's and the
-    planner's, so both count the same state."""
-    if config.optimizer is OptimizerName.MEZO:
-        storage = torch.bfloat16 if config.storage_dtype is StorageDtype.BF16 else torch.float32
-        return optim.MeZO(lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, storage_dtype=storage)
-    return _OPTIMIZERS[config.optimizer](lr=config.lr, weight_decay=config.weight_decay)
-
-
-def quantize_frozen(config: RunConfig) -> str | None:
-    """--qlora: the frozen base stored as NF4 (blockwise 4-bit), dequantized as each layer computes."""
-    return "nf4" if config.qlora else None
-
-
-def compute_dtype(config: RunConfig, device: torch.device | None = None) -> torch.dtype:
-    """--dtype, or the default for `device` (this machine's; the planner passes a hardware profile's)."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    default = default_compute_dtype(device, zeroth_order=config.optimizer is OptimizerName.MEZO)
-    return _DTYPES[config.dtype] or default
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -291,6 +262,7 @@ def _engine(prepared: Prepared) -> Engine:
             prepared.model,
             make_optimizer(config),
             prepared.budget,
+            prefetch=prepared.prefetch,  # the plan's or --prefetch
             max_grad_norm=None if config.optimizer is OptimizerName.MEZO else config.max_grad_norm or None,
             clip_mode=config.clip_mode,
             compute_dtype=compute_dtype(config),

@@ -13,6 +13,7 @@ from .meta_model import meta_model
 from .model_export import write_model_config
 from .nvme import ThreadPoolBackend
 from .rates import disk_bandwidth, hardware_profile, measure_machine, profile_names, refresh_disk_rates
+from .residency import DEFAULT_PREFETCH
 from .safetensors_io import (
     encode_header,
     index_ranges,
@@ -23,6 +24,7 @@ from .safetensors_io import (
     write_safetensors_shards,
 )
 from .store import BudgetExceeded
+from .tuning import Settings, choose_settings
 
 # At import, before the first large tensor is freed: measured, the same setting made later (when the engine is
 # built) leaves the heap to grow as if it were not made. See offload/host_memory.py.
@@ -31,6 +33,7 @@ return_freed_memory_to_os()
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "DEFAULT_PREFETCH",
     "ENGINE_STATE_FILE",
     "OPTIMIZER_PREFIX",
     "Block",
@@ -42,10 +45,12 @@ __all__ = [
     "Hardware",
     "Machine",
     "Prediction",
+    "Settings",
     "Workload",
     "ThreadPoolBackend",
     "aligned_empty",
     "atomic_directory",
+    "choose_settings",
     "default_compute_dtype",
     "detect_hardware",
     "disk_bandwidth",

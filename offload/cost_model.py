@@ -10,6 +10,11 @@ resource's busy time from those bytes and the FLOPs of the step, combined by wha
 - CUDA: the GPU computes while the copy engine, the disks and the CPU (optimizer math) work in parallel, so a
   step takes the longest of the four, plus what cannot overlap: the first block's load and the last update.
 - CPU: compute and optimizer math share the same cores, so they add; disk reads and writes run beside them.
+
+Either way the compute also waits for the loads its prefetch depth cannot hide (load_stall.py): "load wait".
+Compute time is FLOPs at the measured rate plus what a step spends beyond them: the engine's cost per block,
+peft's per LoRA adapter, and QLoRA's dequantization of each quantized layer every time it is held (on the CPU,
+or with CUDA on the GPU, where bitsandbytes dequantizes).
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from .block_layout import block_layouts, chunk_specs, compute_copies_nbytes
 from .blocks import find_blocks
 from .embedding_grad import shared_parameters, takes_row_gradient
 from .floors import Floors, floors
+from .load_stall import load_wait, prefetch_bytes, prefetch_fits, step_holds, update_reads
+from .model_export import is_peft
 from .traffic import Traffic, simulate_traffic
 
-__all__ = ["Machine", "Prediction", "Workload", "activation_bytes", "predict", "step_flops"]
+__all__ = ["Machine", "Prediction", "Workload", "activation_bytes", "dequantized_bytes", "lora_modules", "predict",
+           "step_flops"]
 
 GiB = 2**30
 
@@ -47,6 +55,9 @@ class Machine:
     device_memory: int | None = None  # GPU memory (None on CPU)
     baseline_rss: int = 512 * 2**20  # the process before any chunk: interpreter, torch, transformers, the engine
     block_overhead_s: float = 0.0  # the engine's fixed cost per block and step (hooks, holds, bookkeeping)
+    adapter_overhead_s: float = 0.0  # per LoRA adapter module and micro-batch, beyond its FLOPs (peft, its update)
+    peft_rss: int = 0  # what a peft model's process holds beyond a plain one's (peft's modules)
+    dequantize_rate: float = 1.0e9  # bytes of compute-dtype weights NF4 dequantization writes per second (QLoRA)
 
     @property
     def cuda(self) -> bool:
@@ -188,26 +199,62 @@ def predict(
     # What the chunks hold at the most, freed buffers kept for reuse included (the pool keeps what a tier used):
     # the replay's peaks, with the held compute copies (QLoRA, bf16 MeZO), which the device tier's budget sets aside.
     resident = traffic.peak_host + (0 if machine.cuda else traffic.peak_device + dequantized)
-    peak_rss = machine.baseline_rss + resident + (0 if machine.cuda else sum(outside.values()))
+    baseline = machine.baseline_rss + (machine.peft_rss if is_peft(model) else 0)
+    peak_rss = baseline + resident + (0 if machine.cuda else sum(outside.values()))
     # CUDA device memory: what the chunks reach at the most (torch's allocator, not a pool kept up to the budget).
     peak_device = traffic.peak_device + sum(outside.values()) + dequantized if machine.cuda else peak_rss
     layer_flops, head_flops = step_flops(model, workload, zeroth_order, samples)
     flops = layer_flops + head_flops
-    busy = _busy_times(traffic, flops, layouts, optimizer, compute_dtype, machine, zeroth_order)
+    held_s = lora_modules(model) * machine.adapter_overhead_s * workload.accumulation_steps + \
+        dequantized_bytes(layouts, workload, compute_dtype) / machine.dequantize_rate
+    busy = _busy_times(traffic, flops, layouts, optimizer, compute_dtype, machine, zeroth_order, held_s)
+    holds = step_holds(plan, layouts, compute_dtype, layer_flops=layer_flops, head_flops=head_flops,
+                       recompute=workload.recompute, zeroth_order=zeroth_order,
+                       accumulation_steps=workload.accumulation_steps, file_ratio=_file_ratio(workload, compute_dtype))
+    read_s = max(traffic.disk_read / machine.disk_read, busy.get("host-device link", 0.0))
+    block = prefetch_bytes(layouts, compute_dtype, workload.accumulation_steps)
+    depth = min(workload.prefetch, prefetch_fits(device_budget, need.device, block))  # the store drops the rest
+    busy["load wait"] = load_wait(holds, read_s, busy["compute"], update_reads(layouts, optimizer, compute_dtype),
+                                  depth, fixed_s=len(layouts) * machine.block_overhead_s)
     step_s, bottleneck = _step_time(busy, machine)
     return Prediction(need, device_budget, host_budget, traffic, outside, peak_rss, peak_device, flops, busy, step_s,
                       bottleneck, workload.tokens)
 
 
+def lora_modules(model: nn.Module) -> int:
+    """How many layers of `model` carry a peft LoRA adapter (one LoraLayer around each adapted nn.Linear); 0
+    for a model without peft. Each costs a run more than its FLOPs (`Machine.adapter_overhead_s`)."""
+    if not is_peft(model):
+        return 0
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(module, LoraLayer) for module in model.modules())
+
+
+def dequantized_bytes(layouts: list, workload: Workload, compute_dtype: torch.dtype) -> int:
+    """Bytes of compute-dtype weights QLoRA's NF4 layers are dequantized into per step: each quantized layer
+    every time it is held (residency.hold), once in forward and once in backward (for its recompute, or to remake
+    its saved weight views), per micro-batch."""
+    per_hold = sum(b.frozen.nbytes(compute_dtype) for b in layouts if b.quantized is not None)
+    return 2 * per_hold * workload.accumulation_steps
+
+
+def _file_ratio(workload: Workload, compute_dtype: torch.dtype) -> float:
+    """Bytes of a frozen chunk's file per chunk byte (1 when the frozen chunks are not read from files)."""
+    file_dtype = workload.frozen_file_dtype
+    return file_dtype.itemsize / compute_dtype.itemsize if file_dtype is not None else 1.0
+
+
 def _busy_times(traffic: Traffic, flops: float, layouts: list, optimizer: Any, compute_dtype: torch.dtype,
-                machine: Machine, zeroth_order: bool) -> dict[str, float]:
-    """Seconds per step each resource is busy."""
+                machine: Machine, zeroth_order: bool, held_s: float = 0.0) -> dict[str, float]:
+    """Seconds per step each resource is busy. `held_s`: compute beyond FLOPs and per-block costs (LoRA adapters,
+    QLoRA's dequantization), which runs where the layer computes: the CPU, or the GPU with CUDA."""
     update_bytes = 0
     for b in layouts:
         specs = chunk_specs(b.trainable, compute_dtype, optimizer).values()
         update_bytes += 2 * sum(chunk_nbytes(spec.numel, spec.dtype) for spec in specs)  # read and written
     busy = {
-        "compute": flops / machine.flops + len(layouts) * machine.block_overhead_s,
+        "compute": flops / machine.flops + len(layouts) * machine.block_overhead_s + held_s,
         "disk": traffic.disk_read / machine.disk_read + traffic.disk_write / machine.disk_write,
         "optimizer": update_bytes / machine.optimizer_rate,
     }
@@ -217,11 +264,15 @@ def _busy_times(traffic: Traffic, flops: float, layouts: list, optimizer: Any, c
 
 
 def _step_time(busy: dict[str, float], machine: Machine) -> tuple[float, str]:
-    """The step time from the busy times, and the resource that sets it."""
+    """The step time from the busy times, and the resource that sets it ("load wait": compute waiting for loads
+    that prefetch could not hide, when that outlasts every resource)."""
+    waited = busy["compute"] + busy.get("load wait", 0.0)
     if machine.cuda:
-        bottleneck = max(busy, key=busy.__getitem__)
-        return busy[bottleneck], bottleneck
-    cores = busy["compute"] + busy["optimizer"]  # one set of cores does both
-    if busy["disk"] > cores:
-        return busy["disk"], "disk"
-    return cores, "compute" if busy["compute"] >= busy["optimizer"] else "optimizer"
+        resources = {name: seconds for name, seconds in busy.items() if name != "load wait"}
+        bottleneck = max(resources, key=resources.__getitem__)
+        step = resources[bottleneck]
+    else:
+        cores = busy["compute"] + busy["optimizer"]  # one set of cores does both
+        step, bottleneck = (busy["disk"], "disk") if busy["disk"] > cores else \
+            (cores, "compute" if busy["compute"] >= busy["optimizer"] else "optimizer")
+    return (waited, "load wait") if waited > step else (step, bottleneck)

@@ -46,7 +46,7 @@ from .model_export import adapter_tensors, export_model, is_peft, save_adapter
 from .nvme import open_backend
 from .quantized import QUANTIZATIONS
 from .recompute import StreamedCheckpoint, StreamedLayer
-from .residency import Residency
+from .residency import DEFAULT_PREFETCH, Residency
 from .store import ChunkStore
 from .timers import NO_TIMERS, Timers
 from .updates import UpdateWorker
@@ -67,7 +67,8 @@ class Engine:
             gradients; needs fp32 compute, no accumulation and no clipping; `MeZO(storage_dtype=torch.bfloat16)`
             stores its weights in bf16 and upcasts each held block's to fp32).
         budget: bytes per tier and the NVMe swap directory.
-        prefetch: how many blocks ahead to start loading.
+        prefetch: how many blocks ahead to start loading. The best depth depends on the model, the budget and the
+            machine's rates: `offload.choose_settings` predicts it (as `finetune run` does without --prefetch).
         accumulation_steps: micro-batches per optimizer step; `train_step` splits its batch into this many.
         max_grad_norm: clip gradients to this norm (None: no clipping).
         clip_mode: see `ClipMode`.
@@ -95,7 +96,7 @@ class Engine:
         optimizer: ChunkOptimizer | MeZO,
         budget: Budget | None = None,
         *,
-        prefetch: int = 2,
+        prefetch: int = DEFAULT_PREFETCH,
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
         clip_mode: ClipMode | str = ClipMode.EXACT,

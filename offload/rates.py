@@ -3,7 +3,8 @@
 Measured: FLOP/s in the compute dtype of a decoder layer at the model's own shape (small shapes run far below a
 device's peak, and a layer is more than its matrix products, so a generic number would mislead); O_DIRECT read
 and write bandwidth of the swap directory through the engine's own NVMe backend; the optimizer's update rate on
-the host; a tiny streamed run's peak RSS and time per block. About ten seconds in all. The cache
+the host; a tiny streamed run's peak RSS and time per block, and with LoRA adapters the cost of each adapter and
+what peft adds to the process; NF4 dequantization throughput (QLoRA). About twenty seconds in all. The cache
 (`~/.cache/finetune/rates.json`, or $FINETUNE_CACHE_DIR) keeps each for a week, by what it depends on: the file
 system of the swap directory, the dtype and shape, the device. `refresh=True` measures again, and
 `finetune info --bandwidth` refreshes the disk rates.
@@ -28,10 +29,12 @@ from pathlib import Path
 import psutil
 import torch
 
+from ..optim.layout import ChunkLayout
 from .cost_model import Machine
 from .durable import write_atomic
 from .host_memory import aligned_empty
 from .nvme import ThreadPoolBackend
+from .quantized import QuantizedLayout
 
 __all__ = ["PROFILES", "disk_bandwidth", "hardware_profile", "measure_machine", "profile_names", "refresh_disk_rates"]
 
@@ -119,19 +122,42 @@ def _layer_flops(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.
         gate, value = (torch.nn.functional.rms_norm(h, (hidden,)) @ up).chunk(2, dim=-1)
         (h + (torch.nn.functional.silu(gate) * value) @ down).sum().backward()
 
-    layer()
+    linear = 4 * hidden * hidden + 3 * hidden * intermediate
+    per_token = 6 * linear + 3 * 4 * seq * hidden  # forward 2n + attention, backward twice the forward
+    return per_token * rows * seq * _runs_per_second(layer, device)
+
+
+def _runs_per_second(run: Callable[[], None], device: torch.device) -> float:
+    """How many times per second `run` runs: once to warm up, then timed for about half a second."""
+    run()
     runs, elapsed = 1, 0.0
     while elapsed < 0.5:
         runs *= 2
         started = time.perf_counter()
         for _ in range(runs):
-            layer()
+            run()
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            torch.cuda.synchronize(device)  # host sync: the kernels queued above are done
         elapsed = time.perf_counter() - started
-    linear = 4 * hidden * hidden + 3 * hidden * intermediate
-    per_token = 6 * linear + 3 * 4 * seq * hidden  # forward 2n + attention, backward twice the forward
-    return per_token * rows * seq * runs / elapsed
+    return runs / elapsed
+
+
+DEQUANTIZE_PROBE = (2048, 2048)  # two matrices: 32 MiB of fp32 weights, beyond a CPU's caches
+
+
+def _dequantize_rate(dtype: torch.dtype, device: torch.device) -> float:
+    """Bytes of `dtype` weights per second that NF4 dequantization writes, through the engine's own call
+    (`QuantizedLayout.dequantize_into`, as `Residency.hold` makes a QLoRA layer's weights).
+
+    QLoRA dequantizes every quantized layer each time it is held (forward, and backward's recompute), so on a CPU
+    this is often the largest part of a step. The rate is memory-bound above the caches, so one probe of a size
+    past them stands for any layer."""
+    shapes = {name: torch.Size(DEQUANTIZE_PROBE) for name in ("a", "b")}
+    layout = QuantizedLayout(ChunkLayout.from_shapes(shapes), frozenset(shapes), dtype)
+    codes = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device)
+    layout.quantize_into(codes, [torch.randn(shape, device=device) for shape in shapes.values()])
+    flat = torch.empty(layout.layout.numel, dtype=dtype, device=device)
+    return layout.layout.nbytes(dtype) * _runs_per_second(lambda: layout.dequantize_into(codes, flat), device)
 
 
 def _optimizer_rate() -> float:
@@ -151,33 +177,61 @@ import sys, tempfile, time, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from finetune import offload, optim
 work = tempfile.mkdtemp(dir=sys.argv[1])
-config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=2, vocab_size=256)
-LlamaForCausalLM(config).save_pretrained(work + "/model")
+ids = torch.randint(0, 256, (1, 8))
 budget = offload.Budget(device=2**20, host=2**20, nvme=work + "/swap")
+
+def config(layers):
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=256)
+
+def step_s(engine):
+    started = time.perf_counter()
+    engine.train_step({"input_ids": ids, "labels": ids})
+    return time.perf_counter() - started
+
+def peak():
+    status = open("/proc/self/status").read()  # VmHWM: this address space's peak (ru_maxrss survives exec)
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+LlamaForCausalLM(config(2)).save_pretrained(work + "/model")
 with offload.Engine.from_pretrained(work + "/model", optim.AdamW(lr=1e-3), budget) as engine:
-    ids = torch.randint(0, 256, (1, 8))
-    times = []
-    for _ in range(6):
-        started = time.perf_counter()
-        engine.train_step({"input_ids": ids, "labels": ids})
-        times.append(time.perf_counter() - started)
+    times = [step_s(engine) for _ in range(6)]
     blocks = len(engine.blocks)
-status = open("/proc/self/status").read()  # VmHWM: this address space's peak (ru_maxrss survives exec)
-print(int(status.split("VmHWM:")[1].split()[0]) * 1024, sorted(times[1:])[2] / blocks)
+plain = peak()
+import peft  # after the plain run's peak: what a LoRA run holds beyond it is peft's
+LlamaForCausalLM(config(4)).save_pretrained(work + "/base")
+projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+def lora(targets):
+    model = peft.get_peft_model(LlamaForCausalLM(config(4)), peft.LoraConfig(r=16, target_modules=targets))
+    return offload.Engine(model, optim.AdamW(lr=1e-3), budget, weights=work + "/base")
+
+with lora(projections) as every, lora(projections[:1]) as one:  # steps interleaved: both see the same load
+    extra = sorted(step_s(every) - step_s(one) for _ in range(9))[4]
+print(plain, sorted(times[1:])[2] / blocks, extra / (4 * 6), peak() - plain)
 """
 
 
-def _tiny_run() -> tuple[int, float]:
-    """A tiny streamed training run in a fresh process: (its peak RSS, its seconds per block and step).
+def _tiny_run() -> tuple[int, float, float, int]:
+    """Tiny streamed training runs in a fresh process: (the peak RSS of a plain one, its seconds per block and
+    step, the seconds per LoRA adapter module and step, and what peft adds to the peak RSS).
 
     The peak is what every run pays before its chunks and activations (interpreter, torch, transformers, the
     engine's threads and heap); the time, with almost nothing to compute, is the engine's cost of streaming a
-    block through a step (hooks, holds, the update's bookkeeping), which dominates small models."""
+    block through a step (hooks, holds, the update's bookkeeping), which dominates small models.
+
+    The adapter's cost is the difference between two LoRA runs on the same 4-layer base read from its files, one
+    with adapters on all 7 projections of each layer and one on q_proj only, divided by the 24 adapters between
+    them: peft's wrapper, the adapter's small products forward, in recompute and backward, its gradient and its
+    update, which is what such a run spends beyond FLOPs (1-2 ms an adapter on a 2-core CPU, against 6 ms a
+    block). A direct probe of one peft Linear's forward and backward would miss the engine's side of it (binding
+    twice the parameters, their gradient views, norms and update); the difference of two whole runs keeps it and
+    cancels the rest. Its FLOPs are few at this shape, and the cost model counts FLOPs apart."""
     with tempfile.TemporaryDirectory(prefix="finetune-baseline-") as work:
         out = subprocess.run([sys.executable, "-c", _TINY_RUN, work], capture_output=True, text=True, check=True)
-    peak, per_block = out.stdout.strip().splitlines()[-1].split()
-    return int(peak) - 2 * 2**20, float(per_block)  # less its chunks (2 MiB budget), counted apart
+    peak, per_block, per_adapter, peft_rss = out.stdout.strip().splitlines()[-1].split()
+    # Less the chunks (2 MiB of budget each time), counted apart; the second LoRA engine's are in peft's share.
+    return int(peak) - 2 * 2**20, float(per_block), max(float(per_adapter), 0.0), max(int(peft_rss) - 2 * 2**20, 0)
 
 
 def _filesystem(directory: Path | None) -> int | None:
@@ -204,20 +258,22 @@ def measure_machine(
     refresh: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Machine:
-    """This machine's rates for a run: cached ones when fresh, else measured now (about 15 s, each part once).
+    """This machine's rates for a run: cached ones when fresh, else measured now (about 20 s, each part once).
 
     Each rate is cached by what it depends on: disk rates by the swap directory's file system, FLOP/s by device,
     dtype and `shape` ((tokens per micro-batch, hidden size, intermediate size) of the model's main matrix
-    products), the rest by device. Without `swap_dir` the disk rates are not needed and are left at 1 byte/s (no
-    bytes go to disk)."""
+    products), the dequantization rate by device and dtype, the rest by device. Without `swap_dir` the disk rates
+    are not needed and are left at 1 byte/s (no bytes go to disk)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     say = progress or (lambda message: None)
     entries = _read_cache()
 
-    def cached(section: str, key: object, measure: Callable[[], dict]) -> dict:
+    def cached(section: str, key: object, measure: Callable[[], dict], needs: tuple[str, ...] = ()) -> dict:
         entry = entries.setdefault(section, {}).get(json.dumps([platform.node(), str(device), key]))
-        if entry is None or refresh or time.time() - entry["measured_at"] > CACHE_DAYS * 86400:
+        # An entry without a field this version measures (`needs`) was written by an older one: measured again.
+        if entry is None or refresh or time.time() - entry["measured_at"] > CACHE_DAYS * 86400 or \
+                not set(needs) <= entry.keys():
             say(f"measuring this machine's {section} ({device}) ...")
             entry = {"measured_at": time.time(), **measure()}
             entries[section][json.dumps([platform.node(), str(device), key])] = entry
@@ -230,13 +286,16 @@ def measure_machine(
                       lambda: dict(zip(("write", "read"), disk_bandwidth(swap_dir))))
     flops = cached("compute rate", [str(compute_dtype), list(shape)],
                    lambda: {"flops": _layer_flops(shape, compute_dtype, device)})
-    host = cached("engine costs", None, lambda: _host_rates(device))
+    host = cached("engine costs", None, lambda: _host_rates(device), needs=("adapter_overhead_s", "peft_rss"))
+    dequantize = cached("dequantization rate", str(compute_dtype),
+                        lambda: {"rate": _dequantize_rate(compute_dtype, device)})
     return Machine(
         name=platform.node() or "this machine", flops=flops["flops"], disk_read=disk["read"],
         disk_write=disk["write"], optimizer_rate=host["optimizer_rate"], host_to_device=host["host_to_device"],
         ram=psutil.virtual_memory().total,
         device_memory=torch.cuda.get_device_properties(device).total_memory if cuda else None,
         baseline_rss=host["baseline_rss"], block_overhead_s=host["block_overhead_s"],
+        adapter_overhead_s=host["adapter_overhead_s"], peft_rss=host["peft_rss"], dequantize_rate=dequantize["rate"],
     )
 
 
@@ -251,8 +310,9 @@ def refresh_disk_rates(directory: Path, nbytes: int = PROBE_BYTES) -> tuple[floa
 
 
 def _host_rates(device: torch.device) -> dict:
-    baseline_rss, block_overhead_s = _tiny_run()
+    baseline_rss, block_overhead_s, adapter_overhead_s, peft_rss = _tiny_run()
     return {"optimizer_rate": _optimizer_rate(), "baseline_rss": baseline_rss, "block_overhead_s": block_overhead_s,
+            "adapter_overhead_s": adapter_overhead_s, "peft_rss": peft_rss,
             "host_to_device": _host_to_device(device) if device.type == "cuda" else None}
 
 

@@ -38,7 +38,9 @@ from .chunks import Chunk, Tier
 from .store import ChunkStore
 from .timers import Timers
 
-__all__ = ["ForwardObserver", "Residency", "tensors_of"]
+__all__ = ["DEFAULT_PREFETCH", "ForwardObserver", "Residency", "tensors_of"]
+
+DEFAULT_PREFETCH = 2  # blocks loaded ahead; `offload.choose_settings` picks one for a model, budget and machine
 
 ForwardObserver = Callable[[tuple[int, ...], nn.Module, Any, Any], None]
 """Called with (blocks, module, args, output) after a module that needs `blocks` ran forward, before they are

@@ -136,9 +136,12 @@ def test_config_round_trips_through_yaml() -> None:
         assert RunConfig(**yaml.safe_load(config.to_yaml())) == config
     with pytest.raises(ConfigError, match="--seq-len 1 must be >= 2; --keep-checkpoints 0 must be >= 1"):
         RunConfig(model="m", dataset="d", keep_checkpoints=0, seq_len=1)
+    with pytest.raises(ConfigError, match="--prefetch -1 must be >= 0"):
+        RunConfig(model="m", dataset="d", prefetch=-1)
 
 
-def test_info_reports_disk_speed_as_json(tmp_path: Path) -> None:
+def test_info_reports_disk_speed_as_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path.parent / "cache"))  # --bandwidth stores the rates there
     result = runner.invoke(app, ["info", "--path", str(tmp_path), "--bandwidth", "--bandwidth-size", "4MB", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)

@@ -56,7 +56,7 @@ def test_a_state_beyond_memory_without_nvme_is_refused(tiny: Tiny) -> None:
 
 
 def test_json_has_every_number(tiny: Tiny, tmp_path: Path) -> None:
-    memory = str(2 * (tiny.device_bytes + tiny.host_bytes))
+    memory = str(int(1.25 * (tiny.device_bytes + tiny.host_bytes)))  # below the state, whatever the split: it streams
     result = _plan(tiny.model, *SHAPE, "--memory", memory, "--nvme", tmp_path / "swap", "--hardware", CPU_PROFILE,
                    "--json")
     assert result.exit_code == 0, result.output
@@ -170,3 +170,59 @@ def test_a_mezo_run_beyond_the_disk_is_told_of_bf16_storage(tiny: Tiny, tmp_path
     assert "pass --storage-dtype bf16" in " ".join(result.output.split())
     fits = _plan(*args, "--storage-dtype", "bf16")
     assert fits.exit_code == 0, fits.output
+
+
+def test_the_planner_chooses_the_knobs_the_flags_leave_open(tiny: Tiny, tmp_path: Path) -> None:
+    """Without --prefetch the plan names the planner's depth, with it the user's; on CPU the planner splits
+    --memory (each tier at least its minimum), and a typed tier is left as typed."""
+    memory = int(1.25 * (tiny.device_bytes + tiny.host_bytes))
+    common = [tiny.model, *SHAPE, "--nvme", tmp_path / "swap", "--hardware", CPU_PROFILE, "--json"]
+
+    def plan(*more: str | int) -> dict:
+        result = _plan(*common, *map(str, more))
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output.strip().splitlines()[-1])
+
+    chosen = plan("--memory", memory)
+    assert chosen["settings"]["chosen"] == ["prefetch", "split"] and 1 <= chosen["settings"]["prefetch"] <= 4
+    budgets = chosen["memory"]
+    assert budgets["device_budget"] + budgets["host_budget"] == memory
+    assert budgets["device_budget"] >= budgets["device_minimum"] and budgets["host_budget"] >= budgets["host_minimum"]
+    given = plan("--memory", memory, "--prefetch", 3)
+    assert given["settings"] == {"prefetch": 3, "chosen": ["split"]}
+    typed = plan("--memory", memory, "--device-memory", tiny.device_bytes)
+    assert typed["settings"]["chosen"] == ["prefetch"]
+    assert (typed["memory"]["device_budget"], typed["memory"]["host_budget"]) == (tiny.device_bytes,
+                                                                                  memory - tiny.device_bytes)
+    table = _plan(*common[:-1], "--memory", memory)
+    assert "prefetch depth" in table.output and "planner's choice" in table.output
+
+
+class _Built(Exception):
+    """Raised by the spy engine: the run got as far as building its engine."""
+
+
+def test_run_builds_its_engine_with_the_plans_knobs(tiny: Tiny, learnable: Path, env: dict[str, str],
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", env["FINETUNE_CACHE_DIR"])  # this machine's rates, measured once
+    from finetune import offload
+
+    built: list[dict] = []
+
+    class Spy(offload.Engine):
+        def __init__(self, model: object, optimizer: object, budget: object, **options: object) -> None:
+            built.append({"budget": budget, **options})
+            raise _Built
+
+    monkeypatch.setattr("finetune.cli.train.Engine", Spy)
+    memory = str(int(1.25 * (tiny.device_bytes + tiny.host_bytes)))
+    flags = [*SHAPE, "--memory", memory, "--nvme", str(tmp_path / "swap")]
+    planned = json.loads(_plan(tiny.model, *flags, "--json").output.strip().splitlines()[-1])
+    for more, depth in (([], planned["settings"]["prefetch"]), (["--prefetch", "4"], 4)):
+        result = runner.invoke(app, ["run", str(tiny.model), str(learnable), "--output", str(tmp_path / "out"),
+                                     *flags, *more])
+        assert isinstance(result.exception, _Built), result.output
+        assert built[-1]["prefetch"] == depth
+        assert f"prefetch {depth} (" in result.output  # the one-line plan names it
+    budget = built[0]["budget"]  # the options `plan` was given: its split of --memory
+    assert (budget.device, budget.host) == (planned["memory"]["device_budget"], planned["memory"]["host_budget"])

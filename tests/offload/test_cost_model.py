@@ -7,6 +7,8 @@ must agree; the async staging thread makes the engine's own count vary by a few 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_models import random_batch, save_tiny_model
@@ -16,7 +18,7 @@ from finetune import offload, optim
 from finetune.offload.block_layout import block_layouts
 from finetune.offload.blocks import find_blocks
 from finetune.offload.chunks import Tier
-from finetune.offload.cost_model import Machine, Workload, predict, step_flops
+from finetune.offload.cost_model import Machine, Workload, dequantized_bytes, lora_modules, predict, step_flops
 from finetune.offload.traffic import simulate_traffic
 
 TOLERANCE = 0.2  # the engine's async prefetches vary its bytes per step by up to ~15% (measured)
@@ -161,3 +163,50 @@ def test_the_swap_the_replay_fills_is_what_the_engine_checks_the_disk_for(tmp_pa
     bf16, mezo_bf16 = swap(optim.MeZO(storage_dtype=torch.bfloat16))
     assert 0 < fp32 <= mezo.state and 0 < bf16 <= mezo_bf16.state  # MeZO's held embedding may never leave
     assert bf16 == pytest.approx(fp32 / 2, rel=0.1)
+
+
+def _lora(tmp_path, targets: str, layers: int = 4):
+    from finetune.cli.lora import wrap_lora
+
+    return wrap_lora(_meta_llama(tmp_path, num_hidden_layers=layers), rank=4, alpha=8.0, dropout=0.0,
+                     targets=targets, seed=0, base_name="test")
+
+
+def test_lora_adapters_cost_compute_time_by_count(tmp_path):
+    """Each peft LoRA module costs `adapter_overhead_s` per micro-batch beyond its FLOPs (measured in rates.py),
+    and peft's modules add `peft_rss` to the process."""
+    machine = Machine("test", flops=1e11, disk_read=2e9, disk_write=1e9, optimizer_rate=4e9, baseline_rss=2**28,
+                      adapter_overhead_s=1e-3, peft_rss=2**26)
+    optimizer = optim.AdamW(lr=1e-3)
+    every, one = _lora(tmp_path / "a", "all-linear"), _lora(tmp_path / "b", "q_proj")
+    assert (lora_modules(every), lora_modules(one)) == (4 * 7, 4)  # Llama: 7 projections a layer
+    assert lora_modules(_meta_llama(tmp_path / "c")) == 0
+    workload = Workload(batch_size=2, seq_len=16, accumulation_steps=2, frozen_file_dtype=torch.float32)
+    kept = {"device_budget": 2**30, "host_budget": 2**30, "nvme": False, "compute_dtype": torch.float32}
+    many, few = (predict(model, optimizer, workload, machine, **kept) for model in (every, one))
+    flops = (many.flops - few.flops) / machine.flops
+    assert many.busy_s["compute"] - few.busy_s["compute"] == pytest.approx(flops + 24 * 2 * 1e-3)  # 2 micro-batches
+    bare = predict(every, optimizer, workload, dataclasses.replace(machine, peft_rss=0), **kept)
+    assert many.peak_rss - bare.peak_rss == 2**26
+
+
+def test_qlora_dequantization_time_is_its_bytes_over_the_rate(tmp_path):
+    """Every quantized layer is dequantized into compute-dtype weights at each hold: forward and backward, per
+    micro-batch. On CUDA the GPU does it (bitsandbytes), so it is the GPU's compute time there too."""
+    model = _lora(tmp_path, "all-linear")
+    layouts = block_layouts(model, find_blocks(model), "nf4", torch.float32)
+    layer = max(b.frozen.nbytes(torch.float32) for b in layouts if b.quantized is not None)
+    workload = Workload(batch_size=2, seq_len=16, accumulation_steps=3, quantize_frozen="nf4")
+    assert dequantized_bytes(layouts, workload, torch.float32) == 2 * 3 * 4 * layer  # 2 holds, 3 micro, 4 layers
+    for machine in (Machine("cpu", flops=1e11, disk_read=2e9, disk_write=1e9, optimizer_rate=4e9),
+                    offload.hardware_profile("h200-128gb")):
+        dtype = torch.bfloat16 if machine.cuda else torch.float32
+        nbytes = dequantized_bytes(block_layouts(model, find_blocks(model), "nf4", dtype), workload, dtype)
+        busy = [predict(model, optim.AdamW(lr=1e-3), workload, dataclasses.replace(machine, dequantize_rate=rate),
+                        device_budget=2**30, host_budget=2**30, nvme=False, compute_dtype=dtype).busy_s["compute"]
+                for rate in (1e9, 2e9)]
+        assert busy[0] - busy[1] == pytest.approx(nbytes / 2e9), machine.name
+    plain = predict(model, optim.AdamW(lr=1e-3), dataclasses.replace(workload, quantize_frozen=None),
+                    Machine("cpu", flops=1e11, disk_read=2e9, disk_write=1e9, optimizer_rate=4e9, dequantize_rate=1.0),
+                    device_budget=2**30, host_budget=2**30, nvme=False, compute_dtype=torch.float32)
+    assert plain.busy_s["compute"] < 1  # not quantized: nothing dequantized, however slow the rate
