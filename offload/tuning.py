@@ -77,8 +77,9 @@ def choose_settings(model: nn.Module, optimizer: Any, workload: Workload, machin
     Depths tried are those of `DEPTHS` the device budget has room for beside its floor (at least 1: a prefetch
     without room is dropped by the store and costs nothing).
     """
-    layouts = block_layouts(model, find_blocks(model), workload.quantize_frozen, compute_dtype)
-    need = floors(layouts, optimizer, compute_dtype)
+    plan = find_blocks(model)
+    layouts = block_layouts(model, plan, workload.quantize_frozen, compute_dtype)
+    need = floors(layouts, plan, optimizer, compute_dtype, workload.accumulation_steps)
     block = prefetch_bytes(layouts, compute_dtype, workload.accumulation_steps)
     tried = 0
 
