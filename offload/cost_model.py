@@ -58,6 +58,7 @@ class Machine:
     adapter_overhead_s: float = 0.0  # per LoRA adapter module and micro-batch, beyond its FLOPs (peft, its update)
     peft_rss: int = 0  # what a peft model's process holds beyond a plain one's (peft's modules)
     dequantize_rate: float = 1.0e9  # bytes of compute-dtype weights NF4 dequantization writes per second (QLoRA)
+    perturb_rate: float = 1.0e9  # MeZO: weights per second z is drawn for and applied (one thread: a seeded draw)
 
     @property
     def cuda(self) -> bool:
@@ -206,7 +207,8 @@ def predict(
     layer_flops, head_flops = step_flops(model, workload, zeroth_order, samples)
     flops = layer_flops + head_flops
     held_s = lora_modules(model) * machine.adapter_overhead_s * workload.accumulation_steps + \
-        dequantized_bytes(layouts, workload, compute_dtype) / machine.dequantize_rate
+        dequantized_bytes(layouts, workload, compute_dtype) / machine.dequantize_rate + \
+        perturbation_draws(optimizer) * sum(b.trainable.numel for b in layouts) / machine.perturb_rate
     busy = _busy_times(traffic, flops, layouts, optimizer, compute_dtype, machine, zeroth_order, held_s)
     holds = step_holds(plan, layouts, compute_dtype, layer_flops=layer_flops, head_flops=head_flops,
                        recompute=workload.recompute, zeroth_order=zeroth_order,
@@ -219,6 +221,15 @@ def predict(
     step_s, bottleneck = _step_time(busy, machine)
     return Prediction(need, device_budget, host_budget, traffic, outside, peak_rss, peak_device, flops, busy, step_s,
                       bottleneck, workload.tokens)
+
+
+def perturbation_draws(optimizer: Any) -> int:
+    """How many times per step MeZO draws a random number for each weight (0 for others): z at each of the
+    2 x samples perturbed passes (zeroth_order.py's Note [Perturbed one module at a time]), z again per sample
+    for the update, and bf16 storage's stochastic rounding."""
+    if not isinstance(optimizer, MeZO):
+        return 0
+    return 3 * optimizer.samples + (1 if optimizer.storage_dtype != torch.float32 else 0)
 
 
 def lora_modules(model: nn.Module) -> int:

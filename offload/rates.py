@@ -160,6 +160,17 @@ def _dequantize_rate(dtype: torch.dtype, device: torch.device) -> float:
     return layout.layout.nbytes(dtype) * _runs_per_second(lambda: layout.dequantize_into(codes, flat), device)
 
 
+def _perturb_rate(device: torch.device) -> float:
+    """Elements per second MeZO draws z for and applies it (`MeZO.direction` into a new tensor, then
+    `perturb_into`): done for every weight at each perturbed pass and again for the update, on one thread (a
+    seeded generator), it is a large share of a MeZO step on a CPU beside the FLOPs of its forwards."""
+    from ..optim.mezo import MeZO
+
+    mezo, theta = MeZO(), torch.randn(2**22, device=device)
+    return theta.numel() * _runs_per_second(
+        lambda: mezo.perturb_into(mezo.direction(1, 0, "probe", theta), theta, 1), device)
+
+
 def _optimizer_rate() -> float:
     """Bytes of update state per second for an AdamW-like update (weights, gradients, two moments) on the host."""
     numel = 2**22
@@ -289,6 +300,7 @@ def measure_machine(
     host = cached("engine costs", None, lambda: _host_rates(device), needs=("adapter_overhead_s", "peft_rss"))
     dequantize = cached("dequantization rate", str(compute_dtype),
                         lambda: {"rate": _dequantize_rate(compute_dtype, device)})
+    perturb = cached("perturbation rate", None, lambda: {"rate": _perturb_rate(device)})
     return Machine(
         name=platform.node() or "this machine", flops=flops["flops"], disk_read=disk["read"],
         disk_write=disk["write"], optimizer_rate=host["optimizer_rate"], host_to_device=host["host_to_device"],
@@ -296,6 +308,7 @@ def measure_machine(
         device_memory=torch.cuda.get_device_properties(device).total_memory if cuda else None,
         baseline_rss=host["baseline_rss"], block_overhead_s=host["block_overhead_s"],
         adapter_overhead_s=host["adapter_overhead_s"], peft_rss=host["peft_rss"], dequantize_rate=dequantize["rate"],
+        perturb_rate=perturb["rate"],
     )
 
 

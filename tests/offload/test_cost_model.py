@@ -210,3 +210,23 @@ def test_qlora_dequantization_time_is_its_bytes_over_the_rate(tmp_path):
                     Machine("cpu", flops=1e11, disk_read=2e9, disk_write=1e9, optimizer_rate=4e9, dequantize_rate=1.0),
                     device_budget=2**30, host_budget=2**30, nvme=False, compute_dtype=torch.float32)
     assert plain.busy_s["compute"] < 1  # not quantized: nothing dequantized, however slow the rate
+
+
+def test_mezo_draws_cost_compute_time_by_weight_count(tmp_path):
+    """MeZO draws z for every weight at each perturbed pass and once more for the update, and bf16 storage rounds
+    with one more draw: each costs numel / perturb_rate on the compute side."""
+    model = _meta_llama(tmp_path)
+    layouts = block_layouts(model, find_blocks(model), None, torch.float32)
+    numel = sum(b.trainable.numel for b in layouts)
+    machine = Machine("cpu", flops=1e11, disk_read=2e9, disk_write=1e9, optimizer_rate=4e9)
+    kept = {"device_budget": 2**30, "host_budget": 2**30, "nvme": False, "compute_dtype": torch.float32}
+    workload = Workload(batch_size=2, seq_len=16)
+
+    def compute(optimizer, rate: float) -> float:
+        return predict(model, optimizer, workload, dataclasses.replace(machine, perturb_rate=rate),
+                       **kept).busy_s["compute"]
+
+    for optimizer, draws in ((optim.MeZO(), 3), (optim.MeZO(samples=2), 6),
+                             (optim.MeZO(storage_dtype=torch.bfloat16), 4)):
+        assert compute(optimizer, 1e8) - compute(optimizer, 2e8) == pytest.approx(draws * numel / 2e8)
+    assert compute(optim.AdamW(lr=1e-3), 1.0) == pytest.approx(compute(optim.AdamW(lr=1e-3), 1e9))

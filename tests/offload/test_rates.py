@@ -19,12 +19,13 @@ def test_rates_are_measured_once_and_cached_per_file_system(tmp_path, monkeypatc
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
     said: list[str] = []
     first = offload.measure_machine(tmp_path / "a" / "swap", torch.float32, SHAPE, progress=said.append)
-    assert len(said) == 4, said  # disk, compute, engine costs, dequantization
+    assert len(said) == 5, said  # disk, compute, engine costs, dequantization, MeZO's perturbation
     assert first.flops > 0 and first.disk_read > 0 and first.disk_write > 0 and first.baseline_rss > 2**20
     assert first.block_overhead_s > 0 and first.optimizer_rate > 0 and not first.cuda
     # LoRA: each adapter costs beyond its FLOPs, and peft's modules add to the process (measured: ~1.4 ms, ~60 MiB)
     assert 0 < first.adapter_overhead_s < first.block_overhead_s and first.peft_rss > 2**20
     assert first.dequantize_rate > 1e7  # NF4 -> fp32 bytes per second (~1.3e9 on the 2-core CI machine)
+    assert first.perturb_rate > 1e6  # weights per second MeZO draws z for and applies it
     said.clear()
     again = offload.measure_machine(tmp_path / "b" / "swap", torch.float32, SHAPE, progress=said.append)
     assert again == first and not said  # another directory on the same file system: nothing measured
@@ -35,7 +36,7 @@ def test_rates_are_measured_once_and_cached_per_file_system(tmp_path, monkeypatc
     refreshed = offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, progress=said.append)
     assert not said and (refreshed.disk_write, refreshed.disk_read) == (write, read)
     offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, refresh=True, progress=said.append)
-    assert len(said) == 4
+    assert len(said) == 5
     said.clear()
     offload.measure_machine(tmp_path / "c", torch.bfloat16, SHAPE, progress=said.append)
     assert len(said) == 2 and "compute" in said[0] and "dequantization" in said[1]  # both depend on the dtype
