@@ -31,6 +31,7 @@ from .block_layout import block_layouts, chunk_specs, compute_copies_nbytes
 from .blocks import find_blocks
 from .embedding_grad import shared_parameters, takes_row_gradient
 from .floors import Floors, floors
+from .frozen import CONVERTING
 from .load_stall import load_wait, prefetch_bytes, prefetch_fits, step_holds, update_reads
 from .model_export import is_peft
 from .traffic import Traffic, simulate_traffic
@@ -200,7 +201,9 @@ def predict(
     # What the chunks hold at the most, freed buffers kept for reuse included (the pool keeps what a tier used):
     # the replay's peaks, with the held compute copies (QLoRA, bf16 MeZO), which the device tier's budget sets aside.
     resident = traffic.peak_host + (0 if machine.cuda else traffic.peak_device + dequantized)
-    baseline = machine.baseline_rss + (machine.peft_rss if is_peft(model) else 0)
+    # Host temporaries of frozen tensors read in another dtype than the chunk's (frozen.py): host memory on CUDA too.
+    baseline = machine.baseline_rss + (machine.peft_rss if is_peft(model) else 0) + \
+        conversion_bytes(layouts, workload, compute_dtype)
     peak_rss = baseline + resident + (0 if machine.cuda else sum(outside.values()))
     # CUDA device memory: what the chunks reach at the most (torch's allocator, not a pool kept up to the budget).
     peak_device = traffic.peak_device + sum(outside.values()) + dequantized if machine.cuda else peak_rss
@@ -221,6 +224,16 @@ def predict(
     step_s, bottleneck = _step_time(busy, machine)
     return Prediction(need, device_budget, host_budget, traffic, outside, peak_rss, peak_device, flops, busy, step_s,
                       bottleneck, workload.tokens)
+
+
+def conversion_bytes(layouts: list, workload: Workload, compute_dtype: torch.dtype) -> int:
+    """The temporaries a frozen chunk's read from files stored in another dtype holds at once (the read thread reads
+    one chunk at a time): `CONVERTING` of its largest tensors, in the file's dtype."""
+    stored = workload.frozen_file_dtype
+    if stored is None or stored == compute_dtype or workload.quantize_frozen is not None:
+        return 0
+    chunks = [sorted(slot.numel for slot in b.frozen.slots)[-CONVERTING:] for b in layouts if b.frozen is not None]
+    return max((sum(largest) for largest in chunks), default=0) * stored.itemsize
 
 
 def perturbation_draws(optimizer: Any) -> int:

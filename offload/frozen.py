@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ from .safetensors_io import TensorRange, read_header, safetensors_index
 from .timers import NO_TIMERS, Timers
 from .weights import find_stored
 
-__all__ = ["SafetensorsSource", "tensor_ranges"]
+__all__ = ["CONVERTING", "SafetensorsSource", "tensor_ranges"]
 
 
 class SafetensorsSource:
@@ -66,26 +68,50 @@ class SafetensorsSource:
     def _read(self, buffer: torch.Tensor) -> None:
         start = time.perf_counter()
         flat = buffer.view(self.dtype)
-        pending = []
+        pending: deque[_Read] = deque()
         for slot, tensor in zip(self.layout.slots, self.ranges):
-            view = slot.view(flat).reshape(-1)
-            # Same dtype: read straight into the slot; else into a temporary, converted below.
-            same = tensor.dtype == self.dtype
-            target = view.view(torch.uint8) if same else torch.empty(tensor.nbytes, dtype=torch.uint8)
-            future = None
-            if self.backend is not None:
-                # Ordering: the future resolves after every piece is in `target`; waited for below.
-                future = self.backend.read_range(tensor.path, tensor.offset, target)
-            else:
-                _pread(tensor.path, tensor.offset, target)
-            pending.append((future, target, view, tensor.dtype))
-        for future, target, view, dtype in pending:
-            if future is not None:
-                future.result()
-            if dtype != self.dtype:
-                view.copy_(target.view(dtype))
+            pending.append(self._start(slot.view(flat).reshape(-1), tensor))
+            # A tensor stored in another dtype is read into a temporary: at most CONVERTING of them at once (one
+            # converted while the next is read), not the whole chunk's (a 13B layer's bf16 bytes are 0.6 GB,
+            # outside the budget). Same-dtype reads go straight into the chunk and may all be in flight.
+            while sum(read.converted for read in pending) > CONVERTING:
+                pending.popleft().finish()
+        while pending:
+            pending.popleft().finish()
         self.reads += 1
         self.timers.add("frozen read", time.perf_counter() - start)
+
+    def _start(self, view: torch.Tensor, tensor: TensorRange) -> _Read:
+        """Start reading `tensor` into the slot `view`: straight in, or into a temporary of its stored dtype."""
+        converted = tensor.dtype != self.dtype
+        target = torch.empty(tensor.nbytes, dtype=torch.uint8) if converted else view.view(torch.uint8)
+        if self.backend is None:
+            _pread(tensor.path, tensor.offset, target)
+            return _Read(None, target, view, tensor.dtype, converted)
+        # Ordering: the future resolves after every piece is in `target`; `_Read.finish` waits for it.
+        return _Read(self.backend.read_range(tensor.path, tensor.offset, target), target, view, tensor.dtype,
+                     converted)
+
+
+CONVERTING = 2
+"""Temporaries of converted tensors a chunk read keeps at once (`SafetensorsSource._read`)."""
+
+
+@dataclass
+class _Read:
+    """One tensor's read in flight, and where its bytes go once in."""
+
+    future: Future | None
+    target: torch.Tensor
+    view: torch.Tensor
+    stored_dtype: torch.dtype
+    converted: bool
+
+    def finish(self) -> None:
+        if self.future is not None:
+            self.future.result()
+        if self.converted:
+            self.view.copy_(self.target.view(self.stored_dtype))
 
 
 def _pread(path: Path, offset: int, dest: torch.Tensor) -> None:

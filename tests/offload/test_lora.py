@@ -265,3 +265,34 @@ def test_safetensors_source_reads_unaligned_ranges_and_converts_dtypes(with_back
         assert torch.equal(slot.view(flat), tensor.float()), name
     if backend is not None:
         backend.close()
+
+
+def test_a_chunk_read_in_another_dtype_keeps_few_temporaries(tmp_path, monkeypatch):
+    """frozen.CONVERTING: the bf16 bytes of a whole chunk are never held beside it at once (a 13B layer's are
+    0.6 GB), only those of the tensors being read and converted; every tensor still lands converted."""
+    import weakref
+
+    from finetune.offload import frozen
+
+    tensors = {f"w{i}": torch.randn(64, 33).to(torch.bfloat16) for i in range(6)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    layout = ChunkLayout.from_shapes({name: t.shape for name, t in tensors.items()})
+    alive: list[weakref.ref] = []
+    most = [0]
+    real_empty = torch.empty
+
+    def tracked_empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        alive.append(weakref.ref(tensor))
+        most[0] = max(most[0], sum(1 for ref in alive if ref() is not None))
+        return tensor
+
+    monkeypatch.setattr(frozen.torch, "empty", tracked_empty)
+    with ThreadPoolExecutor(1) as pool:
+        source = SafetensorsSource(layout, tensor_ranges(list(tensors), {}, tmp_path), torch.float32, None, pool)
+        buffer = real_empty(layout.nbytes(torch.float32), dtype=torch.uint8)
+        source.read_into(buffer).result()
+    assert 1 <= most[0] <= frozen.CONVERTING + 1  # the one just made, before the oldest is finished
+    flat = buffer.view(torch.float32)
+    for slot, (name, tensor) in zip(layout.slots, tensors.items()):
+        assert torch.equal(slot.view(flat), tensor.float()), name
