@@ -194,7 +194,8 @@ def _model_bytes(work: Path) -> int:
 def _result(name: str, config: Any, planned: dict[str, Any], measured: dict[str, Any], reason: str) -> dict[str, Any]:
     prediction, machine = planned["prediction"], planned["machine"]
     compute_floor = prediction.flops / machine.flops
-    io_floor = measured["read"] / machine.disk_read + measured["written"] / machine.disk_write
+    # The disk's own bytes (/proc/self/io): a bf16 base read into fp32 chunks moves half the chunks' bytes.
+    io_floor = measured["disk_read"] / machine.disk_read + measured["disk_written"] / machine.disk_write
     return {
         "row": name, "layers": config.num_hidden_layers, "reason": reason, "note": planned["note"],
         "params": sum(p.numel() for p in common.meta_model(config).parameters()),
@@ -227,11 +228,11 @@ def main(args: argparse.Namespace) -> None:
         rows.append([r["row"], f"{r['params'] / 1e9:.2f}B", common.fmt_bytes(r["budget"]),
                      f"{common.fmt_bytes(m['peak_rss'])} ({p['peak_rss'] / m['peak_rss']:.2f})",
                      f"{m['first_step_s']:.0f} s", f"{m['step_s']:.1f} s ({p['step_s'] / m['step_s']:.2f})",
-                     f"{common.fmt_bytes(m['read'])} / {common.fmt_bytes(m['written'])}",
-                     f"{p['read'] / max(m['read'], 1):.2f} / {p['written'] / max(m['written'], 1):.2f}",
+                     f"{common.fmt_bytes(m['disk_read'])} / {common.fmt_bytes(m['disk_written'])}",
+                     f"{p['read'] / max(m['disk_read'], 1):.2f} / {p['written'] / max(m['disk_written'], 1):.2f}",
                      f"{m['step_s'] / r['compute_floor_s']:.2f}x / {m['step_s'] / max(r['io_floor_s'], 1e-9):.2f}x"])
     print(common.table(["row", "params", "budget", "peak RSS (pred/meas)", "to 1st step", "step (pred/meas)",
-                        "read / written per step", "pred/meas", "step / compute, I/O floor"], rows))
+                        "disk read / written per step", "pred/meas", "step / compute, I/O floor"], rows))
     for r in results:
         for text in (r["note"], r["reason"]):
             if text:
