@@ -152,8 +152,9 @@ def activation_bytes(model: nn.Module, workload: Workload, compute_dtype: torch.
     Per layer and token, a decoder layer's backward keeps about 10 hidden-width and 4 intermediate-width
     tensors (norm outputs, q/k/v, attention output, MLP inputs and products), plus the attention probabilities
     per head. With recompute only each layer's input is kept, and one layer's full set exists at a time. The
-    logits are float32, with their softmax and gradient beside them. A trained embedding's gradient is a dense
-    vocab x hidden temporary, unless it is added into its chunk row by row (embedding_grad.py)."""
+    logits are float32, with their softmax and gradient beside them (MeZO: one perturbed tensor too). A trained
+    embedding's gradient is a dense vocab x hidden temporary, unless it is added into its chunk row by row
+    (embedding_grad.py)."""
     config = _config(model)
     hidden, vocab = config.hidden_size, config.vocab_size
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
@@ -163,7 +164,9 @@ def activation_bytes(model: nn.Module, workload: Workload, compute_dtype: torch.
     tokens = rows * workload.seq_len
     one_layer = (tokens * (10 * hidden + 4 * intermediate) + rows * heads * workload.seq_len**2) * size
     if zeroth_order:
-        return {"activations": one_layer, "logits": tokens * vocab * 4}
+        # One tensor's perturbed weights (drawn just before its module runs), or its z in the update: fp32.
+        largest = max((p.numel() for p in model.parameters()), default=0)
+        return {"activations": one_layer, "logits": tokens * vocab * 4, "perturbation": largest * 4}
     kept = layers * tokens * hidden * size + one_layer if workload.recompute else layers * one_layer
     embedding = model.get_input_embeddings()
     shared = shared_parameters(model) if workload.accumulation_steps > 1 else set()  # tied: one Parameter

@@ -82,10 +82,12 @@ class MeZO:
         if state:
             raise ValueError(f"MeZO keeps no state, got keys {sorted(state)}")
 
-    def direction(self, step: int, sample: int, name: str, like: torch.Tensor) -> torch.Tensor:
-        """z for tensor `name` at `step` and `sample`: standard normal, shaped and placed like `like`."""
+    def direction(self, step: int, sample: int, name: str, like: torch.Tensor,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+        """z for tensor `name` at `step` and `sample`: standard normal, shaped and placed like `like` (in its dtype,
+        or `dtype`)."""
         generator = self._generator(f"{step}/{sample}/{name}", like.device)
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+        return torch.randn(like.shape, generator=generator, dtype=dtype or like.dtype, device=like.device)
 
     def _generator(self, key: str, device: torch.device) -> torch.Generator:
         """A generator seeded from (seed, key) alone, so any tensor's noise is rebuilt wherever its weights are."""
@@ -116,14 +118,29 @@ class MeZO:
         """
         if stored.dtype != self.storage_dtype:
             raise TypeError(f"MeZO(storage_dtype={self.storage_dtype}) was given {name} in {stored.dtype}")
-        theta = stored.float()  # the same tensor when stored in fp32; an exact upcast from bf16
-        zs = [self.direction(step, sample, name, theta) for sample in range(len(gradients))]
-        decay = self.weight_decay if theta.dim() >= 2 else 0.0
-        updated = mezo_update(theta, zs, gradients, lr=self.lr, weight_decay=decay)
-        if stored.dtype == torch.float32:
-            stored.copy_(updated)
-        else:
-            stored.copy_(stochastic_round_to_bf16(updated, self._generator(f"{step}/round/{name}", stored.device)))
+        # `mezo_update`'s operations, element for element, with one tensor of the weights' size (z, then the mean of
+        # g*z in its buffer) and the rest piece by piece: whole-tensor temporaries (theta upcast, g*z, lr*d, the
+        # result, the rounding's noise) were several copies of an embedding, outside the engine's budget.
+        direction = self.direction(step, 0, name, stored, torch.float32).mul_(gradients[0])
+        for sample, g in enumerate(gradients[1:], start=1):
+            direction.add_(self.direction(step, sample, name, stored, torch.float32).mul_(g))
+        if len(gradients) > 1:
+            direction.div_(len(gradients))
+        decay = self.weight_decay if stored.dim() >= 2 else 0.0
+        rounding = None if stored.dtype == torch.float32 else self._generator(f"{step}/round/{name}", stored.device)
+        flat, moves = stored.view(-1), direction.view(-1)
+        for start in range(0, flat.numel(), UPDATE_PIECE):
+            piece = flat[start : start + UPDATE_PIECE]
+            theta = piece.float()  # the piece itself when stored in fp32; an exact upcast from bf16
+            move = moves[start : start + UPDATE_PIECE]
+            if decay != 0:
+                move = move + decay * theta
+            updated = theta - self.lr * move
+            piece.copy_(updated if rounding is None else stochastic_round_to_bf16(updated, rounding))
+
+
+UPDATE_PIECE = 2**22
+"""Elements `MeZO.update` takes at a time after z (16 MiB of fp32)."""
 
 
 def mezo_update(
