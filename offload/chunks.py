@@ -44,7 +44,8 @@ class Chunk:
     zero: bool = True
     dirty: Tier | None = None
     last_use: int = 0
-    prefetched: bool = False  # loaded ahead of its use and not used yet: the last choice for eviction
+    # loaded ahead of its use, or its use queued (ChunkStore.expect), and not used yet: the last choice for eviction
+    prefetched: bool = False
     source: object | None = None  # read-only bytes elsewhere (frozen weights' safetensors): never written
     # small and used every step (LoRA adapters and their state): evicted only when nothing else can be
     keep: bool = False

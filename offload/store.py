@@ -118,6 +118,14 @@ class ChunkStore:
             ticket = self._order.ask()
         self._stager.submit(self._prefetch, chunk, tier, ticket)
 
+    def expect(self, chunk: Chunk) -> None:
+        """Say that `chunk`'s next use is already queued (an update waiting for the optimizer thread): its resident
+        copies are kept like a prefetch not used yet, evicted last and never to make room for a prefetch. Without
+        this, backward's prefetches of the next block push a queued gradient out to NVMe and read it back."""
+        with self._lock:
+            if chunk.buffers:
+                chunk.prefetched = True
+
     def release(self, chunk: Chunk, tier: Tier, *, dirty: bool = False) -> None:
         """Stop holding `chunk` in `tier`; `dirty` says its bytes there were changed (other copies are stale)."""
         with self._lock:

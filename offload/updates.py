@@ -24,8 +24,11 @@ from .timers import Timers
 __all__ = ["QUEUED", "UpdateWorker"]
 
 
-QUEUED = 1
-"""Updates that may wait behind the running one (see `UpdateWorker.submit`)."""
+QUEUED = 0
+"""Updates that may wait behind the running one (see `UpdateWorker.submit`). None: when updates are the slower
+side, a queued block's gradients have no room in either tier at the budget's minimum (the device holds the block in
+backward, the host the running update's working set), so they would go to NVMe and back; when backward is the
+slower side, no update waits anyway."""
 
 
 class UpdateWorker:
@@ -50,11 +53,16 @@ class UpdateWorker:
         At most QUEUED updates wait behind the running one: when updates are slower than backward (the disk
         serves their states), gradient chunks would otherwise pile up waiting and spill to swap files, which the
         disk check counts only QUEUED + 1 of (floors.check_budget). The compute thread waits here instead; it
-        holds no chunk the worker needs (the block it just released, nothing else)."""
+        holds no chunk the worker needs (the block it just released, nothing else). The block's chunks are marked
+        as expected (`ChunkStore.expect`) so that nothing evicts them before the worker acquires them."""
         start = time.perf_counter()
         while sum(not future.done() for future in self._pending) > QUEUED:
             futures.wait([f for f in self._pending if not f.done()], return_when=futures.FIRST_COMPLETED)
         self.timers.add("wait for updates", time.perf_counter() - start)
+        state = self.blocks[index]
+        for chunk in (state.weights, state.master, state.grads):
+            if chunk is not None:
+                self.store.expect(chunk)
         self._pending.append(self._pool.submit(self._update, index, coefficient, step))
 
     def wait(self) -> None:

@@ -247,6 +247,24 @@ def test_a_prefetch_evicts_no_load_made_ahead(tmp_path):
     store.close()
 
 
+def test_a_chunk_whose_use_is_queued_stays_for_it(tmp_path):
+    """A gradient handed to the optimizer thread (`expect`) is not pushed out by the next block's prefetch, which
+    would write it to NVMe and read it back; a demand still evicts it when nothing else can go."""
+    store, stager = _staged_store(tmp_path, 1, 0)
+    queued, next_one, demanded = _chunks(store, 3)
+    store.acquire(queued, Tier.DEVICE).fill_(1.0)
+    store.release(queued, Tier.DEVICE, dirty=True)
+    store.expect(queued)
+    store.prefetch(next_one, Tier.DEVICE)
+    stager.submit(lambda: None).result()
+    assert Tier.DEVICE in queued.buffers and not next_one.buffers and store.bytes_written == 0
+    store.acquire(demanded, Tier.DEVICE)
+    assert not queued.buffers and store.bytes_written > 0
+    store.release(demanded, Tier.DEVICE)
+    assert torch.equal(store.acquire(queued, Tier.DEVICE), torch.ones(NUMEL))
+    store.close()
+
+
 def test_a_prefetch_does_not_jump_over_an_earlier_one_that_found_no_room(tmp_path):
     """Two prefetches asked for together, the first when the tier is full; the second runs late, once there is
     room. Loading it would only have it evicted again by the first one's use, so it is left out too. A prefetch

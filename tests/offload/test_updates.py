@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 from finetune.offload.timers import NO_TIMERS
 from finetune.offload.updates import QUEUED, UpdateWorker
@@ -13,7 +14,8 @@ def test_at_most_queued_updates_wait_behind_the_running_one(monkeypatch):
     waiting_most = [0]
     started: list[int] = []
     lock = threading.Lock()
-    worker = UpdateWorker([], None, None, None, NO_TIMERS)  # type: ignore[arg-type]
+    no_chunks = SimpleNamespace(weights=None, master=None, grads=None)
+    worker = UpdateWorker([no_chunks] * 8, None, None, None, NO_TIMERS)  # type: ignore[arg-type]
 
     def slow_update(index, coefficient, step):
         with lock:
