@@ -7,8 +7,8 @@ then leaves the module only empty placeholders: from here on the chunks are the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 import torch
@@ -42,17 +42,17 @@ def copy_weights_in(
         for layout, chunks in _parts_to_fill(state, adapter=adapter_tensors is not None):
             names = [slot.name for slot in layout.slots]
             if adapter_tensors is not None:
-                sources = adapter_tensors(directory, names)
-            else:
+                sources: Iterable[torch.Tensor] = adapter_tensors(directory, names)
+            else:  # read one tensor at a time, copied into every chunk of the part before the next is read
                 sources = load_block_weights(state.block, plan.aliases, directory, names)
-            for chunk in chunks:
-                with in_host(chunk, dirty=True) as flat:
-                    if chunk is state.frozen and state.quantized is not None:
-                        state.quantized.quantize_into(flat, sources)
-                        continue
-                    for view, source in zip(layout.views(flat), sources):
+            with ExitStack() as held:
+                flats = [held.enter_context(in_host(chunk, dirty=True)) for chunk in chunks]
+                if state.quantized is not None and chunks == [state.frozen]:
+                    state.quantized.quantize_into(flats[0], sources)
+                    continue
+                for views, source in zip(zip(*(layout.views(flat) for flat in flats)), sources, strict=True):
+                    for view in views:
                         view.copy_(source)
-            del sources  # one block's tensors in memory at a time
 
 
 def _parts_to_fill(state: BlockState, *, adapter: bool) -> Iterator[tuple[ChunkLayout, list[Chunk]]]:
