@@ -60,6 +60,8 @@ class Machine:
     peft_rss: int = 0  # what a peft model's process holds beyond a plain one's (peft's modules)
     dequantize_rate: float = 1.0e9  # bytes of compute-dtype weights NF4 dequantization writes per second (QLoRA)
     perturb_rate: float = 1.0e9  # MeZO: weights per second z is drawn for and applied (one thread: a seeded draw)
+    mezo_update_rate: float = 1.0e9  # MeZO: weights per second its update rewrites, stored in fp32
+    mezo_update_rate_bf16: float = 1.0e9  # ... stored in bf16 (stochastic rounding draws once more)
 
     @property
     def cuda(self) -> bool:
@@ -214,7 +216,7 @@ def predict(
     flops = layer_flops + head_flops
     held_s = lora_modules(model) * machine.adapter_overhead_s * workload.accumulation_steps + \
         dequantized_bytes(layouts, workload, compute_dtype) / machine.dequantize_rate + \
-        perturbation_draws(optimizer) * sum(b.trainable.numel for b in layouts) / machine.perturb_rate
+        mezo_update_s(optimizer, sum(b.trainable.numel for b in layouts), machine)
     busy = _busy_times(traffic, flops, layouts, optimizer, compute_dtype, machine, zeroth_order, held_s)
     holds = step_holds(plan, layouts, compute_dtype, layer_flops=layer_flops, head_flops=head_flops,
                        recompute=workload.recompute, zeroth_order=zeroth_order,
@@ -239,13 +241,14 @@ def conversion_bytes(layouts: list, workload: Workload, compute_dtype: torch.dty
     return max((sum(largest) for largest in chunks), default=0) * stored.itemsize
 
 
-def perturbation_draws(optimizer: Any) -> int:
-    """How many times per step MeZO draws a random number for each weight (0 for others): z at each of the
-    2 x samples perturbed passes (zeroth_order.py's Note [Perturbed one module at a time]), z again per sample
-    for the update, and bf16 storage's stochastic rounding."""
+def mezo_update_s(optimizer: Any, numel: int, machine: Machine) -> float:
+    """Seconds per step MeZO spends on its per-weight passes (0 for others): z drawn and applied at each of the
+    2 x samples perturbed passes (zeroth_order.py's Note [Perturbed one module at a time]), and the update, whose
+    z for each sample beyond the first is one more draw."""
     if not isinstance(optimizer, MeZO):
-        return 0
-    return 3 * optimizer.samples + (1 if optimizer.storage_dtype != torch.float32 else 0)
+        return 0.0
+    update = machine.mezo_update_rate if optimizer.storage_dtype == torch.float32 else machine.mezo_update_rate_bf16
+    return numel * ((3 * optimizer.samples - 1) / machine.perturb_rate + 1 / update)
 
 
 def lora_modules(model: nn.Module) -> int:

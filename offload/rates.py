@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import psutil
@@ -160,15 +161,20 @@ def _dequantize_rate(dtype: torch.dtype, device: torch.device) -> float:
     return layout.layout.nbytes(dtype) * _runs_per_second(lambda: layout.dequantize_into(codes, flat), device)
 
 
-def _perturb_rate(device: torch.device) -> float:
-    """Elements per second MeZO draws z for and applies it (`MeZO.direction` into a new tensor, then
-    `perturb_into`): done for every weight at each perturbed pass and again for the update, on one thread (a
-    seeded generator), it is a large share of a MeZO step on a CPU beside the FLOPs of its forwards."""
+def _mezo_rates(device: torch.device) -> dict[str, float]:
+    """Elements per second of MeZO's two per-weight passes, on one thread (a seeded generator), a large share of a
+    MeZO step on a CPU beside the FLOPs of its forwards: `rate`, drawing z and applying it (`MeZO.direction`, then
+    `perturb_into`), done for every weight at each perturbed pass; `update` and `update_bf16`, `MeZO.update` with
+    fp32 and bf16 storage (z drawn again, the element-wise step, bf16's stochastic rounding)."""
     from ..optim.mezo import MeZO
 
     mezo, theta = MeZO(), torch.randn(2**22, device=device)
-    return theta.numel() * _runs_per_second(
-        lambda: mezo.perturb_into(mezo.direction(1, 0, "probe", theta), theta, 1), device)
+    rates = {"rate": theta.numel() * _runs_per_second(
+        lambda: mezo.perturb_into(mezo.direction(1, 0, "probe", theta), theta, 1), device)}
+    for key, dtype in (("update", torch.float32), ("update_bf16", torch.bfloat16)):
+        stored, storing = theta.to(dtype), MeZO(storage_dtype=dtype)
+        rates[key] = stored.numel() * _runs_per_second(partial(storing.update, stored, "probe", 1, [0.5]), device)
+    return rates
 
 
 def _optimizer_rate() -> float:
@@ -300,7 +306,7 @@ def measure_machine(
     host = cached("engine costs", None, lambda: _host_rates(device), needs=("adapter_overhead_s", "peft_rss"))
     dequantize = cached("dequantization rate", str(compute_dtype),
                         lambda: {"rate": _dequantize_rate(compute_dtype, device)})
-    perturb = cached("perturbation rate", None, lambda: {"rate": _perturb_rate(device)})
+    perturb = cached("perturbation rate", None, lambda: _mezo_rates(device), needs=("update", "update_bf16"))
     return Machine(
         name=platform.node() or "this machine", flops=flops["flops"], disk_read=disk["read"],
         disk_write=disk["write"], optimizer_rate=host["optimizer_rate"], host_to_device=host["host_to_device"],
@@ -308,7 +314,7 @@ def measure_machine(
         device_memory=torch.cuda.get_device_properties(device).total_memory if cuda else None,
         baseline_rss=host["baseline_rss"], block_overhead_s=host["block_overhead_s"],
         adapter_overhead_s=host["adapter_overhead_s"], peft_rss=host["peft_rss"], dequantize_rate=dequantize["rate"],
-        perturb_rate=perturb["rate"],
+        perturb_rate=perturb["rate"], mezo_update_rate=perturb["update"], mezo_update_rate_bf16=perturb["update_bf16"],
     )
 
 

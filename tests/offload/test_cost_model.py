@@ -213,8 +213,8 @@ def test_qlora_dequantization_time_is_its_bytes_over_the_rate(tmp_path):
 
 
 def test_mezo_draws_cost_compute_time_by_weight_count(tmp_path):
-    """MeZO draws z for every weight at each perturbed pass and once more for the update, and bf16 storage rounds
-    with one more draw: each costs numel / perturb_rate on the compute side."""
+    """MeZO draws z for every weight at each perturbed pass (numel / perturb_rate each), and its update rewrites
+    every weight at the measured rate of its storage dtype, each sample beyond the first one draw more."""
     model = _meta_llama(tmp_path)
     layouts = block_layouts(model, find_blocks(model), None, torch.float32)
     numel = sum(b.trainable.numel for b in layouts)
@@ -222,11 +222,15 @@ def test_mezo_draws_cost_compute_time_by_weight_count(tmp_path):
     kept = {"device_budget": 2**30, "host_budget": 2**30, "nvme": False, "compute_dtype": torch.float32}
     workload = Workload(batch_size=2, seq_len=16)
 
-    def compute(optimizer, rate: float) -> float:
-        return predict(model, optimizer, workload, dataclasses.replace(machine, perturb_rate=rate),
-                       **kept).busy_s["compute"]
+    def compute(optimizer, **rates: float) -> float:
+        return predict(model, optimizer, workload, dataclasses.replace(machine, **rates), **kept).busy_s["compute"]
 
-    for optimizer, draws in ((optim.MeZO(), 3), (optim.MeZO(samples=2), 6),
-                             (optim.MeZO(storage_dtype=torch.bfloat16), 4)):
-        assert compute(optimizer, 1e8) - compute(optimizer, 2e8) == pytest.approx(draws * numel / 2e8)
-    assert compute(optim.AdamW(lr=1e-3), 1.0) == pytest.approx(compute(optim.AdamW(lr=1e-3), 1e9))
+    bf16 = optim.MeZO(storage_dtype=torch.bfloat16)
+    for optimizer, draws in ((optim.MeZO(), 2), (optim.MeZO(samples=2), 5), (bf16, 2)):
+        assert compute(optimizer, perturb_rate=1e8) - compute(optimizer, perturb_rate=2e8) == pytest.approx(
+            draws * numel / 2e8)
+    for dtype, field in ((torch.float32, "mezo_update_rate"), (torch.bfloat16, "mezo_update_rate_bf16")):
+        mezo = optim.MeZO(storage_dtype=dtype)
+        assert compute(mezo, **{field: 1e8}) - compute(mezo, **{field: 2e8}) == pytest.approx(numel / 2e8)
+    adamw = optim.AdamW(lr=1e-3)
+    assert compute(adamw, perturb_rate=1.0) == pytest.approx(compute(adamw, perturb_rate=1e9))

@@ -26,6 +26,7 @@ def test_rates_are_measured_once_and_cached_per_file_system(tmp_path, monkeypatc
     assert 0 < first.adapter_overhead_s < first.block_overhead_s and first.peft_rss > 2**20
     assert first.dequantize_rate > 1e7  # NF4 -> fp32 bytes per second (~1.3e9 on the 2-core CI machine)
     assert first.perturb_rate > 1e6  # weights per second MeZO draws z for and applies it
+    assert first.mezo_update_rate > 1e6 and first.mezo_update_rate_bf16 > 1e6  # and its update rewrites
     said.clear()
     again = offload.measure_machine(tmp_path / "b" / "swap", torch.float32, SHAPE, progress=said.append)
     assert again == first and not said  # another directory on the same file system: nothing measured
