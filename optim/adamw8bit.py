@@ -68,6 +68,15 @@ def _flat(slot: Slot, chunk: torch.Tensor) -> torch.Tensor:
     return chunk[slot.offset : slot.offset + slot.numel]
 
 
+UPDATE_PIECE = 2**22
+"""Elements of one tensor updated per call (Note [Updated in pieces]); a multiple of bitsandbytes' 256-element
+blocks."""
+
+
+def _pieces(numel: int) -> list[slice]:
+    return [slice(start, min(start + UPDATE_PIECE, numel)) for start in range(0, numel, UPDATE_PIECE)]
+
+
 class AdamW8bit(ChunkOptimizer):
     """AdamW with 8-bit block-wise quantized moments, equal to `bitsandbytes.optim.AdamW8bit` on CPU.
 
@@ -137,40 +146,50 @@ class AdamW8bit(ChunkOptimizer):
     ) -> None:
         plan = state_plan(layout, self.min_8bit_size, self.fp32_embeddings)
         beta1, beta2 = self.betas
+        # Note [Updated in pieces]: bitsandbytes' CPU update makes fp32 copies of the gradient, both moments and
+        # more, each the size of the tensor it is given (a 7B head's 131M elements: half a GB each, beside the
+        # engine's budget). It is element-wise and its blocks are 256 elements, so pieces of UPDATE_PIECE
+        # elements (a multiple of 256) give the same bits with temporaries of a piece's size.
         for slot, region in plan.quantized:
-            self._bnb.optimizer_update_8bit_blockwise(
-                "adam",
-                _flat(slot, grads),
-                _flat(slot, params),
-                region.view(state["exp_avg_codes"]),
-                region.view(state["exp_avg_sq_codes"]),
-                beta1,
-                beta2,
-                0.0,  # beta3 and alpha belong to AdEMAMix
-                0.0,
-                self.eps,
-                step,
-                self.lr,
-                self._signed_map,
-                self._unsigned_map,
-                _absmax(region, state["exp_avg_absmax"]),
-                _absmax(region, state["exp_avg_sq_absmax"]),
-                weight_decay=self.weight_decay,
-            )
+            codes = [region.view(state[name]) for name in ("exp_avg_codes", "exp_avg_sq_codes")]
+            absmax = [_absmax(region, state[name]) for name in ("exp_avg_absmax", "exp_avg_sq_absmax")]
+            for piece in _pieces(slot.numel):
+                blocks = slice(piece.start // SLOT_ALIGNMENT, -(-piece.stop // SLOT_ALIGNMENT))
+                self._bnb.optimizer_update_8bit_blockwise(
+                    "adam",
+                    _flat(slot, grads)[piece],
+                    _flat(slot, params)[piece],
+                    codes[0][piece],
+                    codes[1][piece],
+                    beta1,
+                    beta2,
+                    0.0,  # beta3 and alpha belong to AdEMAMix
+                    0.0,
+                    self.eps,
+                    step,
+                    self.lr,
+                    self._signed_map,
+                    self._unsigned_map,
+                    absmax[0][blocks],
+                    absmax[1][blocks],
+                    weight_decay=self.weight_decay,
+                )
         for slot, region in plan.full:
-            self._bnb.optimizer_update_32bit(
-                "adam",
-                _flat(slot, grads),
-                _flat(slot, params),
-                region.view(state["exp_avg"]),
-                beta1,
-                self.eps,
-                step,
-                self.lr,
-                region.view(state["exp_avg_sq"]),
-                beta2,
-                weight_decay=self.weight_decay,
-            )
+            moments = [region.view(state[name]) for name in ("exp_avg", "exp_avg_sq")]
+            for piece in _pieces(slot.numel):
+                self._bnb.optimizer_update_32bit(
+                    "adam",
+                    _flat(slot, grads)[piece],
+                    _flat(slot, params)[piece],
+                    moments[0][piece],
+                    beta1,
+                    self.eps,
+                    step,
+                    self.lr,
+                    moments[1][piece],
+                    beta2,
+                    weight_decay=self.weight_decay,
+                )
 
     def __repr__(self) -> str:
         return (

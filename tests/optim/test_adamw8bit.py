@@ -22,6 +22,7 @@ from tiny_models import save_tiny_model
 
 from finetune import optim
 from finetune.offload import OPTIMIZER_PREFIX, safetensors_index
+from finetune.optim import adamw8bit
 from finetune.optim.adamw8bit import state_plan
 from finetune.optim.layout import ChunkLayout, chunk_nbytes
 
@@ -56,10 +57,15 @@ def _assert_state_equal(ours: optim.AdamW8bit, layout: ChunkLayout, state: dict,
     return len(plan.quantized)
 
 
+@pytest.mark.parametrize("piece", [None, 512], ids=["whole", "in-pieces"])
 @pytest.mark.parametrize(
     "options", [{}, {"min_8bit_size": 0, "fp32_embeddings": False}], ids=["default-rules", "all-quantized"]
 )
-def test_random_tensors_equal_bitsandbytes(options):
+def test_random_tensors_equal_bitsandbytes(options, piece, monkeypatch):
+    """`piece`: tensors updated in pieces of 512 elements (Note [Updated in pieces]), so every tensor here spans
+    several, one with a partial last block, against bitsandbytes updating each tensor whole."""
+    if piece is not None:
+        monkeypatch.setattr(adamw8bit, "UPDATE_PIECE", piece)
     shapes = {
         "proj.weight": torch.Size([96, 64]),  # 24 whole blocks
         "odd.weight": torch.Size([4099]),  # a partial last block
