@@ -9,6 +9,7 @@ get, not what the page cache makes a disk look like.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ..offload import Budget, format_bytes, parse_size, refresh_disk_rates
@@ -68,7 +69,7 @@ def _check_writable(directory: Path) -> None:
         ) from None
 
 
-def disk_bandwidth(directory: Path, nbytes: int) -> tuple[float, float]:
+def disk_bandwidth(directory: Path, nbytes: int, progress: Callable[[str], None] | None = None) -> tuple[float, float]:
     """(write, read) bytes per second at `directory`, measured now; the planner's cache keeps them
     (`offload.refresh_disk_rates`), so `finetune info --bandwidth` refreshes what `plan` and `run` use.
 
@@ -76,7 +77,7 @@ def disk_bandwidth(directory: Path, nbytes: int) -> tuple[float, float]:
         FinetuneError: the directory cannot be written.
     """
     try:
-        return refresh_disk_rates(directory, nbytes)
+        return refresh_disk_rates(directory, nbytes, progress)
     except OSError as error:
         raise FinetuneError(
             f"cannot measure the disk at {directory} ({error.strerror}); pass a writable --path"

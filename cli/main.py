@@ -295,7 +295,7 @@ def info(
             raise typer.BadParameter(str(error), param_hint="--bandwidth-size") from None
         with exit_on_failure():
             for p in path:
-                write, read = disk_bandwidth(p, nbytes)
+                write, read = disk_bandwidth(p, nbytes, lambda message: typer.echo(message, err=True))
                 rows[f"disk write at {p}"] = f"{format_bytes(write)}/s"
                 rows[f"disk read at {p}"] = f"{format_bytes(read)}/s"
     if as_json:

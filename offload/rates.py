@@ -31,6 +31,7 @@ import psutil
 import torch
 
 from ..optim.layout import ChunkLayout
+from .contention import BUSY_CPU, BUSY_KEEP_S, watch
 from .cost_model import Machine
 from .durable import write_atomic
 from .host_memory import aligned_empty
@@ -289,10 +290,9 @@ def measure_machine(
     def cached(section: str, key: object, measure: Callable[[], dict], needs: tuple[str, ...] = ()) -> dict:
         entry = entries.setdefault(section, {}).get(json.dumps([platform.node(), str(device), key]))
         # An entry without a field this version measures (`needs`) was written by an older one: measured again.
-        if entry is None or refresh or time.time() - entry["measured_at"] > CACHE_DAYS * 86400 or \
-                not set(needs) <= entry.keys():
+        if entry is None or refresh or _stale(entry) or not set(needs) <= entry.keys():
             say(f"measuring this machine's {section} ({device}) ...")
-            entry = {"measured_at": time.time(), **measure()}
+            entry = _measured(measure, section, say)
             entries[section][json.dumps([platform.node(), str(device), key])] = entry
             _write_cache(entries)
         return entry
@@ -318,14 +318,34 @@ def measure_machine(
     )
 
 
-def refresh_disk_rates(directory: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float]:
-    """(write, read) bytes per second at `directory`, measured now and stored in the cache the planner reads."""
-    write, read = disk_bandwidth(directory, nbytes)
+def refresh_disk_rates(
+    directory: Path, nbytes: int = PROBE_BYTES, progress: Callable[[str], None] | None = None
+) -> tuple[float, float]:
+    """(write, read) bytes per second at `directory`, measured now and stored in the cache the planner reads.
+    `progress` hears when other processes shared the machine meanwhile (`contention.py`)."""
+    entry = _measured(lambda: dict(zip(("write", "read"), disk_bandwidth(directory, nbytes))), "disk rates",
+                      progress or (lambda message: None))
     entries = _read_cache()
     key = json.dumps([platform.node(), "cpu" if not torch.cuda.is_available() else "cuda", _filesystem(directory)])
-    entries.setdefault("disk rates", {})[key] = {"measured_at": time.time(), "write": write, "read": read}
+    entries.setdefault("disk rates", {})[key] = entry
     _write_cache(entries)
-    return write, read
+    return entry["write"], entry["read"]
+
+
+def _measured(measure: Callable[[], dict], section: str, say: Callable[[str], None]) -> dict:
+    """A cache entry: `measure()`'s rates, when, and how much of the machine others used meanwhile."""
+    with watch() as seen:
+        rates = measure()
+    if seen.busy:
+        say(f"{section}: other processes used {seen.others_cpu:.0%} of the CPUs while they were measured, so they "
+            "may be low; kept for an hour only (`finetune info --bandwidth` measures the disk again)")
+    return {"measured_at": time.time(), "others_cpu": seen.others_cpu, **rates}
+
+
+def _stale(entry: dict) -> bool:
+    """Too old to trust: a week for rates measured on a quiet machine, an hour for those that shared it."""
+    age = time.time() - entry["measured_at"]
+    return age > (BUSY_KEEP_S if entry.get("others_cpu", 0.0) > BUSY_CPU else CACHE_DAYS * 86400)
 
 
 def _host_rates(device: torch.device) -> dict:

@@ -1,23 +1,36 @@
 """Rates: measured once, cached by what each depends on, refreshed on request; hardware profiles by name or file.
 
-Reference: the progress messages, one per measurement: a cached rate is not measured again.
+Reference: the progress messages, one per measurement ("measuring ..."): a cached rate is not measured again.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import torch
 
 from finetune import offload
+from finetune.offload.contention import watch
 
 SHAPE = (16, 64, 128)
 
 
+class Measurements(list):
+    """The progress lines that announce a measurement (a busy machine adds a line of its own, not counted)."""
+
+    def append(self, message: str) -> None:
+        if message.startswith("measuring"):
+            super().append(message)
+
+
 def test_rates_are_measured_once_and_cached_per_file_system(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
-    said: list[str] = []
+    said = Measurements()
     first = offload.measure_machine(tmp_path / "a" / "swap", torch.float32, SHAPE, progress=said.append)
     assert len(said) == 5, said  # disk, compute, engine costs, dequantization, MeZO's perturbation
     assert first.flops > 0 and first.disk_read > 0 and first.disk_write > 0 and first.baseline_rss > 2**20
@@ -64,3 +77,33 @@ def test_hardware_profiles_by_name_or_file(tmp_path):
     mine.write_text(json.dumps({"flops": 1e12, "tflops": 3}))
     with pytest.raises(ValueError, match="unknown fields \\['tflops'\\]"):
         offload.hardware_profile(mine)
+
+
+def test_rates_measured_beside_other_work_are_said_so_and_trusted_an_hour(tmp_path, monkeypatch):
+    """Other processes busy on every core during a probe: the entry records it, a progress line says so, and the
+    planner measures again once it is an hour old (a quiet one lasts a week)."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(psutil.cpu_count() or 1)]
+    try:
+        time.sleep(0.5)  # started
+        with watch() as seen:
+            time.sleep(1.0)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+    assert seen.busy and seen.others_cpu > 0.5
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    offload.measure_machine(tmp_path / "swap", torch.float32, SHAPE)
+    cache = tmp_path / "cache" / "rates.json"
+
+    def disk_entry_says(others_cpu: float, age_s: float) -> list[str]:
+        entries = json.loads(cache.read_text())
+        for entry in entries["disk rates"].values():
+            entry.update(others_cpu=others_cpu, measured_at=time.time() - age_s)
+        cache.write_text(json.dumps(entries))
+        said = Measurements()
+        offload.measure_machine(tmp_path / "swap", torch.float32, SHAPE, progress=said.append)
+        return said
+
+    assert disk_entry_says(0.9, 600) == []
+    assert disk_entry_says(0.0, 7200) == []
+    assert len(disk_entry_says(0.9, 7200)) == 1
