@@ -272,7 +272,7 @@ def info(
         "--path", help="Report free disk space here (repeatable).")] = (Path("."),),  # a tuple: nothing can mutate it
     bandwidth: Annotated[bool, typer.Option(
         "--bandwidth", help="Also measure write and read speed at each --path (writes a temporary file).")] = False,
-    bandwidth_size: Annotated[str, typer.Option(help="Size of the --bandwidth test file.")] = "256MB",
+    bandwidth_size: Annotated[str, typer.Option(help="Size of the --bandwidth test file.")] = "1GB",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")] = False,
 ) -> None:
     """Show the hardware the engine sees: cores, RAM, GPU memory, free disk (and disk speed on request)."""

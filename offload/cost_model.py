@@ -31,7 +31,8 @@ from .block_layout import block_layouts, chunk_specs, compute_copies_nbytes
 from .blocks import find_blocks
 from .embedding_grad import shared_parameters, takes_row_gradient
 from .floors import Floors, floors
-from .frozen import CONVERTING
+from .frozen import CONVERT_PIECE, CONVERTING
+from .head_grad import takes_direct_gradient
 from .load_stall import load_wait, prefetch_bytes, prefetch_fits, step_holds, update_reads
 from .model_export import is_peft
 from .traffic import Traffic, simulate_traffic
@@ -59,6 +60,7 @@ class Machine:
     adapter_overhead_s: float = 0.0  # per LoRA adapter module and micro-batch, beyond its FLOPs (peft, its update)
     peft_rss: int = 0  # what a peft model's process holds beyond a plain one's (peft's modules)
     dequantize_rate: float = 1.0e9  # bytes of compute-dtype weights NF4 dequantization writes per second (QLoRA)
+    convert_rate: float = 1.0e10  # bytes of compute-dtype weights per second made from a bf16 file's (LoRA's base)
     perturb_rate: float = 1.0e9  # MeZO: weights per second z is drawn for and applied (one thread: a seeded draw)
     mezo_update_rate: float = 1.0e9  # MeZO: weights per second its update rewrites, stored in fp32
     mezo_update_rate_bf16: float = 1.0e9  # ... stored in bf16 (stochastic rounding draws once more)
@@ -174,7 +176,18 @@ def activation_bytes(model: nn.Module, workload: Workload, compute_dtype: torch.
     shared = shared_parameters(model) if workload.accumulation_steps > 1 else set()  # tied: one Parameter
     rows = takes_row_gradient(embedding, shared, device)
     dense_grad = embedding.weight.numel() * size if embedding.weight.requires_grad and not rows else 0
-    return {"activations": kept, "logits": 3 * tokens * vocab * 4, "embedding gradient": dense_grad}
+    # Every other trained tensor's gradient is made whole by autograd, then added into its chunk and dropped: one at
+    # a time, the largest of them beside the budget. A tied head is a Parameter of its own then
+    # (binding.bind_parameters), a gradient of its own, unless it is written into the chunk (head_grad.py).
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding.weight
+    skip = set() if tied else {id(embedding.weight)}  # counted above
+    if output is not None and takes_direct_gradient(output, shared, device, workload.accumulation_steps, compute_dtype):
+        skip.add(id(output.weight))
+    weight_grad = max((p.numel() for p in model.parameters() if p.requires_grad and id(p) not in skip), default=0)
+    weight_grad *= size
+    return {"activations": kept, "logits": 3 * tokens * vocab * 4, "embedding gradient": dense_grad,
+            "weight gradient": weight_grad}
 
 
 def predict(
@@ -214,8 +227,11 @@ def predict(
     peak_device = traffic.peak_device + sum(outside.values()) + dequantized if machine.cuda else peak_rss
     layer_flops, head_flops = step_flops(model, workload, zeroth_order, samples)
     flops = layer_flops + head_flops
+    # A frozen base read from files in another dtype is converted on the read thread: CPU time, which competes with
+    # the compute on a CPU and runs beside the GPU with CUDA.
     held_s = lora_modules(model) * machine.adapter_overhead_s * workload.accumulation_steps + \
         dequantized_bytes(layouts, workload, compute_dtype) / machine.dequantize_rate + \
+        (0.0 if machine.cuda else traffic.converted / machine.convert_rate) + \
         mezo_update_s(optimizer, sum(b.trainable.numel for b in layouts), machine)
     busy = _busy_times(traffic, flops, layouts, optimizer, compute_dtype, machine, zeroth_order, held_s)
     holds = step_holds(plan, layouts, compute_dtype, layer_flops=layer_flops, head_flops=head_flops,
@@ -233,12 +249,13 @@ def predict(
 
 def conversion_bytes(layouts: list, workload: Workload, compute_dtype: torch.dtype) -> int:
     """The temporaries a frozen chunk's read from files stored in another dtype holds at once (the read thread reads
-    one chunk at a time): `CONVERTING` of its largest tensors, in the file's dtype."""
+    one chunk at a time): `CONVERTING` of its largest tensors, in the file's dtype, each at most `CONVERT_PIECE`."""
     stored = workload.frozen_file_dtype
     if stored is None or stored == compute_dtype or workload.quantize_frozen is not None:
         return 0
-    chunks = [sorted(slot.numel for slot in b.frozen.slots)[-CONVERTING:] for b in layouts if b.frozen is not None]
-    return max((sum(largest) for largest in chunks), default=0) * stored.itemsize
+    chunks = [sorted(min(slot.numel * stored.itemsize, CONVERT_PIECE) for slot in b.frozen.slots)[-CONVERTING:]
+              for b in layouts if b.frozen is not None]
+    return max((sum(largest) for largest in chunks), default=0)
 
 
 def mezo_update_s(optimizer: Any, numel: int, machine: Machine) -> float:

@@ -38,9 +38,9 @@ from .checkpoint import fingerprint, read_engine_state, restore_states, write_ch
 from .chunks import Tier
 from .clipping import ClipMode, Clipping, updates_in_backward
 from .device import default_compute_dtype, make_transport
-from .embedding_grad import add_rows_into_grad, shared_parameters
 from .first_order import FirstOrderStep, micro_batches, to_device
 from .floors import check_budget, floors, model_floors
+from .head_grad import outer_gradients_into_chunks
 from .meta_model import meta_model
 from .model_export import adapter_tensors, export_model, is_peft, save_adapter
 from .nvme import open_backend
@@ -49,7 +49,7 @@ from .recompute import StreamedCheckpoint, StreamedLayer
 from .residency import DEFAULT_PREFETCH, Residency
 from .store import ChunkStore
 from .timers import NO_TIMERS, Timers
-from .updates import UpdateWorker
+from .updates import UpdateWorker, queue_depth
 from .zeroth_order import ZerothOrderStep
 
 __all__ = ["ClipMode", "Engine"]
@@ -126,9 +126,9 @@ class Engine:
         need = floors(layouts, self.plan, optimizer, self.compute_dtype, accumulation_steps)
         check_budget(need, device_bytes, host_bytes, self.budget.nvme, frozen_in_files=self._weights_dir is not None,
                      grads_in_swap=not self._grads_consumed)
+        self._spare_bytes = device_bytes + host_bytes - need.device - need.host  # updates.queue_depth
         backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
-        # Held compute copies (a QLoRA layer's dequantized weights, bf16-stored MeZO weights upcast to fp32) are
-        # temporaries outside the chunks: their room is kept aside.
+        # Held compute copies (QLoRA's dequantized weights, bf16 MeZO weights in fp32): their room is kept aside.
         copies = compute_copies_nbytes(layouts, self.plan, optimizer, self.compute_dtype)
         self.store = ChunkStore(device_bytes - copies, host_bytes, make_transport(self.device), backend)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
@@ -150,13 +150,14 @@ class Engine:
         else:
             clipping = Clipping(max_grad_norm, clip_mode, self._blocks)
             self._updates = UpdateWorker(self._blocks, self.store, self.optimizer, clipping, timers,
-                                         release_spilled_grads=self._grads_consumed)
+                                         release_spilled_grads=self._grads_consumed,
+                                         queued=queue_depth(self._blocks, self._spare_bytes))
             self._first = FirstOrderStep(self.model, self.residency, self._updates, clipping, timers)
         _install_hooks(self.plan, self._blocks, self.residency, self._zeroth,
                        StreamedCheckpoint if self.checkpoint_activations else StreamedLayer, self._first)
         if self._first is not None:
             outer = [p.module for p in self.plan.hook_points if not self._blocks[p.blocks[0]].block.is_layer]
-            add_rows_into_grad(outer, shared_parameters(self.model), self.device)  # embedding_grad.py
+            outer_gradients_into_chunks(outer, self.model, self.device, self.accumulation_steps, self.compute_dtype)
 
     @classmethod
     def from_pretrained(

@@ -25,7 +25,7 @@ from .safetensors_io import TensorRange, read_header, safetensors_index
 from .timers import NO_TIMERS, Timers
 from .weights import find_stored
 
-__all__ = ["CONVERTING", "SafetensorsSource", "tensor_ranges"]
+__all__ = ["CONVERTING", "CONVERT_PIECE", "SafetensorsSource", "tensor_ranges"]
 
 
 class SafetensorsSource:
@@ -70,31 +70,42 @@ class SafetensorsSource:
         flat = buffer.view(self.dtype)
         pending: deque[_Read] = deque()
         for slot, tensor in zip(self.layout.slots, self.ranges):
-            pending.append(self._start(slot.view(flat).reshape(-1), tensor))
-            # A tensor stored in another dtype is read into a temporary: at most CONVERTING of them at once (one
-            # converted while the next is read), not the whole chunk's (a 13B layer's bf16 bytes are 0.6 GB,
-            # outside the budget). Same-dtype reads go straight into the chunk and may all be in flight.
-            while sum(read.converted for read in pending) > CONVERTING:
-                pending.popleft().finish()
+            view = slot.view(flat).reshape(-1)
+            if tensor.dtype == self.dtype:  # straight into the chunk; these may all be in flight
+                pending.append(self._start(view, tensor.path, tensor.offset, tensor.dtype))
+                continue
+            # A tensor stored in another dtype is read into temporaries, CONVERT_PIECE bytes at a time, at most
+            # CONVERTING of them at once (one converted while the next is read): the whole chunk's would be a 13B
+            # layer's 0.6 GB of bf16 beside the budget, a 13B head's alone 0.3 GB.
+            values = CONVERT_PIECE // tensor.dtype.itemsize
+            for start in range(0, view.numel(), values):
+                while sum(read.converted for read in pending) >= CONVERTING:
+                    pending.popleft().finish()
+                piece = view[start : start + values]
+                pending.append(self._start(piece, tensor.path, tensor.offset + start * tensor.dtype.itemsize,
+                                           tensor.dtype))
         while pending:
             pending.popleft().finish()
         self.reads += 1
         self.timers.add("frozen read", time.perf_counter() - start)
 
-    def _start(self, view: torch.Tensor, tensor: TensorRange) -> _Read:
-        """Start reading `tensor` into the slot `view`: straight in, or into a temporary of its stored dtype."""
-        converted = tensor.dtype != self.dtype
-        target = torch.empty(tensor.nbytes, dtype=torch.uint8) if converted else view.view(torch.uint8)
+    def _start(self, view: torch.Tensor, path: Path, offset: int, stored: torch.dtype) -> _Read:
+        """Start reading the bytes at `offset` of `path` (as `stored`) into `view`: straight in, or through a
+        temporary of the stored dtype when it is not the chunk's."""
+        converted = stored != self.dtype
+        nbytes = view.numel() * stored.itemsize
+        target = torch.empty(nbytes, dtype=torch.uint8) if converted else view.view(torch.uint8)
         if self.backend is None:
-            _pread(tensor.path, tensor.offset, target)
-            return _Read(None, target, view, tensor.dtype, converted)
+            _pread(path, offset, target)
+            return _Read(None, target, view, stored, converted)
         # Ordering: the future resolves after every piece is in `target`; `_Read.finish` waits for it.
-        return _Read(self.backend.read_range(tensor.path, tensor.offset, target), target, view, tensor.dtype,
-                     converted)
+        return _Read(self.backend.read_range(path, offset, target), target, view, stored, converted)
 
 
 CONVERTING = 2
 """Temporaries of converted tensors a chunk read keeps at once (`SafetensorsSource._read`)."""
+CONVERT_PIECE = 32 * 2**20
+"""Bytes of the file one such temporary holds at the most."""
 
 
 @dataclass

@@ -24,6 +24,9 @@ __all__ = ["QUANTIZATIONS", "QuantizedLayout", "quantizable_weights"]
 QUANTIZATIONS = ("nf4",)
 _BLOCK = 64  # values per absmax: bitsandbytes' and transformers' default for 4-bit
 _ALIGN = 64  # bytes: every part starts aligned, so absmax can be viewed as float32 in place
+DEQUANTIZE_PIECE = 2**22
+"""Values dequantized per call (`QuantizedLayout.dequantize_into`): whole blocks of 64, an even count (two codes
+a byte)."""
 
 
 def _bitsandbytes() -> Any:
@@ -86,7 +89,12 @@ class QuantizedLayout:
             self._absmax(buffer, part, slot.numel).copy_(state.absmax)
 
     def dequantize_into(self, buffer: torch.Tensor, flat: torch.Tensor) -> None:
-        """Write the weights of the uint8 `buffer` into `flat`, a compute-dtype buffer of `layout`."""
+        """Write the weights of the uint8 `buffer` into `flat`, a compute-dtype buffer of `layout`.
+
+        bitsandbytes has no CPU `out=` and its CPU dequantization makes temporaries the size of what it is given
+        (a 13B MLP weight's fp32 copy is 283 MB, beside the budget), so each tensor goes in pieces of
+        DEQUANTIZE_PIECE values: every value is its code's level times its block's absmax, so pieces of whole
+        blocks give the same bits."""
         functional = _bitsandbytes()
         code = functional.get_4bit_type("nf4", device=buffer.device)
         for slot, part, view in zip(self.layout.slots, self.parts, self.layout.views(flat)):
@@ -94,11 +102,15 @@ class QuantizedLayout:
             if not part.quantized:
                 view.copy_(stored.view(self.dtype).view(slot.shape))
                 continue
-            state = functional.QuantState(
-                absmax=self._absmax(buffer, part, slot.numel), shape=slot.shape, code=code, blocksize=_BLOCK,
-                quant_type="nf4", dtype=self.dtype,
-            )
-            view.copy_(functional.dequantize_4bit(stored.view(-1, 1), state))  # bitsandbytes has no CPU `out=`
+            absmax, out = self._absmax(buffer, part, slot.numel), view.view(-1)
+            for start in range(0, slot.numel, DEQUANTIZE_PIECE):
+                stop = min(start + DEQUANTIZE_PIECE, slot.numel)
+                state = functional.QuantState(
+                    absmax=absmax[start // _BLOCK : -(-stop // _BLOCK)], shape=torch.Size([stop - start]), code=code,
+                    blocksize=_BLOCK, quant_type="nf4", dtype=self.dtype,
+                )
+                codes = stored[start // 2 : (stop + 1) // 2]
+                out[start:stop].copy_(functional.dequantize_4bit(codes.view(-1, 1), state).view(-1))
 
     @staticmethod
     def _absmax(buffer: torch.Tensor, part: _Part, numel: int) -> torch.Tensor:

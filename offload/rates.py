@@ -43,6 +43,7 @@ __all__ = ["PROFILES", "disk_bandwidth", "hardware_profile", "measure_machine", 
 PROFILES = Path(__file__).with_name("hardware_profiles.json")
 CACHE_DAYS = 7
 PROBE_BYTES = 256 * 2**20
+DISK_PROBE_BYTES = 2**30
 
 
 def profile_names() -> list[str]:
@@ -70,9 +71,13 @@ def hardware_profile(name_or_file: str | Path) -> Machine:
     return Machine(**{"name": path.stem, **data.get("rates", data)})
 
 
-def disk_bandwidth(directory: Path, nbytes: int = PROBE_BYTES) -> tuple[float, float]:
+def disk_bandwidth(directory: Path, nbytes: int = DISK_PROBE_BYTES) -> tuple[float, float]:
     """(write, read) bytes per second of one `nbytes` file in a temporary directory under `directory`, through
     the engine's NVMe backend (O_DIRECT where the filesystem allows), so the page cache cannot flatter it.
+
+    The write is timed on the second pass over the file, as swap files are rewritten every step after the first;
+    a gigabyte, because a cloud disk's first few hundred megabytes can run at a burst rate it does not keep (here
+    1.3 / 0.5 GB/s read / write on one 256 MB probe, 0.7 / 0.4 a few minutes later on a gigabyte).
 
     Raises:
         OSError: the directory cannot be written.
@@ -83,6 +88,8 @@ def disk_bandwidth(directory: Path, nbytes: int = PROBE_BYTES) -> tuple[float, f
     with tempfile.TemporaryDirectory(dir=directory, prefix=".finetune-bandwidth-") as probe:
         with ThreadPoolBackend(Path(probe) / "swap") as backend:
             file = backend.open("probe", nbytes)
+            file.write_from(buffer).result()  # the file's blocks allocated, as a swap file's are after its first use
+            file.sync()
             started = time.perf_counter()
             file.write_from(buffer).result()
             file.sync()  # count the bytes reaching the disk, not the queue
@@ -160,6 +167,15 @@ def _dequantize_rate(dtype: torch.dtype, device: torch.device) -> float:
     layout.quantize_into(codes, [torch.randn(shape, device=device) for shape in shapes.values()])
     flat = torch.empty(layout.layout.numel, dtype=dtype, device=device)
     return layout.layout.nbytes(dtype) * _runs_per_second(lambda: layout.dequantize_into(codes, flat), device)
+
+
+def _convert_rate(dtype: torch.dtype, device: torch.device) -> float:
+    """Bytes of `dtype` per second a frozen read makes from a bf16 file's bytes (`frozen.SafetensorsSource`: a
+    piece read into a temporary, then copied into the chunk): CPU time beside the compute, where it competes for
+    the same cores (a 13B LoRA step converts 94 GB of fp32 on 2 cores)."""
+    stored = torch.randn(2**23, device=device).to(torch.bfloat16)
+    converted = torch.empty(stored.shape, dtype=dtype, device=device)
+    return converted.numel() * converted.element_size() * _runs_per_second(lambda: converted.copy_(stored), device)
 
 
 def _mezo_rates(device: torch.device) -> dict[str, float]:
@@ -304,8 +320,9 @@ def measure_machine(
     flops = cached("compute rate", [str(compute_dtype), list(shape)],
                    lambda: {"flops": _layer_flops(shape, compute_dtype, device)})
     host = cached("engine costs", None, lambda: _host_rates(device), needs=("adapter_overhead_s", "peft_rss"))
-    dequantize = cached("dequantization rate", str(compute_dtype),
-                        lambda: {"rate": _dequantize_rate(compute_dtype, device)})
+    dequantize = cached("dequantization rate", str(compute_dtype), lambda: {
+        "rate": _dequantize_rate(compute_dtype, device), "convert": _convert_rate(compute_dtype, device)},
+        needs=("convert",))
     perturb = cached("perturbation rate", None, lambda: _mezo_rates(device), needs=("update", "update_bf16"))
     return Machine(
         name=platform.node() or "this machine", flops=flops["flops"], disk_read=disk["read"],
@@ -314,12 +331,13 @@ def measure_machine(
         device_memory=torch.cuda.get_device_properties(device).total_memory if cuda else None,
         baseline_rss=host["baseline_rss"], block_overhead_s=host["block_overhead_s"],
         adapter_overhead_s=host["adapter_overhead_s"], peft_rss=host["peft_rss"], dequantize_rate=dequantize["rate"],
+        convert_rate=dequantize["convert"],
         perturb_rate=perturb["rate"], mezo_update_rate=perturb["update"], mezo_update_rate_bf16=perturb["update_bf16"],
     )
 
 
 def refresh_disk_rates(
-    directory: Path, nbytes: int = PROBE_BYTES, progress: Callable[[str], None] | None = None
+    directory: Path, nbytes: int = DISK_PROBE_BYTES, progress: Callable[[str], None] | None = None
 ) -> tuple[float, float]:
     """(write, read) bytes per second at `directory`, measured now and stored in the cache the planner reads.
     `progress` hears when other processes shared the machine meanwhile (`contention.py`)."""

@@ -43,6 +43,7 @@ class Traffic:
     peak_host: int
     swap_bytes: int  # bytes the swap files hold at the most (the chunks ever written)
     setup_write: int  # bytes written before the first step (weights copied in, then evicted)
+    converted: int = 0  # chunk bytes made from frozen files stored in another dtype (CPU time beside compute)
 
 
 class _Inline(Executor):
@@ -355,6 +356,7 @@ def simulate_traffic(
         host_to_device=transport.to_device - counters[2], device_to_host=transport.to_host - counters[3],
         peak_device=store.peak[Tier.DEVICE], peak_host=store.peak[Tier.HOST], swap_bytes=swap,
         setup_write=setup_write,
+        converted=_delta(sources, frozen, "chunk_bytes") if sources is not None and sources.ratio != 1 else 0,
     )
 
 

@@ -135,6 +135,24 @@ def test_a_frozen_base_read_from_bf16_files_moves_half_its_chunk_bytes(tmp_path)
     assert 0 < reads[torch.bfloat16] < 0.8 * reads[torch.float32]  # the base is most of what is read (measured 72%)
 
 
+def test_a_base_converted_from_bf16_costs_cpu_time_by_its_bytes(tmp_path):
+    """Frozen chunks made from bf16 files are converted to fp32 on the read thread: each byte made costs
+    1 / convert_rate of CPU time beside the compute; a base stored in the compute dtype is copied, not converted."""
+    model = _lora(tmp_path, "all-linear")
+    device, host = offload.Engine.minimum_budget(model, optim.AdamW(lr=1e-3))
+    machine = Machine("cpu", flops=1e11, disk_read=2e9, disk_write=1e9, optimizer_rate=4e9)
+    kept = {"device_budget": device, "host_budget": host, "nvme": True, "compute_dtype": torch.float32}
+
+    def predicted(file_dtype: torch.dtype, rate: float) -> offload.Prediction:
+        workload = Workload(batch_size=2, seq_len=16, updates_in_backward=True, frozen_file_dtype=file_dtype)
+        return predict(model, optim.AdamW(lr=1e-3), workload, dataclasses.replace(machine, convert_rate=rate), **kept)
+
+    slow, fast = predicted(torch.bfloat16, 1e9), predicted(torch.bfloat16, 2e9)
+    assert slow.traffic.converted > 0  # the base streams (a minimum budget): read and converted every step
+    assert slow.busy_s["compute"] - fast.busy_s["compute"] == pytest.approx(slow.traffic.converted / 2e9)
+    assert predicted(torch.float32, 1.0).traffic.converted == 0
+
+
 def test_the_swap_the_replay_fills_is_what_the_engine_checks_the_disk_for(tmp_path):
     """The engine's disk check (floors.check_budget) counts every chunk but the gradients when each is consumed by
     its update inside backward, all of them otherwise. At the minimum budget every chunk the replay may write is

@@ -267,23 +267,30 @@ def test_safetensors_source_reads_unaligned_ranges_and_converts_dtypes(with_back
         backend.close()
 
 
-def test_a_chunk_read_in_another_dtype_keeps_few_temporaries(tmp_path, monkeypatch):
+@pytest.mark.parametrize("piece", [None, 1000], ids=["whole-tensors", "in-pieces"])
+def test_a_chunk_read_in_another_dtype_keeps_few_temporaries(tmp_path, monkeypatch, piece):
     """frozen.CONVERTING: the bf16 bytes of a whole chunk are never held beside it at once (a 13B layer's are
-    0.6 GB), only those of the tensors being read and converted; every tensor still lands converted."""
+    0.6 GB), only those of the pieces being read and converted, each at most CONVERT_PIECE bytes (`piece`: so
+    small that every tensor takes five, the last one partial); every tensor still lands converted."""
     import weakref
 
     from finetune.offload import frozen
+
+    if piece is not None:
+        monkeypatch.setattr(frozen, "CONVERT_PIECE", piece)
 
     tensors = {f"w{i}": torch.randn(64, 33).to(torch.bfloat16) for i in range(6)}
     save_file(tensors, tmp_path / "model.safetensors")
     layout = ChunkLayout.from_shapes({name: t.shape for name, t in tensors.items()})
     alive: list[weakref.ref] = []
+    sizes: list[int] = []
     most = [0]
     real_empty = torch.empty
 
     def tracked_empty(*args, **kwargs):
         tensor = real_empty(*args, **kwargs)
         alive.append(weakref.ref(tensor))
+        sizes.append(tensor.numel() * tensor.element_size())
         most[0] = max(most[0], sum(1 for ref in alive if ref() is not None))
         return tensor
 
@@ -292,7 +299,30 @@ def test_a_chunk_read_in_another_dtype_keeps_few_temporaries(tmp_path, monkeypat
         source = SafetensorsSource(layout, tensor_ranges(list(tensors), {}, tmp_path), torch.float32, None, pool)
         buffer = real_empty(layout.nbytes(torch.float32), dtype=torch.uint8)
         source.read_into(buffer).result()
-    assert 1 <= most[0] <= frozen.CONVERTING + 1  # the one just made, before the oldest is finished
+    assert 1 <= most[0] <= frozen.CONVERTING
+    assert max(sizes) <= frozen.CONVERT_PIECE
     flat = buffer.view(torch.float32)
     for slot, (name, tensor) in zip(layout.slots, tensors.items()):
         assert torch.equal(slot.view(flat), tensor.float()), name
+
+
+def test_nf4_tensors_dequantize_in_pieces_to_the_same_bits(monkeypatch):
+    """A quantized tensor with a partial last block, dequantized in pieces of 128 values (so the last piece ends
+    in that block): equal to the bit to bitsandbytes' dequantization of the tensor whole."""
+    import bitsandbytes.functional as functional
+
+    from finetune.offload import quantized
+
+    shapes = {"proj.weight": torch.Size([40, 33]), "norm.weight": torch.Size([33])}  # 1320 values: 20.6 blocks
+    layout = ChunkLayout.from_shapes(shapes)
+    nf4 = quantized.QuantizedLayout(layout, frozenset({"proj.weight"}), torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(shape, generator=generator) for shape in shapes.values()]
+    buffer = torch.zeros(nf4.nbytes, dtype=torch.uint8)
+    nf4.quantize_into(buffer, tensors)
+    monkeypatch.setattr(quantized, "DEQUANTIZE_PIECE", 128)
+    flat = torch.full((layout.nbytes(torch.float32) // 4,), float("nan"))
+    nf4.dequantize_into(buffer, flat)
+    codes, state = functional.quantize_4bit(tensors[0], blocksize=64, quant_type="nf4")
+    proj, norm = layout.views(flat)
+    assert torch.equal(proj, functional.dequantize_4bit(codes, state)) and torch.equal(norm, tensors[1])

@@ -7,7 +7,7 @@ import time
 from types import SimpleNamespace
 
 from finetune.offload.timers import NO_TIMERS
-from finetune.offload.updates import QUEUED, UpdateWorker
+from finetune.offload.updates import QUEUED, UpdateWorker, queue_depth
 
 
 def test_at_most_queued_updates_wait_behind_the_running_one(monkeypatch):
@@ -30,3 +30,15 @@ def test_at_most_queued_updates_wait_behind_the_running_one(monkeypatch):
     worker.close()
     assert started == list(range(8))
     assert 1 <= waiting_most[0] <= QUEUED + 1  # the one just submitted may not have started yet
+
+
+def test_an_update_waits_only_where_the_budgets_hold_its_chunks():
+    """queue_depth: one update may wait when the spare bytes beyond the floors hold the largest trained block's
+    weights, masters and gradients; none otherwise (its gradients would go to NVMe and back); frozen blocks
+    (no gradients) do not count."""
+    chunk = SimpleNamespace
+    blocks = [SimpleNamespace(weights=chunk(nbytes=100), master=None, grads=chunk(nbytes=100)),
+              SimpleNamespace(weights=chunk(nbytes=300), master=chunk(nbytes=600), grads=chunk(nbytes=600)),
+              SimpleNamespace(weights=chunk(nbytes=10**6), master=None, grads=None)]
+    assert queue_depth(blocks, 1500) == QUEUED == 1
+    assert queue_depth(blocks, 1499) == 0
