@@ -104,8 +104,8 @@ class SafetensorsSource:
 
 CONVERTING = 2
 """Temporaries of converted tensors a chunk read keeps at once (`SafetensorsSource._read`)."""
-CONVERT_PIECE = 32 * 2**20
-"""Bytes of the file one such temporary holds at the most."""
+CONVERT_PIECE = 8 * 2**20
+"""Bytes of the file one such temporary holds at the most: the NVMe backend's request size, so a piece is one read."""
 
 
 @dataclass
