@@ -75,9 +75,9 @@ def disk_bandwidth(directory: Path, nbytes: int = DISK_PROBE_BYTES) -> tuple[flo
     """(write, read) bytes per second of one `nbytes` file in a temporary directory under `directory`, through
     the engine's NVMe backend (O_DIRECT where the filesystem allows), so the page cache cannot flatter it.
 
-    The write is timed on the second pass over the file, as swap files are rewritten every step after the first;
-    a gigabyte, because a cloud disk's first few hundred megabytes can run at a burst rate it does not keep (here
-    1.3 / 0.5 GB/s read / write on one 256 MB probe, 0.7 / 0.4 a few minutes later on a gigabyte).
+    The write is timed on the second pass over the file, as swap files are rewritten every step after the first.
+    A cloud disk may show a probe of any size here its burst rate: on this project's CI VM a 1 GiB probe read 0.73
+    and 1.83 GB/s an hour apart, an 8 GB one 0.81, while a disk-bound 7B step moved 0.27 GB/s (docs/planning.md).
 
     Raises:
         OSError: the directory cannot be written.
