@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..offload import Budget, format_bytes, parse_size, refresh_disk_rates
+from ..offload import Budget, DiskRates, format_bytes, parse_size, refresh_disk_rates
 from .config import RunConfig, flag
 from .errors import FinetuneError
 
@@ -69,8 +69,9 @@ def _check_writable(directory: Path) -> None:
         ) from None
 
 
-def disk_bandwidth(directory: Path, nbytes: int, progress: Callable[[str], None] | None = None) -> tuple[float, float]:
-    """(write, read) bytes per second at `directory`, measured now; the planner's cache keeps them
+def disk_bandwidth(directory: Path, nbytes: int, progress: Callable[[str], None] | None = None) -> DiskRates:
+    """The disk's rates at `directory` (write, read, and how much of its time compute hides), measured now; the
+    planner's cache keeps them
     (`offload.refresh_disk_rates`), so `finetune info --bandwidth` refreshes what `plan` and `run` use.
 
     Raises:

@@ -295,9 +295,10 @@ def info(
             raise typer.BadParameter(str(error), param_hint="--bandwidth-size") from None
         with exit_on_failure():
             for p in path:
-                write, read = disk_bandwidth(p, nbytes, lambda message: typer.echo(message, err=True))
-                rows[f"disk write at {p}"] = f"{format_bytes(write)}/s"
-                rows[f"disk read at {p}"] = f"{format_bytes(read)}/s"
+                rates = disk_bandwidth(p, nbytes, lambda message: typer.echo(message, err=True))
+                rows[f"disk write at {p}"] = f"{format_bytes(rates.write)}/s"
+                rows[f"disk read at {p}"] = f"{format_bytes(rates.read)}/s"
+                rows[f"disk time compute hides at {p}"] = f"{rates.overlap:.0%}"
     if as_json:
         typer.echo(json.dumps(rows))
         return

@@ -12,7 +12,7 @@ from .merge import merge_adapter
 from .meta_model import meta_model
 from .model_export import write_model_config
 from .nvme import ThreadPoolBackend
-from .rates import disk_bandwidth, hardware_profile, measure_machine, profile_names, refresh_disk_rates
+from .rates import DiskRates, disk_bandwidth, hardware_profile, measure_machine, profile_names, refresh_disk_rates
 from .residency import DEFAULT_PREFETCH
 from .safetensors_io import (
     encode_header,
@@ -53,6 +53,7 @@ __all__ = [
     "choose_settings",
     "default_compute_dtype",
     "detect_hardware",
+    "DiskRates",
     "disk_bandwidth",
     "encode_header",
     "find_blocks",

@@ -21,11 +21,13 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import torch
@@ -38,12 +40,14 @@ from .host_memory import aligned_empty
 from .nvme import ThreadPoolBackend
 from .quantized import QuantizedLayout
 
-__all__ = ["PROFILES", "disk_bandwidth", "hardware_profile", "measure_machine", "profile_names", "refresh_disk_rates"]
+__all__ = ["PROFILES", "DiskRates", "disk_bandwidth", "hardware_profile", "measure_machine", "profile_names",
+           "refresh_disk_rates"]
 
 PROFILES = Path(__file__).with_name("hardware_profiles.json")
 CACHE_DAYS = 7
 PROBE_BYTES = 256 * 2**20
 DISK_PROBE_BYTES = 2**30
+"""The disk probe's file, unless $FINETUNE_DISK_PROBE_BYTES says otherwise (the tests' 16 MiB: a rate, not a run)."""
 
 
 def profile_names() -> list[str]:
@@ -71,9 +75,23 @@ def hardware_profile(name_or_file: str | Path) -> Machine:
     return Machine(**{"name": path.stem, **data.get("rates", data)})
 
 
-def disk_bandwidth(directory: Path, nbytes: int = DISK_PROBE_BYTES) -> tuple[float, float]:
-    """(write, read) bytes per second of one `nbytes` file in a temporary directory under `directory`, through
-    the engine's NVMe backend (O_DIRECT where the filesystem allows), so the page cache cannot flatter it.
+def disk_probe_bytes() -> int:
+    """The size of the file `disk_bandwidth` times when not told: $FINETUNE_DISK_PROBE_BYTES, else 1 GiB."""
+    return int(os.environ.get("FINETUNE_DISK_PROBE_BYTES", DISK_PROBE_BYTES))
+
+
+class DiskRates(NamedTuple):
+    """What the disk probe measured: bytes per second each way, and how much of the disk's time this machine's
+    CPU compute can run beside (`io_overlap`, see `_io_overlap`)."""
+
+    write: float
+    read: float
+    overlap: float
+
+
+def disk_bandwidth(directory: Path, nbytes: int | None = None) -> DiskRates:
+    """The rates of one `nbytes` file in a temporary directory under `directory`, through the engine's NVMe
+    backend (O_DIRECT where the filesystem allows), so the page cache cannot flatter them.
 
     The write is timed on the second pass over the file, as swap files are rewritten every step after the first.
     A cloud disk may show a probe of any size here its burst rate: on this project's CI VM a 1 GiB probe read 0.73
@@ -82,6 +100,7 @@ def disk_bandwidth(directory: Path, nbytes: int = DISK_PROBE_BYTES) -> tuple[flo
     Raises:
         OSError: the directory cannot be written.
     """
+    nbytes = nbytes or disk_probe_bytes()
     buffer = aligned_empty(nbytes)
     buffer.random_(0, 256)  # incompressible, so a compressing filesystem cannot flatter the result
     directory.mkdir(parents=True, exist_ok=True)
@@ -90,14 +109,52 @@ def disk_bandwidth(directory: Path, nbytes: int = DISK_PROBE_BYTES) -> tuple[flo
             file = backend.open("probe", nbytes)
             file.write_from(buffer).result()  # the file's blocks allocated, as a swap file's are after its first use
             file.sync()
-            started = time.perf_counter()
-            file.write_from(buffer).result()
-            file.sync()  # count the bytes reaching the disk, not the queue
-            write = nbytes / (time.perf_counter() - started)
-            started = time.perf_counter()
-            file.read_into(buffer).result()
-            read = nbytes / (time.perf_counter() - started)
-    return write, read
+
+            def write() -> None:
+                file.write_from(buffer).result()
+                file.sync()  # count the bytes reaching the disk, not the queue
+
+            def read() -> None:
+                file.read_into(buffer).result()
+
+            write_s, read_s = _seconds(write), _seconds(read)
+            overlap = _io_overlap(lambda: (write(), read()), write_s + read_s)
+    return DiskRates(nbytes / write_s, nbytes / read_s, overlap)
+
+
+OVERLAP_SHAPE = (64, 1024, 2816)  # the compute beside the disk: a matrix product of a 7B layer's shape, scaled down
+
+
+def _seconds(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def _io_overlap(io: Callable[[], object], io_s: float) -> float:
+    """The fraction of `io`'s `io_s` seconds that CPU compute beside it does not pay for: 1 where the two do not
+    contend, 0 where running them at once takes as long as one after the other.
+
+    Timed as it happens in a step: a compute thread running matrix products (about `io_s` of them) while another
+    thread moves the bytes. O_DIRECT costs its process little CPU, yet on this project's 2-vCPU CI VM compute ran
+    1.4-1.9x slower beside a read or a write (the hypervisor's I/O shares the cores), which hid a third of the disk
+    time (docs/planning.md); on CPU the planner adds the rest to the step (cost_model._step_time)."""
+    a, b = (torch.randn(*OVERLAP_SHAPE[:2]), torch.randn(*OVERLAP_SHAPE[1:]))
+    product_s = min(_seconds(lambda: a @ b) for _ in range(3))
+    count = max(1, round(io_s / product_s))
+
+    def compute() -> None:
+        for _ in range(count):
+            a @ b
+
+    compute_s = _seconds(compute)
+    io_thread = threading.Thread(target=io)
+    started = time.perf_counter()
+    io_thread.start()
+    compute()
+    io_thread.join()  # both done: what the two cost together
+    together_s = time.perf_counter() - started
+    return min(1.0, max(0.0, (compute_s + io_s - together_s) / min(compute_s, io_s)))
 
 
 LAYER_PROBE_BYTES = 2**30  # a probe layer's weights at the most; larger layers are timed at a scaled-down width
@@ -313,10 +370,10 @@ def measure_machine(
             _write_cache(entries)
         return entry
 
-    disk = {"read": 1.0, "write": 1.0}
+    disk = {"read": 1.0, "write": 1.0, "overlap": 1.0}
     if swap_dir is not None:
-        disk = cached("disk rates", _filesystem(swap_dir),
-                      lambda: dict(zip(("write", "read"), disk_bandwidth(swap_dir))))
+        disk = cached("disk rates", _filesystem(swap_dir), lambda: disk_bandwidth(swap_dir)._asdict(),
+                      needs=("overlap",))
     flops = cached("compute rate", [str(compute_dtype), list(shape)],
                    lambda: {"flops": _layer_flops(shape, compute_dtype, device)})
     host = cached("engine costs", None, lambda: _host_rates(device), needs=("adapter_overhead_s", "peft_rss"))
@@ -326,7 +383,8 @@ def measure_machine(
     perturb = cached("perturbation rate", None, lambda: _mezo_rates(device), needs=("update", "update_bf16"))
     return Machine(
         name=platform.node() or "this machine", flops=flops["flops"], disk_read=disk["read"],
-        disk_write=disk["write"], optimizer_rate=host["optimizer_rate"], host_to_device=host["host_to_device"],
+        disk_write=disk["write"], io_overlap=disk["overlap"], optimizer_rate=host["optimizer_rate"],
+        host_to_device=host["host_to_device"],
         ram=psutil.virtual_memory().total,
         device_memory=torch.cuda.get_device_properties(device).total_memory if cuda else None,
         baseline_rss=host["baseline_rss"], block_overhead_s=host["block_overhead_s"],
@@ -337,17 +395,17 @@ def measure_machine(
 
 
 def refresh_disk_rates(
-    directory: Path, nbytes: int = DISK_PROBE_BYTES, progress: Callable[[str], None] | None = None
-) -> tuple[float, float]:
-    """(write, read) bytes per second at `directory`, measured now and stored in the cache the planner reads.
+    directory: Path, nbytes: int | None = None, progress: Callable[[str], None] | None = None
+) -> DiskRates:
+    """The disk's rates at `directory`, measured now and stored in the cache the planner reads.
     `progress` hears when other processes shared the machine meanwhile (`contention.py`)."""
-    entry = _measured(lambda: dict(zip(("write", "read"), disk_bandwidth(directory, nbytes))), "disk rates",
+    entry = _measured(lambda: disk_bandwidth(directory, nbytes)._asdict(), "disk rates",
                       progress or (lambda message: None))
     entries = _read_cache()
     key = json.dumps([platform.node(), "cpu" if not torch.cuda.is_available() else "cuda", _filesystem(directory)])
     entries.setdefault("disk rates", {})[key] = entry
     _write_cache(entries)
-    return entry["write"], entry["read"]
+    return DiskRates(entry["write"], entry["read"], entry["overlap"])
 
 
 def _measured(measure: Callable[[], dict], section: str, say: Callable[[str], None]) -> dict:

@@ -102,6 +102,13 @@ def test_prediction_of_a_streamed_run(tmp_path):
     assert streamed.peak_rss > machine.baseline_rss + device + host
     assert streamed.step_s >= max(streamed.busy_s["disk"], streamed.busy_s["compute"])
     assert streamed.bottleneck in streamed.busy_s
+    # A CPU whose compute stalls while the disk works (io_overlap 0) pays the disk's time on top of the cores'.
+    stalls = dataclasses.replace(machine, io_overlap=0.0)
+    stalled = predict(model, optimizer, Workload(batch_size=2, seq_len=16), stalls, device_budget=device,
+                      host_budget=host, nvme=True, compute_dtype=torch.float32)
+    busy = stalled.busy_s
+    assert stalled.step_s == pytest.approx(max(busy["compute"] + busy["optimizer"] + busy["disk"],
+                                               busy["compute"] + busy["load wait"]))
 
 
 def test_prediction_on_a_gpu_profile_counts_the_host_device_link(tmp_path):

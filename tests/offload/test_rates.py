@@ -34,6 +34,7 @@ def test_rates_are_measured_once_and_cached_per_file_system(tmp_path, monkeypatc
     first = offload.measure_machine(tmp_path / "a" / "swap", torch.float32, SHAPE, progress=said.append)
     assert len(said) == 5, said  # disk, compute, engine costs, dequantization, MeZO's perturbation
     assert first.flops > 0 and first.disk_read > 0 and first.disk_write > 0 and first.baseline_rss > 2**20
+    assert 0 <= first.io_overlap <= 1
     assert first.block_overhead_s > 0 and first.optimizer_rate > 0 and not first.cuda
     # LoRA: each adapter costs beyond its FLOPs, and peft's modules add to the process (measured: ~1.4 ms, ~60 MiB)
     assert 0 < first.adapter_overhead_s < first.block_overhead_s and first.peft_rss > 2**20
@@ -46,9 +47,9 @@ def test_rates_are_measured_once_and_cached_per_file_system(tmp_path, monkeypatc
     offload.measure_machine(tmp_path / "b", torch.float32, (32, 64, 128), progress=said.append)
     assert len(said) == 1 and "compute" in said[0]  # a new shape measures only the FLOP/s
     said.clear()
-    write, read = offload.refresh_disk_rates(tmp_path, 2**24)
+    disk = offload.refresh_disk_rates(tmp_path, 2**24)
     refreshed = offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, progress=said.append)
-    assert not said and (refreshed.disk_write, refreshed.disk_read) == (write, read)
+    assert not said and (refreshed.disk_write, refreshed.disk_read, refreshed.io_overlap) == disk
     offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, refresh=True, progress=said.append)
     assert len(said) == 5
     said.clear()
