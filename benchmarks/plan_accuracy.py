@@ -81,7 +81,8 @@ def predict(name: str, model_dir: Path, swap: Path) -> dict[str, Any]:
     case = CASES[name]
     meta = _model(model_dir, case.get("lora", False))
     machine = offload.measure_machine(swap, torch.float32, (case["batch"] * case["seq"], SHAPE["hidden"],
-                                                            SHAPE["intermediate"]), progress=print)
+                                                            SHAPE["intermediate"]),
+                                      optimizer=optim.AdamW(lr=1e-4), progress=print)
     workload = offload.Workload(batch_size=case["batch"], seq_len=case["seq"], recompute=case["recompute"],
                                 updates_in_backward=True,
                                 frozen_file_dtype=torch.float32 if case.get("lora") else None)

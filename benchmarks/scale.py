@@ -89,7 +89,8 @@ def plan(row: dict[str, Any], config: Any, args: argparse.Namespace, free: int) 
     model = common.meta_model(config, lora=row["lora"] is not None)
     device, host, note = _budget(model, optimizer, quantize, offload.parse_size(args.memory))
     shape = (args.batch * args.seq, config.hidden_size, config.intermediate_size)
-    machine = offload.measure_machine(Path(args.workdir), torch.float32, shape, progress=print)
+    machine = offload.measure_machine(Path(args.workdir), torch.float32, shape, optimizer=optimizer,
+                                      progress=print)
     workload = offload.Workload(batch_size=args.batch, seq_len=args.seq, updates_in_backward=True,
                                 frozen_file_dtype=torch.bfloat16 if row["lora"] else None,
                                 quantize_frozen=quantize)

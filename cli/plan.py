@@ -114,7 +114,7 @@ def make_plan(config: RunConfig, model: nn.Module, model_dir: Path, profile: Mac
     device_min, host_min = Engine.minimum_budget(model, optimizer, compute_dtype=dtype, quantize_frozen=quantize,
                                                  accumulation_steps=config.accumulation_steps)
     budget = run_budget(config, device_min, host_min)  # refuses a typed budget below the minimum
-    machine = profile or _measure(config, model, dtype, progress)
+    machine = profile or _measure(config, model, optimizer, dtype, progress)
     device_bytes, host_bytes = _budgets(budget.device, budget.host, machine, profile is not None)
     _check_memory(config, model, optimizer, dtype, quantize, device_bytes, host_bytes, (device_min, host_min))
     workload = Workload(
@@ -139,7 +139,8 @@ def make_plan(config: RunConfig, model: nn.Module, model_dir: Path, profile: Mac
                 settings.prefetch, budget, ("prefetch",) * (config.prefetch is None) + ("split",) * split)
 
 
-def _measure(config: RunConfig, model: nn.Module, dtype: torch.dtype, progress: Console | None) -> Machine:
+def _measure(config: RunConfig, model: nn.Module, optimizer: Any, dtype: torch.dtype,
+             progress: Console | None) -> Machine:
     """This machine's rates at the model's matrix shape, measured at the swap directory's nearest existing
     directory (the same disk), so planning creates nothing there."""
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -151,7 +152,7 @@ def _measure(config: RunConfig, model: nn.Module, dtype: torch.dtype, progress: 
         while not swap.exists():
             swap = swap.parent
     say = (lambda message: progress.print(message, style="dim", highlight=False)) if progress else None
-    return measure_machine(swap, dtype, shape, progress=say)
+    return measure_machine(swap, dtype, shape, optimizer=optimizer, progress=say)
 
 
 def _file_dtype(model: nn.Module) -> torch.dtype:

@@ -52,6 +52,7 @@ class Machine:
     disk_read: float  # swap directory, O_DIRECT, all its disks together
     disk_write: float
     optimizer_rate: float  # bytes of update state (weights, gradients, masters, states) the host updates per second
+    update_rate: float | None = None  # parameters a second the run's own optimizer updates (measured); None: bytes
     # Of the disk's busy time, the fraction CPU compute runs beside at full speed (rates._io_overlap): 1 where they
     # do not contend; on this project's 2-vCPU CI VM about 0.3 (the hypervisor's I/O takes the cores' time).
     io_overlap: float = 1.0
@@ -299,18 +300,26 @@ def _busy_times(traffic: Traffic, flops: float, layouts: list, optimizer: Any, c
                 machine: Machine, zeroth_order: bool, held_s: float = 0.0) -> dict[str, float]:
     """Seconds per step each resource is busy. `held_s`: compute beyond FLOPs and per-block costs (LoRA adapters,
     QLoRA's dequantization), which runs where the layer computes: the CPU, or the GPU with CUDA."""
-    update_bytes = 0
-    for b in layouts:
-        specs = chunk_specs(b.trainable, compute_dtype, optimizer).values()
-        update_bytes += 2 * sum(chunk_nbytes(spec.numel, spec.dtype) for spec in specs)  # read and written
     busy = {
         "compute": flops / machine.flops + len(layouts) * machine.block_overhead_s + held_s,
         "disk": traffic.disk_read / machine.disk_read + traffic.disk_write / machine.disk_write,
-        "optimizer": update_bytes / machine.optimizer_rate,
+        "optimizer": _update_s(layouts, optimizer, compute_dtype, machine),
     }
     if machine.cuda:
         busy["host-device link"] = (traffic.host_to_device + traffic.device_to_host) / machine.host_to_device
     return busy
+
+
+def _update_s(layouts: list, optimizer: Any, compute_dtype: torch.dtype, machine: Machine) -> float:
+    """Seconds of the step's optimizer updates: the trained parameters at the optimizer's measured rate, else (a
+    hardware profile) its state's bytes, read and written, at the machine's memory rate."""
+    if machine.update_rate is not None and not isinstance(optimizer, MeZO):
+        return sum(b.trainable.numel for b in layouts) / machine.update_rate
+    update_bytes = 0
+    for b in layouts:
+        specs = chunk_specs(b.trainable, compute_dtype, optimizer).values()
+        update_bytes += 2 * sum(chunk_nbytes(spec.numel, spec.dtype) for spec in specs)  # read and written
+    return update_bytes / machine.optimizer_rate
 
 
 def _step_time(busy: dict[str, float], machine: Machine) -> tuple[float, str]:

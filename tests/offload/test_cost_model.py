@@ -107,6 +107,10 @@ def test_prediction_of_a_streamed_run(tmp_path):
     stalled = predict(model, optimizer, Workload(batch_size=2, seq_len=16), stalls, device_budget=device,
                       host_budget=host, nvme=True, compute_dtype=torch.float32)
     busy = stalled.busy_s
+    measured = predict(model, optimizer, Workload(batch_size=2, seq_len=16), dataclasses.replace(machine,
+                       update_rate=1e6), device_budget=device, host_budget=host, nvme=True, compute_dtype=torch.float32)
+    chunks = sum(b.trainable.numel for b in block_layouts(model, find_blocks(model), optimizer, torch.float32))
+    assert measured.busy_s["optimizer"] == pytest.approx(chunks / 1e6)  # the optimizer's own rate, not its bytes
     assert stalled.step_s == pytest.approx(max(busy["compute"] + busy["optimizer"] + busy["disk"],
                                                busy["compute"] + busy["load wait"]))
 

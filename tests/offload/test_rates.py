@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from finetune import offload
+from finetune import offload, optim
 from finetune.offload.contention import watch
 
 SHAPE = (16, 64, 128)
@@ -64,6 +64,12 @@ def test_rates_are_measured_once_and_cached_per_file_system(tmp_path, monkeypatc
     said.clear()
     again = offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, progress=said.append)
     assert len(said) == 1 and "engine costs" in said[0] and again.adapter_overhead_s > 0
+    # The run's optimizer: its own update timed, once per optimizer class (MeZO's are the perturbation rates).
+    said.clear()
+    eight_bit = offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, optimizer=optim.AdamW8bit(),
+                                        progress=said.append)
+    assert len(said) == 1 and "update rate" in said[0] and eight_bit.update_rate > 1e5 and again.update_rate is None
+    assert offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, optimizer=optim.MeZO()).update_rate is None
 
 
 def test_hardware_profiles_by_name_or_file(tmp_path):
