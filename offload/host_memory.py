@@ -7,7 +7,7 @@ only grows (measured: 620 MiB of heap for a 277M-parameter model with a 1 GiB bu
 GiB with the threshold fixed, and steps no slower). A fixed threshold turns the dynamic behaviour off.
 A cap on the heap arenas too: glibc gives each thread that allocates an arena of its own (up to 8 a core), each
 keeping freed memory; the engine runs a compute thread, an optimizer thread, a staging thread, I/O threads and a
-frozen-read thread (measured on the 13B LoRA row: peak RSS 4.84 GiB, 4.76 with two arenas, steps no slower).
+frozen-read thread (measured on the 13B LoRA row: peak RSS 4.80 GiB, 4.75 with two arenas twice, steps no slower).
 `import finetune.offload` applies both. Chunk buffers are anonymous memory maps of their own (`aligned_empty`).
 """
 
