@@ -71,8 +71,8 @@ def _check_writable(directory: Path) -> None:
 
 def disk_bandwidth(directory: Path, nbytes: int, progress: Callable[[str], None] | None = None) -> DiskRates:
     """The disk's rates at `directory` (write, read, and how much of its time compute hides), measured now; the
-    planner's cache keeps them
-    (`offload.refresh_disk_rates`), so `finetune info --bandwidth` refreshes what `plan` and `run` use.
+    planner's cache keeps them (`offload.refresh_disk_rates`), so `finetune info --bandwidth` refreshes what `plan`
+    and `run` use.
 
     Raises:
         FinetuneError: the directory cannot be written.

@@ -54,7 +54,7 @@ class Machine:
     optimizer_rate: float  # bytes of update state (weights, gradients, masters, states) the host updates per second
     update_rate: float | None = None  # parameters a second the run's own optimizer updates (measured); None: bytes
     # Of the disk's busy time, the fraction CPU compute runs beside at full speed (rates._io_overlap): 1 where they
-    # do not contend; on this project's 2-vCPU CI VM about 0.3 (the hypervisor's I/O takes the cores' time).
+    # do not contend; on this project's 2-vCPU CI VM 0.20-0.55 (the hypervisor's I/O takes the cores' time).
     io_overlap: float = 1.0
     host_to_device: float | None = None  # None: device and host are the same RAM (CPU)
     ram: int | None = None  # host RAM

@@ -95,8 +95,8 @@ def disk_bandwidth(directory: Path, nbytes: int | None = None) -> DiskRates:
     backend (O_DIRECT where the filesystem allows), so the page cache cannot flatter them.
 
     The write is timed on the second pass over the file, as swap files are rewritten every step after the first.
-    A cloud disk may show a probe of any size here its burst rate: on this project's CI VM a 1 GiB probe read 0.73
-    and 1.83 GB/s an hour apart, an 8 GB one 0.81, while a disk-bound 7B step moved 0.27 GB/s (docs/planning.md).
+    A cloud disk may show a probe of any size here its burst rate: on this project's CI VM the 1 GiB probe read
+    0.50-2.40 GB/s and wrote 0.24-0.91 GB/s across a day, an 8 GB one 0.81 / 0.75 (docs/planning.md).
 
     Raises:
         OSError: the directory cannot be written.
@@ -138,8 +138,8 @@ def _io_overlap(io: Callable[[], object], io_s: float) -> float:
 
     Timed as it happens in a step: a compute thread running matrix products (about `io_s` of them) while another
     thread moves the bytes. O_DIRECT costs its process little CPU, yet on this project's 2-vCPU CI VM compute ran
-    1.4-1.9x slower beside a read or a write (the hypervisor's I/O shares the cores), which hid a third of the disk
-    time (docs/planning.md); on CPU the planner adds the rest to the step (cost_model._step_time)."""
+    1.4-1.9x slower beside a read or a write (the hypervisor's I/O shares the cores): the probe hid 0.20-0.55 of
+    the disk's time there (docs/planning.md); on CPU the planner adds the rest to the step (cost_model._step_time)."""
     a, b = (torch.randn(*OVERLAP_SHAPE[:2]), torch.randn(*OVERLAP_SHAPE[1:]))
     product_s = min(_seconds(lambda: a @ b) for _ in range(3))
     count = max(1, round(io_s / product_s))

@@ -103,16 +103,17 @@ def test_prediction_of_a_streamed_run(tmp_path):
     assert streamed.step_s >= max(streamed.busy_s["disk"], streamed.busy_s["compute"])
     assert streamed.bottleneck in streamed.busy_s
     # A CPU whose compute stalls while the disk works (io_overlap 0) pays the disk's time on top of the cores'.
-    stalls = dataclasses.replace(machine, io_overlap=0.0)
-    stalled = predict(model, optimizer, Workload(batch_size=2, seq_len=16), stalls, device_budget=device,
-                      host_budget=host, nvme=True, compute_dtype=torch.float32)
+    def on(other: Machine) -> offload.Prediction:
+        return predict(model, optimizer, Workload(batch_size=2, seq_len=16), other, device_budget=device,
+                       host_budget=host, nvme=True, compute_dtype=torch.float32)
+
+    stalled = on(dataclasses.replace(machine, io_overlap=0.0))
     busy = stalled.busy_s
-    measured = predict(model, optimizer, Workload(batch_size=2, seq_len=16), dataclasses.replace(machine,
-                       update_rate=1e6), device_budget=device, host_budget=host, nvme=True, compute_dtype=torch.float32)
-    chunks = sum(b.trainable.numel for b in block_layouts(model, find_blocks(model), optimizer, torch.float32))
-    assert measured.busy_s["optimizer"] == pytest.approx(chunks / 1e6)  # the optimizer's own rate, not its bytes
     assert stalled.step_s == pytest.approx(max(busy["compute"] + busy["optimizer"] + busy["disk"],
                                                busy["compute"] + busy["load wait"]))
+    # A measured update rate prices the update by its parameters (the chunks' elements), not its bytes.
+    chunks = sum(b.trainable.numel for b in block_layouts(model, find_blocks(model), optimizer, torch.float32))
+    assert on(dataclasses.replace(machine, update_rate=1e6)).busy_s["optimizer"] == pytest.approx(chunks / 1e6)
 
 
 def test_prediction_on_a_gpu_profile_counts_the_host_device_link(tmp_path):

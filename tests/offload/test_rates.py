@@ -69,6 +69,10 @@ def test_rates_are_measured_once_and_cached_per_file_system(tmp_path, monkeypatc
     eight_bit = offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, optimizer=optim.AdamW8bit(),
                                         progress=said.append)
     assert len(said) == 1 and "update rate" in said[0] and eight_bit.update_rate > 1e5 and again.update_rate is None
+    said.clear()
+    offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, optimizer=optim.AdamW8bit(lr=1e-3),
+                            progress=said.append)
+    assert not said  # the same class again: cached
     assert offload.measure_machine(tmp_path / "c", torch.float32, SHAPE, optimizer=optim.MeZO()).update_rate is None
 
 
