@@ -320,6 +320,16 @@ def environment_threads() -> dict[str, str | None]:
     return {key: os.environ.get(key) for key in keys}
 
 
+def run_child(script: str | Path, spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `script --child SPEC` in a fresh interpreter (its output passes through) and return the JSON it wrote
+    to spec["result_path"]."""
+    command = [sys.executable, str(Path(script).resolve()), "--child", json.dumps(spec)]
+    completed = subprocess.run(command, env=env)
+    if completed.returncode != 0:
+        raise SystemExit(f"the measuring child process failed with exit code {completed.returncode}")
+    return json.loads(Path(spec["result_path"]).read_text())
+
+
 def child_or_parent(
     args: Any, main_child: Callable[[dict[str, Any]], None], main_parent: Callable[[Any], None]
 ) -> None:

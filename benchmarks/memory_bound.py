@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -97,15 +96,10 @@ def choose_layers(args: argparse.Namespace, budget_bytes: int) -> tuple[int, int
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the measurement in a fresh interpreter; its stdout/stderr pass through, its result comes as a file."""
-    result_path = Path(spec["result_path"])
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     env = dict(os.environ)
     if spec["malloc_mmap_threshold"] is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(spec["malloc_mmap_threshold"])
-    completed = subprocess.run(command, env=env)
-    if completed.returncode != 0:
-        raise SystemExit(f"the measuring child process failed with exit code {completed.returncode}")
-    return json.loads(result_path.read_text())
+    return common.run_child(__file__, spec, env)
 
 
 def report(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ CASES: dict[str, dict[str, Any]] = {
 }
 SHAPE = {"hidden": 256, "intermediate": 704, "heads": 4, "vocab": 8000}
 BUDGET = {"device": 24 * common.MiB, "host": 40 * common.MiB}
-WARMUP, STEPS = 1, 3
+WARMUP, STEPS = 1, 9  # the median of 9: one step of these small models swings 10-20% on this VM
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

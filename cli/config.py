@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -201,6 +202,10 @@ class RunConfig:
     prefetch: int | None = option(None, Panel.MEMORY)
     """Blocks loaded ahead of the one computing (0: none). Default: the planner's fastest, 1-4 (in the plan)."""
 
+    verify_swap: bool = option(False, Panel.MEMORY)
+    """Check every read of a swap file against a checksum of what was written to it, and stop with the file named
+    when they differ: for a disk you do not trust (the cost: benchmarks/checkpoint_cost.py)."""
+
     checkpoint_every: int = option(100, Panel.CHECKPOINTS)
     """Save a checkpoint every N steps, and always at the end (0: only at the end)."""
 
@@ -217,7 +222,9 @@ class RunConfig:
             self.lora_alpha = 2.0 * self.lora_rank  # saved resolved, so run-config.yaml shows the scale used
 
     def _coerce(self, name: str) -> str | None:
-        """Bring a value read from a file to the field's type; return a problem, or None."""
+        """Bring a value read from a file to the field's type; return a problem, or None. A float must be
+        finite: no option means anything by nan or inf, and `nan < 0` is False, so a range check would let it
+        through to the first step."""
         value, (kind, optional) = getattr(self, name), field_types()[name]
         if value is None and optional:
             return None
@@ -226,6 +233,8 @@ class RunConfig:
         except (TypeError, ValueError):
             expected = ", ".join(m.value for m in kind) if isinstance(kind, enum.EnumMeta) else kind.__name__
             return f"{flag(name)} {value!r}: expected {expected}"
+        if kind is float and not math.isfinite(getattr(self, name)):  # typer and YAML both read nan and inf
+            return f"{flag(name)} {getattr(self, name)} must be a finite number"
         return None
 
     def _check(self) -> list[str]:
@@ -313,7 +322,7 @@ _LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 RESUMABLE_CHANGES = frozenset(
     {"model", "dataset", "tokenizer", "val_file", "output", "eval_every", "memory", "device_memory",
-     "host_memory", "nvme", "prefetch", "checkpoint_every", "keep_checkpoints"}
+     "host_memory", "nvme", "prefetch", "verify_swap", "checkpoint_every", "keep_checkpoints"}
 )
 """Fields a resumed run may change: where things are, budgets, and how often to eval or save. They do not touch
 the training math (moved model or data files are checked by content instead). Every other field must equal the

@@ -20,13 +20,16 @@ from typing import Any
 
 from .errors import FinetuneError, one_line
 
-__all__ = ["Format", "Sequences", "detect_format", "load_rows", "split_rows", "tokenize_rows"]
+__all__ = ["CHAT_ROLES", "Format", "Sequences", "detect_format", "load_rows", "split_rows", "tokenize_rows"]
 
 IGNORE = -100  # the label transformers' loss skips
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _INSTRUCTION_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
 _TOKENIZE_BATCH = 1024
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+"""The roles a chat message may have: those of the common chat templates (tool: a function call's result)."""
 
 
 class Format(str, enum.Enum):
@@ -97,15 +100,19 @@ def _load_local(datasets: Any, path: Path, label: str) -> Any:
         raise FinetuneError(f"{label} directory {path} has no {', '.join(_BUILDERS)} files")
     if files[0].suffix not in _BUILDERS:
         raise FinetuneError(f"{label} {path}: unsupported file type {files[0].suffix!r}; use {', '.join(_BUILDERS)}")
+    for file in files:
+        _check_readable(file, label)
     if all(f.stat().st_size == 0 for f in files):
         raise FinetuneError(f"{label} {path} is empty; add examples or point at another file")
     parts = []
     for builder in sorted({_BUILDERS[f.suffix] for f in files}):
         group = [str(f) for f in files if _BUILDERS[f.suffix] == builder]
         try:
-            parts.append(datasets.load_dataset(builder, data_files=group, split="train"))
+            part = datasets.load_dataset(builder, data_files=group, split="train")
         except Exception as error:  # datasets wraps parser errors in its own types; find the line ourselves
             raise FinetuneError(_describe_load_failure(group, error)) from None
+        _check_utf8(part, group)
+        parts.append(part)
     try:
         return datasets.concatenate_datasets(parts)
     except ValueError:
@@ -113,14 +120,68 @@ def _load_local(datasets: Any, path: Path, label: str) -> Any:
         raise FinetuneError(f"{label} {path}: its files have different fields ({columns}); use one format") from None
 
 
+def _check_readable(file: Path, label: str) -> None:
+    """Open `file` as `datasets` will. Checked first because `datasets` may answer from its cache without opening
+    the file, and when it does open it, its error does not say which file or what to do.
+
+    Raises:
+        FinetuneError: the file cannot be opened for reading (permissions, most often).
+    """
+    try:
+        with file.open("rb"):
+            pass
+    except PermissionError:
+        raise FinetuneError(
+            f"{label} {file} is not readable (permission denied); fix its permissions (chmod a+r {file}) or run "
+            "as a user who can read it"
+        ) from None
+    except OSError as error:
+        raise FinetuneError(f"cannot read {label} {file} ({error.strerror}); check the file") from None
+
+
+def _check_utf8(rows: Any, files: list[str]) -> None:
+    """pyarrow's JSON reader keeps bytes that are not UTF-8 as they are, and the failure would come only when a
+    row is read, as a UnicodeDecodeError with a traceback. Validating the loaded table finds them in one pass of
+    its C++ code; only then are the files read line by line, for the line number.
+
+    Raises:
+        FinetuneError: a string that is not UTF-8, with its file and line.
+    """
+    try:
+        rows.data.validate(full=True)
+    except ValueError:  # pyarrow.ArrowInvalid: "Invalid UTF8 sequence"
+        where = next(filter(None, (_first_non_utf8(Path(name)) for name in files)), None)
+        raise FinetuneError(where or f"{', '.join(files)} holds text that is not UTF-8; re-encode it as UTF-8, e.g. "
+                            "with iconv -f latin1 -t utf-8") from None
+
+
 def _describe_load_failure(files: list[str], error: Exception) -> str:
-    """Name the file and line of the first malformed JSON record, or fall back to the parser's message."""
+    """Name the file and line of the first line that is not UTF-8 or not valid JSON, or fall back to the parser's
+    message."""
     for name in files:
-        location = _first_bad_json(Path(name))
+        location = _first_non_utf8(Path(name)) or _first_bad_json(Path(name))
         if location:
             return location
     cause = error.__cause__ or error.__context__ or error
     return f"cannot read {', '.join(files)}: {type(cause).__name__}: {one_line(str(cause))[:300]}"
+
+
+def _first_non_utf8(path: Path) -> str | None:
+    """The line (from 1) and column of the first byte that is not UTF-8 in a text file, with the fix; None when
+    the whole file decodes. `datasets` reads text as UTF-8 and reports only a byte offset."""
+    if path.suffix == ".parquet":
+        return None
+    with path.open("rb") as file:  # line by line: this runs on files of any size
+        for number, line in enumerate(file, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return (
+                    f"{path} line {number}: not UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1}); "
+                    f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > "
+                    f"{path.with_name(path.stem + '.utf8' + path.suffix)}"
+                )
+    return None
 
 
 def _first_bad_json(path: Path) -> str | None:
@@ -267,6 +328,10 @@ def _chat_segments(messages: Any, tokenizer: Any, source: str, number: int) -> l
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
     ):
         raise FinetuneError(f"{source} row {number}: 'messages' should be a list of {{role, content}} strings")
+    unknown = next((m["role"] for m in messages if m["role"] not in CHAT_ROLES), None)
+    if unknown is not None:  # a template renders any role, so a typo would silently become prompt text
+        raise FinetuneError(f"{source} row {number}: a message has role {unknown!r}; use one of "
+                            f"{', '.join(CHAT_ROLES)} (only assistant turns are trained on)")
     if not any(m["role"] == "assistant" for m in messages):
         raise FinetuneError(f"{source} row {number}: no message with role 'assistant' to train on")
 

@@ -11,19 +11,37 @@ checkpoint in the manifest intact (cli/checkpoints.py).
     bad input                                     checked in         tested in tests/cli/test_bad_input.py
     model path missing, a file, unreadable        model.py           model-missing, -is-a-file, -config-unreadable
     directory without config.json or weights      model.py           model-without-config
+    config.json valid JSON but not an object      model.py           model-config-not-an-object
+    safetensors truncated, header damaged, zeros  model.py           model-weights-truncated, -header-length,
+                                                                     -header-json, -zero-filled
+    a tensor of another shape than config.json's  model.py           model-weights-wrong-shape
     unsupported architecture / not a causal LM    model.py, engine   model-unsupported-architecture, -not-a-causal-lm
     hub id while offline (names where to put it)  model.py           model-hub-id-offline
     dataset missing, empty, malformed line N      data.py            dataset-missing, -empty, -malformed-line
+    dataset without read permission               data.py            dataset-unreadable (not as root), test_data.py
+    dataset line N not UTF-8 (names iconv)        data.py            dataset-not-utf8
+    chat message with an unknown role             data.py            dataset-chat-unknown-role, test_data.py
     unknown format (lists the fields found)       data.py            dataset-unknown-fields, format-missing-fields
     --seq-len below a prompt                      data.py            seq-len-below-prompt
     budget below the minimum (gives it)           hardware.py        budget-too-small
     --nvme not writable                           hardware.py        nvme-not-writable
     disk full during the run                      train.py           disk-full-*
     resume: other model, changed options, none    train.py, engine   resume-*, output-holds-a-run
+    --output in use by a live run (names its pid)  run_lock.py       tests/cli/test_concurrency.py
+    --output disk full at the first write         run_lock.py        tests/cli/test_run_lock.py
+    a link or another's directory in --nvme       offload/swap_area  tests/cli/test_concurrency.py, test_swap_area.py
+    a damaged checkpoint file (names it and the   checkpoints.py,    tests/cli/test_damaged_checkpoint.py
+      checkpoint before it)                       offload/checksums
     --lora-targets naming no linear layer         lora.py            lora-targets-unknown
     export --merge: no adapter, no base, misfit   export.py          tests/cli/test_lora_cli.py
     resume: LoRA adapters on another base         train.py, lora.py  tests/cli/test_lora_cli.py
-    invalid option values (exit 2)                config.py          usage-*, test_options.py
+    invalid option values, nan/inf (exit 2)       config.py          usage-*, test_options.py
+    usage errors as one `Error:` line (exit 2)    main.py            usage-*, test_options.py
+    Ctrl-C while importing (exit 130, one line)   entry.py           test_options.py
+
+Usage errors (exit 2) come from typer (click) and from `ConfigError`; the console script (cli/entry.py, then
+`main.run_script`) prints them as one `Error:` line too, so a script reads every failure from the last line of
+stderr.
 """
 
 from __future__ import annotations

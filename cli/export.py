@@ -21,12 +21,15 @@ from safetensors import safe_open
 from ..offload import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    CHECKSUMS_FILE,
     ENGINE_STATE_FILE,
     OPTIMIZER_PREFIX,
+    ChecksumMismatch,
     atomic_directory,
     index_ranges,
     merge_adapter,
     safetensors_index,
+    verify_checksums,
     write_model_config,
     write_safetensors_shards,
 )
@@ -40,7 +43,7 @@ ADAPTER_PREFIX = ADAPTER_WEIGHTS.removesuffix(".safetensors")  # peft reads one 
 
 _MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 _ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
-_NEVER_COPIED = (ENGINE_STATE_FILE, RUN_CONFIG)  # training state, not part of a model
+_NEVER_COPIED = (ENGINE_STATE_FILE, RUN_CONFIG, CHECKSUMS_FILE)  # training state and its record, not part of a model
 
 
 def find_checkpoint(source: Path) -> Path:
@@ -83,6 +86,12 @@ def export_checkpoint(source: Path, out: Path, dtype: torch.dtype | None = None,
             is not an adapter, no usable base model, or an adapter that does not fit the base.
     """
     checkpoint = find_checkpoint(source)
+    if (checkpoint / CHECKSUMS_FILE).exists():  # a checkpoint (a plain model directory has no record)
+        try:
+            verify_checksums(checkpoint)
+        except ChecksumMismatch as error:
+            raise FinetuneError(f"checkpoint {checkpoint} is damaged: {error}; export an earlier checkpoint of the "
+                                "run (pass its directory)") from None
     if merge and not is_adapter(checkpoint):
         raise FinetuneError(
             f"--merge: {checkpoint} holds a whole model, not a LoRA adapter, so there is nothing to merge; export it "

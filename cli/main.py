@@ -2,8 +2,8 @@
 
 Commands: `run` (cli/train.py), `plan` (cli/plan.py; also `run --dry-run`), `export` (cli/export.py), `info`.
 `run`'s options are the fields of RunConfig (cli/config.py), which holds their types, defaults, help and panels.
-Exit codes: 0 success, 1 an expected failure (one `Error:` line on stderr), 2 a usage error, 130 a run stopped
-by Ctrl-C after saving its checkpoint.
+Exit codes: 0 success, 1 an expected failure (one `Error:` line on stderr), 2 a usage error (one `Error:` line
+too, from `run_script`), 130 a run stopped by Ctrl-C after saving its checkpoint, or stopped while starting.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from rich.table import Table
 from ..offload import detect_hardware, format_bytes, parse_size
 from .config import ConfigError, Dtype, Panel, RunConfig, field_help, field_types, flag
 from .config_file import load_config_file
-from .errors import EXIT_INTERRUPTED, FinetuneError, exit_on_failure
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, FinetuneError, exit_on_failure, one_line
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -56,6 +56,26 @@ HARDWARE_HELP = ("Plan for this machine: a profile (fuyou-rtx4090, slideformer-r
 @app.callback()
 def main() -> None:
     """Fine-tune Hugging Face models far larger than your GPU or RAM."""
+
+
+def run_script(args: list[str] | None = None) -> int:
+    """The `finetune` console script (cli/entry.py): `app` on `args` (default: sys.argv), returning the exit code.
+
+    Usage errors (exit 2) are printed as one `Error:` line, as expected failures are, instead of typer's usage
+    line and boxed panel, so that a script reads every failure the same way: the last line of stderr.
+    """
+    try:
+        code = app(args=args, prog_name="finetune", standalone_mode=False)
+    except typer.TyperException as error:  # typer's click: usage errors (exit 2), and its own such as FileError (1)
+        if type(error).__name__ == "NoArgsIsHelpError":  # bare `finetune`: the help is printed (typer's own test)
+            return error.exit_code
+        hint = f" (see '{error.ctx.command_path} --help')" if getattr(error, "ctx", None) is not None else ""
+        typer.echo(f"Error: {one_line(error.format_message()).removesuffix('.')}{hint}", err=True)
+        return error.exit_code
+    except typer.Abort:  # end of input at a prompt (typer turns Ctrl-C into exit 130 itself)
+        typer.echo("Error: aborted", err=True)
+        return EXIT_FAILURE
+    return code if isinstance(code, int) else 0  # standalone_mode=False returns typer.Exit's code
 
 
 def _config_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -108,6 +128,10 @@ def run(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in --output from its latest checkpoint, with its saved options.",
         rich_help_panel=Panel.CHECKPOINTS)] = False,
+    resume_from: Annotated[Optional[str], typer.Option(
+        "--resume-from", help="Continue from this checkpoint of --output (a name such as step-00000400) instead of "
+        "the latest, e.g. when the latest is damaged; the later ones are dropped once it loads.",
+        rich_help_panel=Panel.CHECKPOINTS, show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="No progress bar; print the summary as JSON.")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Check the inputs and print the plan (finetune plan's table), then exit; writes nothing.")
@@ -127,11 +151,12 @@ def run(
     with exit_on_failure():
         try:
             values = {**(load_config_file(config_file) if config_file else {}), **given}
-            config = configure(values, resume=resume)
+            resume = resume or resume_from is not None
+            config = configure(values, resume=resume, checkpoint=resume_from)
             profile = _profile(hardware)
         except ConfigError as error:
             raise typer.BadParameter(str(error)) from None  # a usage error: exit code 2
-        prepared = prepare(config, resume=resume)
+        prepared = prepare(config, resume=resume, checkpoint=resume_from)
         try:
             plan = make_plan(config, prepared.model, prepared.model_dir, profile, progress=Console(stderr=True))
         except OSError as error:  # measuring the rates writes a probe file; a full disk must not stop the run

@@ -7,6 +7,7 @@ step, so it always describes a single run.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 from pathlib import Path
@@ -38,12 +39,16 @@ class Clock:
 
 
 class MetricsLog:
-    """Appends JSON lines to `path`, keeping only the records up to `resume_step` from an earlier run."""
+    """Appends JSON lines to `path`, keeping only the records up to `resume_step` from an earlier run.
+
+    `resume_step` 0 (a new run) keeps none: what is there was left by a start killed before its first checkpoint,
+    and this run writes its step-0 eval again, so keeping it would log that eval twice.
+    """
 
     def __init__(self, path: Path, *, resume_step: int | None = None) -> None:
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [r for r in _read_metrics(path) if r["step"] <= resume_step]
+            kept = [r for r in _read_metrics(path) if r["step"] <= resume_step] if resume_step > 0 else []
             write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = path.open("a")
 
@@ -130,7 +135,12 @@ def _show(key: str, value: Any) -> str:
 
 
 def plot_losses(metrics: Path, png: Path) -> None:
-    """Train loss per step and eval loss, from metrics.jsonl, as a PNG."""
+    """Train loss per step and eval loss, from metrics.jsonl, as a PNG.
+
+    The PNG is written atomically, through a `.loss.png.*.tmp` file beside it. A process killed during that write
+    leaves the temporary file behind, so the leftovers of earlier writes of this same PNG are removed first (the
+    run holds the output directory's lock: no other process is writing one).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -151,4 +161,11 @@ def plot_losses(metrics: Path, png: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
+    _remove_leftovers(png)
     write_atomic(png, buffer.getvalue())
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete the temporary files an interrupted `write_atomic(path, ...)` left (named `.{name}.*.tmp`)."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        leftover.unlink(missing_ok=True)

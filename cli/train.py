@@ -26,7 +26,7 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from ..offload import DEFAULT_PREFETCH, Budget, Engine, write_atomic
+from ..offload import DEFAULT_PREFETCH, Budget, ChecksumMismatch, Engine, format_bytes, write_atomic
 from .batches import Batches, eval_batches
 from .checkpoints import RUN_CONFIG, Checkpoints, Entry
 from .config import RESUMABLE_CHANGES, OptimizerName, RunConfig
@@ -37,13 +37,14 @@ from .hardware import run_budget
 from .lora import base_fingerprint, lora_description, wrap_lora
 from .model import build_meta_model, load_tokenizer, pad_id, resolve_model
 from .progress import Clock, MetricsLog, RunProgress, memory_line, plot_losses, summary_table
+from .run_lock import hold_output, output_full, refuse_if_running, swap_name
 from .schedule import LearningRate
 
 __all__ = ["Prepared", "configure", "prepare", "train"]
 
 
 
-def configure(values: dict[str, Any], *, resume: bool) -> RunConfig:
+def configure(values: dict[str, Any], *, resume: bool, checkpoint: str | None = None) -> RunConfig:
     """The effective config: `values` (config file, then flags) over the defaults, or over the saved config of
     the run being resumed.
 
@@ -54,8 +55,9 @@ def configure(values: dict[str, Any], *, resume: bool) -> RunConfig:
     if not resume:
         return RunConfig(**values)
     output = Path(values.get("output", RunConfig.output))
+    refuse_if_running(output)
     checkpoints = Checkpoints(output)
-    saved = RunConfig(**yaml.safe_load((checkpoints.path(checkpoints.latest()) / RUN_CONFIG).read_text()))
+    saved = RunConfig(**yaml.safe_load((checkpoints.path(checkpoints.latest(checkpoint)) / RUN_CONFIG).read_text()))
     config = RunConfig(**{**saved.to_dict(), **values})
     changed = config.differences(saved, ignore=RESUMABLE_CHANGES)
     if changed:
@@ -84,9 +86,10 @@ class Prepared:
     total_steps: int
     budget: Budget
     prefetch: int  # --prefetch, else the engine's default; `run` puts the plan's knobs (depth, split) in here
+    latest_seen: str | None = None  # the newest checkpoint listed when this was prepared (checked again under the lock)
 
 
-def prepare(config: RunConfig, *, resume: bool) -> Prepared:
+def prepare(config: RunConfig, *, resume: bool, checkpoint: str | None = None) -> Prepared:
     """Read and check everything `train` needs, cheapest checks first; nothing is written.
 
     Raises:
@@ -100,7 +103,8 @@ def prepare(config: RunConfig, *, resume: bool) -> Prepared:
     checkpoints = Checkpoints(output)
     if output.exists() and not output.is_dir():
         raise FinetuneError(f"--output {output} is a file; pass a directory")
-    resume_from = checkpoints.latest() if resume else None
+    refuse_if_running(output)
+    resume_from = checkpoints.latest(checkpoint) if resume else None
     if resume_from is None and checkpoints.entries():  # a run without a checkpoint has nothing to lose
         raise FinetuneError(f"--output {output} already holds a run; pass --resume to continue it, or choose a new "
                             "--output")
@@ -130,7 +134,8 @@ def prepare(config: RunConfig, *, resume: bool) -> Prepared:
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return Prepared(config, resume_from, model_dir, model, parameters, trainable, tokenizer, fmt, train_data, val_data,
-                    batches, total, budget, DEFAULT_PREFETCH if config.prefetch is None else config.prefetch)
+                    batches, total, budget, DEFAULT_PREFETCH if config.prefetch is None else config.prefetch,
+                    latest_seen=entries[-1].name if (entries := checkpoints.entries()) else None)
 
 
 def _sequences(config: RunConfig, tokenizer: Any) -> tuple[Format, Sequences, Sequences | None]:
@@ -182,13 +187,18 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
     config, output = prepared.config, Path(prepared.config.output)
     checkpoints = Checkpoints(output)
     schedule = LearningRate(config.lr, prepared.total_steps, config.warmup_steps, config.schedule, config.min_lr)
-    engine = _engine(prepared)
-    with engine:
+    # The lock is taken before the engine makes its swap files, and held until every write of the run is done.
+    with hold_output(output, prepared.resume_from, prepared.latest_seen), _engine(prepared) as engine:
         start = _restore(engine, prepared, checkpoints) if prepared.resume_from else _fresh(config)
-        output.mkdir(parents=True, exist_ok=True)  # the first write of the run
-        write_atomic(output / RUN_CONFIG, config.to_yaml())
+        _go_back(checkpoints, prepared.resume_from)
+        try:
+            write_atomic(output / RUN_CONFIG, config.to_yaml())
+        except OSError as error:
+            if not disk_full(error):
+                raise
+            raise output_full(output, error) from None
         metrics = MetricsLog(output / "metrics.jsonl", resume_step=start)
-        _describe(prepared, start)
+        _describe(prepared, start, engine)
         progress = RunProgress(console, total=prepared.total_steps, start=start, quiet=quiet)
         clock = Clock()
         last_loss, last_eval, saved = math.nan, None, prepared.resume_from
@@ -268,7 +278,12 @@ def _engine(prepared: Prepared) -> Engine:
             compute_dtype=compute_dtype(config),
             weights=prepared.model_dir,
             quantize_frozen=quantize_frozen(config),
+            run_name=swap_name(Path(config.output)),
+            verify_swap=config.verify_swap,
         )
+    except PermissionError as error:  # a swap directory of this name that is not ours alone
+        message = one_line(str(error)).replace("another swap directory", "another --nvme")
+        raise FinetuneError(f"--nvme {config.nvme}: {message}") from None
     except ValueError as error:  # the engine's own checks (budget, architecture) name the fix
         raise FinetuneError(f"cannot stream {prepared.model_dir}: {one_line(str(error))}") from None
     except OSError as error:
@@ -291,6 +306,9 @@ def _restore(engine: Engine, prepared: Prepared, checkpoints: Checkpoints) -> in
     directory = checkpoints.path(prepared.resume_from)
     try:
         extra = engine.load_checkpoint(directory)
+    except ChecksumMismatch as error:
+        raise FinetuneError(f"--resume: checkpoint {directory} is damaged: {error}; "
+                            f"{checkpoints.fallback(prepared.resume_from)}") from None
     except ValueError as error:
         raise FinetuneError(f"--resume: {one_line(str(error))}") from None
     if extra.get("data") != prepared.train.fingerprint():
@@ -307,6 +325,15 @@ def _restore(engine: Engine, prepared: Prepared, checkpoints: Checkpoints) -> in
     if torch.cuda.is_available() and extra["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
     return int(extra["step"])
+
+
+def _go_back(checkpoints: Checkpoints, resumed: Entry | None) -> None:
+    """A run resumed from an earlier checkpoint than its latest (`--resume-from`) continues from there: the later
+    checkpoints are dropped, now that the earlier one has loaded, so that they do not stand for this run's steps."""
+    dropped = checkpoints.drop_after(resumed) if resumed is not None else []
+    if dropped:
+        Console(stderr=True).print(f"going back to {resumed.name}: removed the later checkpoint(s) "
+                                   f"{', '.join(dropped)}", highlight=False, soft_wrap=True)
 
 
 def _step(engine: Engine, micro_batches: list[dict[str, torch.Tensor]], step: int, checkpoints: Checkpoints,
@@ -358,7 +385,7 @@ def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: in
                             run_config=prepared.config.to_yaml(), keep=prepared.config.keep_checkpoints)
 
 
-def _describe(prepared: Prepared, start: int) -> None:
+def _describe(prepared: Prepared, start: int, engine: Engine) -> None:
     """What is about to run, on stderr (diagnostics, not results)."""
     config = prepared.config
     val = f", {len(prepared.val)} validation" if prepared.val is not None else ""
@@ -370,3 +397,8 @@ def _describe(prepared: Prepared, start: int) -> None:
         f"sequences{val} · {prepared.total_steps} steps of {prepared.batches.per_step} sequences · {where}",
         highlight=False, soft_wrap=True,
     )
+    if engine.swap_reclaimed:
+        Console(stderr=True).print(
+            f"removed {format_bytes(engine.swap_reclaimed)} of swap files that a stopped process of this run left in "
+            f"{engine.swap_directory}", highlight=False, soft_wrap=True,
+        )

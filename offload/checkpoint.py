@@ -4,7 +4,8 @@ The directory is a Hugging Face model directory of the fp32 master weights (so i
 model), or, for a peft model whose base is read from its files, the peft adapter directory (the base is not
 copied); plus the optimizer's state chunks (`optimizer*.safetensors`) and the engine's small state
 (`engine_state.pt`: format version, step, optimizer name and state outside the chunks, a fingerprint of every
-tensor and chunk shape, and the caller's `extra`). It is written with `durable.atomic_directory`: under a
+tensor and chunk shape, and the caller's `extra`), and `checksums.json`, a hash of every other file, which a load
+verifies before it parses anything (checksums.py). It is written with `durable.atomic_directory`: under a
 temporary name next to its final place, every file and the directory fsynced, and only then renamed, so a crash or
 a full disk at any point leaves the previous checkpoints as they were and at most a `.partial` directory.
 """
@@ -20,6 +21,7 @@ from safetensors import safe_open
 
 from .binding import InHost
 from .block_state import BlockState
+from .checksums import verify_checksums, write_checksums
 from .chunks import Chunk
 from .durable import atomic_directory
 from .safetensors_io import safetensors_index, write_safetensors_shards
@@ -90,6 +92,7 @@ def write_checkpoint(
                 f"save_checkpoint: extra holds something torch.load(weights_only=True) cannot read "
                 f"({str(error).splitlines()[0]}); keep to dicts, lists, numbers, strings and tensors"
             ) from None
+        write_checksums(temporary, [str(p.relative_to(temporary)) for p in temporary.rglob("*") if p.is_file()])
     return directory
 
 
@@ -103,12 +106,14 @@ def read_engine_state(directory: Path, *, optimizer: str, expected: list[tuple])
     """The engine state of checkpoint `directory`, checked against this engine's optimizer and `fingerprint`.
 
     Raises:
+        ChecksumMismatch: a file of the checkpoint is damaged (every one is verified here, before any is read).
         ValueError: not a checkpoint, another format version, another optimizer, or another model.
     """
     if not (directory / ENGINE_STATE_FILE).is_file():
         raise ValueError(
             f"{directory} is not a checkpoint (no {ENGINE_STATE_FILE}); pass a directory written by save_checkpoint"
         )
+    verify_checksums(directory)
     state = torch.load(directory / ENGINE_STATE_FILE, weights_only=True)
     if state.get("format") != FORMAT_VERSION:
         raise ValueError(

@@ -48,6 +48,7 @@ from .quantized import QUANTIZATIONS
 from .recompute import StreamedCheckpoint, StreamedLayer
 from .residency import DEFAULT_PREFETCH, Residency
 from .store import ChunkStore
+from .swap_area import SwapArea
 from .timers import NO_TIMERS, Timers
 from .updates import UpdateWorker, queue_depth
 from .zeroth_order import ZerothOrderStep
@@ -86,7 +87,14 @@ class Engine:
             with bitsandbytes, as transformers' `BitsAndBytesConfig(load_in_4bit=True)` quantizes them): a
             quarter of the bytes to hold and move. They are quantized once, when the engine is built, and
             dequantized each time their layer computes.
-        keep_swap: keep the swap files when the engine closes.
+        keep_swap: keep the swap files (and their directory) when the engine closes.
+        run_name: names the engine's directory inside `budget.nvme` (`finetune-<run_name>`), so that a later
+            process of the same run finds it and removes what a killed one left there (`swap_reclaimed` says how
+            much); None makes a fresh one with a random name. Either way it is private (mode 0700) and locked
+            to this engine: see swap_area.py.
+        verify_swap: check every swap-file read against a checksum of the bytes written (XXH3, hashed on the I/O
+            threads), and stop with `ChecksumMismatch` naming the file when they differ: for disks one does not
+            trust. benchmarks/checkpoint_cost.py measures what it costs.
         timers: receives the seconds of each phase of a step (see timers.py), for benchmarks.
     """
 
@@ -106,6 +114,8 @@ class Engine:
         weights: str | Path | None = None,
         quantize_frozen: str | None = None,
         keep_swap: bool = False,
+        run_name: str | None = None,
+        verify_swap: bool = False,
         timers: Timers = NO_TIMERS,
     ) -> None:
         _check_settings(model, optimizer, prefetch, accumulation_steps, max_grad_norm, compute_dtype, quantize_frozen)
@@ -127,14 +137,22 @@ class Engine:
         check_budget(need, device_bytes, host_bytes, self.budget.nvme, frozen_in_files=self._weights_dir is not None,
                      grads_in_swap=not self._grads_consumed)
         self._spare_bytes = device_bytes + host_bytes - need.device - need.host  # updates.queue_depth
-        backend = open_backend(self.budget.nvme, keep_files=keep_swap) if self.budget.nvme else None
+        self._keep_swap = keep_swap
+        self.swap_area = SwapArea.open(self.budget.nvme, run_name) if self.budget.nvme else None
+        backend = open_backend(self.swap_area.path, keep_files=keep_swap) if self.swap_area else None
         # Held compute copies (QLoRA's dequantized weights, bf16 MeZO weights in fp32): their room is kept aside.
         copies = compute_copies_nbytes(layouts, self.plan, optimizer, self.compute_dtype)
-        self.store = ChunkStore(device_bytes - copies, host_bytes, make_transport(self.device), backend)
+        self.store = ChunkStore(device_bytes - copies, host_bytes, make_transport(self.device), backend,
+                                verify_reads=verify_swap)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
-        self._blocks = block_states(layouts, self.store, optimizer, self.compute_dtype, plan=self.plan,
-                                    weights=self._weights_dir, reader=self._reader, timers=timers)
-        self._build_steps(prefetch, max_grad_norm, ClipMode(clip_mode), timers)
+        self._updates = None
+        try:
+            self._blocks = block_states(layouts, self.store, optimizer, self.compute_dtype, plan=self.plan,
+                                        weights=self._weights_dir, reader=self._reader, timers=timers)
+            self._build_steps(prefetch, max_grad_norm, ClipMode(clip_mode), timers)
+        except BaseException:  # a full swap disk while the weights go in: leave no files and no lock behind
+            self.close()
+            raise
 
     def _build_steps(self, prefetch: int, max_grad_norm: float | None, clip_mode: ClipMode, timers: Timers) -> None:
         """Fill the chunks, bind the parameters, then build the step that trains them and hook it in."""
@@ -299,6 +317,16 @@ class Engine:
         """Every block's chunks and parameters, in model order: for tests and benchmarks to look at, not to change."""
         return self._blocks
 
+    @property
+    def swap_directory(self) -> Path | None:
+        """Where this engine's swap files are (a private directory inside `budget.nvme`), or None without one."""
+        return self.swap_area.path if self.swap_area is not None else None
+
+    @property
+    def swap_reclaimed(self) -> int:
+        """Bytes of swap files a killed earlier process of the same `run_name` left, removed at construction."""
+        return self.swap_area.reclaimed if self.swap_area is not None else 0
+
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of chunks in memory now, per tier ("device", "host"), for progress displays."""
         return self.store.resident_bytes()
@@ -320,6 +348,8 @@ class Engine:
         self._reader.shutdown(wait=True)
         if self.store.backend is not None:
             self.store.backend.close()
+        if self.swap_area is not None:
+            self.swap_area.close(keep=self._keep_swap)
 
     def __enter__(self) -> Engine:
         return self

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 __all__ = [
     "DTYPES",
+    "DamagedSafetensors",
     "DTYPE_NAMES",
     "TensorRange",
     "TensorSpec",
@@ -76,24 +77,62 @@ class TensorRange:
     shape: torch.Size
 
 
+class DamagedSafetensors(ValueError):
+    """A file that is not a whole safetensors file: its header is damaged, or it ends before its last tensor."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} {reason}; download or save the weights again")
+        self.path = path
+
+
+_MAX_HEADER = 100_000_000  # the largest header the safetensors library reads
+
+
 def read_header(path: Path) -> dict[str, TensorRange]:
-    """Every tensor of one `.safetensors` file, in header order, from its header alone (no tensor is read).
+    """Every tensor of one `.safetensors` file, in header order, from its header alone (no tensor is read), having
+    checked that the file is one: an 8-byte little-endian header length, a JSON object of {dtype, shape,
+    data_offsets} entries, and as many bytes after it as the offsets reach. Checked here because a damaged file
+    otherwise fails with a struct or JSON error that names neither the file nor the fix, or not until a read.
 
     Raises:
+        DamagedSafetensors: a damaged header, or a file cut short.
         UnsupportedDtype: a tensor's dtype is not in `DTYPES`.
     """
+    size = path.stat().st_size
     with open(path, "rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(length))
-    start = 8 + length
-    ranges = {}
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise DamagedSafetensors(path, f"is not a valid safetensors file (it is {size} bytes, shorter than the "
+                                           "8-byte header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        if not 2 <= length <= min(size - 8, _MAX_HEADER):
+            reason = "is 0, too short for any header" if length == 0 else \
+                f"{length} does not fit the file's {size} bytes"
+            raise DamagedSafetensors(path, f"is not a valid safetensors file (its header length {reason})")
+        try:
+            header = json.loads(file.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DamagedSafetensors(path, "is not a valid safetensors file (its header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise DamagedSafetensors(path, "is not a valid safetensors file (its header is not a JSON object)")
+    start, ranges, end = 8 + length, {}, 0
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry["dtype"] not in DTYPES:
-            raise UnsupportedDtype(path, name, entry["dtype"])
-        begin, end = entry["data_offsets"]
-        ranges[name] = TensorRange(path, start + begin, end - begin, DTYPES[entry["dtype"]], torch.Size(entry["shape"]))
+        try:
+            dtype, shape, (begin, stop) = entry["dtype"], torch.Size(entry["shape"]), entry["data_offsets"]
+            if not 0 <= int(begin) <= int(stop):
+                raise ValueError(begin, stop)
+        except (KeyError, TypeError, ValueError):
+            raise DamagedSafetensors(path, f"is not a valid safetensors file (its header entry for {name} is "
+                                           "malformed)") from None
+        if dtype not in DTYPES:
+            raise UnsupportedDtype(path, name, dtype)
+        ranges[name] = TensorRange(path, start + int(begin), int(stop) - int(begin), DTYPES[dtype], shape)
+        end = max(end, int(stop))
+    if start + end > size:
+        raise DamagedSafetensors(path, f"is truncated: its header lists {end} bytes of tensors, but {size - start} "
+                                       "follow it (a copy or download was cut short)")
     return ranges
 
 

@@ -45,11 +45,13 @@ class ChunkStore:
         *,
         wait_limit_s: float = 60.0,
         stager: Executor | None = None,
+        verify_reads: bool = False,
     ) -> None:
         """`backend`: where chunks spill (None: nowhere, so dirty host chunks stay in memory).
         `wait_limit_s`: a demand load that waits this long for other threads to release memory is taken for a
         deadlock (everything held) and raises BudgetExceeded instead of hanging.
-        `stager`: the one-thread executor prefetches run on, in order (default: a new one; tests pass their own)."""
+        `stager`: the one-thread executor prefetches run on, in order (default: a new one; tests pass their own).
+        `verify_reads`: check every swap read against a checksum of what was written (`SwapFiles`)."""
         self.wait_limit_s = wait_limit_s
         self.limits = {Tier.DEVICE: device_bytes, Tier.HOST: host_bytes}
         self.used = {Tier.DEVICE: 0, Tier.HOST: 0}
@@ -60,7 +62,7 @@ class ChunkStore:
         self.transport = transport
         self.backend = backend
         self._chunks: list[Chunk] = []
-        self._files = SwapFiles(backend)
+        self._files = SwapFiles(backend, verify=verify_reads)
         self._writing: dict[int, Future] = {}  # id(chunk) -> write in flight
         self._moving: set[int] = set()  # id(chunk) of chunks being re-charged from one tier to another
         self._lock = threading.Condition()
@@ -158,7 +160,7 @@ class ChunkStore:
             for chunk in self._chunks:
                 tier = chunk.newest_tier
                 if tier is not None and chunk.only_copy_in(tier):
-                    futures.append((chunk, self._files.of(chunk).write_from(chunk.buffers[tier])))
+                    futures.append((chunk, self._files.write(chunk, chunk.buffers[tier])))
         for chunk, future in futures:
             future.result()
             with self._lock:
@@ -256,7 +258,7 @@ class ChunkStore:
             buffer.zero_()
             self._set_present(chunk, tier, buffer)
             return completed()
-        future = self._files.of(chunk).read_into(buffer)
+        future = self._files.read(chunk, buffer)
         chunk.loading[tier] = future
         # The read completes on an I/O thread; only then is the buffer published as present, so a reader that
         # finds it in `buffers` never sees half-read bytes.
@@ -371,7 +373,7 @@ class ChunkStore:
                 "raise the budgets"
             )
         # Dirty bytes go to NVMe first; the memory stays counted until the write completes.
-        future = self._files.of(chunk).write_from(chunk.buffers[tier])
+        future = self._files.write(chunk, chunk.buffers[tier])
         self._writing[id(chunk)] = future
         future.add_done_callback(lambda f: self._written(chunk, tier, f))
 

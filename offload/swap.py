@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 
 from ..optim.layout import round_up
+from .checksums import ChecksumMismatch, checksum_tensor
 from .chunks import Chunk
 
 __all__ = [
@@ -77,11 +79,56 @@ class SwapBackend(Protocol):
 
 class SwapFiles:
     """The swap file of each chunk, opened on its first write or read. A frozen chunk's is its source (read-only:
-    it is never dirty, so never written)."""
+    it is never dirty, so never written).
 
-    def __init__(self, backend: SwapBackend | None) -> None:
+    With `verify`, each write's bytes are hashed (checksums.py) once the write completes, and each read is checked
+    against that hash before the read counts as done, so a disk or a file system that returns other bytes than it
+    was given stops training with the file named instead of training on them. Frozen chunks' reads (the model's
+    own files) are not checked.
+    """
+
+    def __init__(self, backend: SwapBackend | None, *, verify: bool = False) -> None:
         self.backend = backend
+        self.verify = verify
         self._files: dict[str, SwapFileIO] = {}
+        self._checksums: dict[str, str] = {}  # chunk key -> checksum of the bytes its file holds (with `verify`)
+
+    def write(self, chunk: Chunk, src: torch.Tensor) -> Future[None]:
+        """Start writing `src`, all of `chunk`'s bytes, to its file."""
+        future = self.of(chunk).write_from(src)
+        if not self.verify:
+            return future
+        self._checksums.pop(chunk.key, None)  # the file holds neither the old bytes nor the new ones until done
+
+        def record(done: Future[None]) -> None:
+            if done.exception() is None:
+                self._checksums[chunk.key] = checksum_tensor(src)
+
+        # Ordering: registered before the caller's own callback (the store's, which frees `src`), and callbacks run
+        # in registration order, so `src` is still whole when hashed.
+        future.add_done_callback(record)
+        return future
+
+    def read(self, chunk: Chunk, dest: torch.Tensor) -> Future[None]:
+        """Start filling `dest` with `chunk`'s bytes from its file; with `verify`, resolves once they are checked."""
+        future = self.of(chunk).read_into(dest)
+        expected = self._checksums.get(chunk.key) if self.verify and chunk.source is None else None
+        if expected is None:
+            return future
+        checked: Future[None] = Future()
+
+        def check(done: Future[None]) -> None:
+            error = done.exception()
+            if error is None and checksum_tensor(dest) != expected:
+                error = ChecksumMismatch(self._files[chunk.key].path, f"(chunk {chunk.key}) gave back other bytes than "
+                                         "were written to it: the disk or its file system is failing")
+            if error is None:
+                checked.set_result(None)
+            else:
+                checked.set_exception(error)
+
+        future.add_done_callback(check)
+        return checked
 
     def of(self, chunk: Chunk) -> SwapFileIO:
         if chunk.source is not None:
@@ -101,6 +148,7 @@ class SwapFiles:
         """Give back the disk space of `chunk`'s swap file, if it has one: its bytes are no longer needed (a
         gradient chunk its update consumed). Its next write opens a new one."""
         file = self._files.pop(chunk.key, None)
+        self._checksums.pop(chunk.key, None)
         if file is not None and self.backend is not None:
             self.backend.remove(file)
 
@@ -144,11 +192,16 @@ class InflightRequests:
 
 def _create_preallocated(path: Path, nbytes: int) -> bool:
     """Reserving blocks up front avoids fragmentation and ENOSPC halfway through training.
-    Returns whether the file is new, so that close() removes only files we made."""
+    Returns whether the file is new, so that close() removes only files we made.
+
+    Raises:
+        PermissionError: `path` exists and is a symbolic link, not a regular file, or another user's: training
+            state is never written through a link or into a file someone else can read or replace.
+    """
     try:
-        fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), True
+        fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), True
     except FileExistsError:
-        fd, created = os.open(path, os.O_RDWR), False
+        fd, created = _open_own(path), False
     try:
         try:
             os.posix_fallocate(fd, 0, round_up(nbytes))
@@ -160,6 +213,23 @@ def _create_preallocated(path: Path, nbytes: int) -> bool:
     finally:
         os.close(fd)
     return created
+
+
+def _open_own(path: Path) -> int:
+    """Open an existing swap file (kept by `keep_files`) only if it is a regular file of ours."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise PermissionError(f"swap file {path} is a symbolic link; finetune never writes through one: remove "
+                                  "it") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)
+        whose = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"owned by another user (uid {info.st_uid})"
+        raise PermissionError(f"swap file {path} is {whose}; finetune did not use it: remove it")
+    return fd
 
 
 _File = TypeVar("_File", bound=SwapFileIO)

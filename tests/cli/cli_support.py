@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 REPO = Path(__file__).resolve().parents[2]
 FINETUNE = str(Path(sys.executable).with_name("finetune"))
 WORDS = "one two three four five six seven eight nine ten eleven twelve".split()
@@ -71,6 +74,24 @@ def interrupt_at(env: dict[str, str], args: list[str], output: Path, step: int, 
         time.sleep(0.005)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    """Same final weights and optimizer state (<= 1e-6) and the same logged losses as the reference run."""
+    final = "checkpoints/step-00000024"
+    for file in ("model.safetensors", "optimizer.safetensors"):
+        mine, theirs = load_file(resumed / final / file), load_file(reference / final / file)
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], atol=1e-6, rtol=0, msg=f"{file}: {name}")
+    records = [(resumed / "metrics.jsonl").read_text(), (reference / "metrics.jsonl").read_text()]
+    mine, theirs = ([(r["step"], r.get("loss"), r.get("eval_loss")) for r in map(json.loads, text.splitlines())]
+                    for text in records)
+    assert [step for step, *_ in mine] == [step for step, *_ in theirs]
+    for (step, loss, eval_loss), (_, loss_ref, eval_ref) in zip(mine, theirs):
+        assert (loss is None) == (loss_ref is None) and (eval_loss is None) == (eval_ref is None), step
+        torch.testing.assert_close(torch.tensor([loss or 0.0, eval_loss or 0.0]),
+                                   torch.tensor([loss_ref or 0.0, eval_ref or 0.0]), atol=1e-6, rtol=0)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

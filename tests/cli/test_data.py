@@ -1,9 +1,11 @@
 """Data, batches and schedule, in process: which tokens carry the loss in each format, packing, the data order
-that resume relies on, and the learning-rate curve."""
+that resume relies on, the learning-rate curve, and the data errors a subprocess cannot produce here."""
 
 from __future__ import annotations
 
 import math
+import pathlib
+from pathlib import Path
 
 import pytest
 from cli_support import Tiny, counting
@@ -11,7 +13,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from finetune.cli.batches import Batches, eval_batches
-from finetune.cli.data import IGNORE, Format, Sequences, detect_format, split_rows, tokenize_rows
+from finetune.cli.data import IGNORE, Format, Sequences, detect_format, load_rows, split_rows, tokenize_rows
 from finetune.cli.errors import FinetuneError
 from finetune.cli.schedule import LearningRate, Schedule
 
@@ -56,6 +58,37 @@ def test_chat_trains_on_every_assistant_turn(tokenizer) -> None:
     sequences = _tokenize(tokenizer, rows, Format.CHAT)
     assert tokenizer.decode(sequences.ids[0]) == tokenizer.apply_chat_template(rows[0]["messages"], tokenize=False)
     assert _trained_text(tokenizer, sequences) == "two</s>\nfour</s>\n"
+
+
+def test_chat_refuses_an_unknown_role(tokenizer) -> None:
+    """The template would render "wizard" as prompt text; a typo in a role must not silently change the data."""
+    rows = [{"messages": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}]},
+            {"messages": [{"role": "wizard", "content": "one"}, {"role": "assistant", "content": "two"}]}]
+    with pytest.raises(FinetuneError, match="rows row 2: a message has role 'wizard'; use one of system, user, "
+                                            "assistant, tool"):
+        _tokenize(tokenizer, rows, Format.CHAT)
+
+
+def test_unreadable_dataset_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file without read permission (tests run as root, who reads any file, so the open is made to fail as
+    it fails for anyone else; test_bad_input.py's dataset-unreadable row runs it for real where not root)."""
+    locked = tmp_path / "locked.jsonl"
+    locked.write_text('{"text": "one two"}\n')
+    opened = pathlib.Path.open
+
+    def open_(self: Path, *args: object, **kwargs: object) -> object:
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", open_)
+    with pytest.raises(FinetuneError) as raised:
+        load_rows(str(locked))
+    message = str(raised.value)
+    assert message == f"dataset {locked} is not readable (permission denied); fix its permissions (chmod a+r " \
+                      f"{locked}) or run as a user who can read it"
+    with pytest.raises(FinetuneError, match="--val-file .* is not readable"):
+        load_rows(str(tmp_path), label="--val-file")  # a directory's files are checked the same way
 
 
 def test_packing_fills_sequences_and_keeps_every_token(tokenizer) -> None:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from finetune.cli.main import app
+from finetune.offload import checksum_json
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +140,8 @@ def _stopped_at_step_8(reference: Path, output: Path) -> Path:
     shutil.copytree(reference, output)
     manifest = output / "checkpoints" / "manifest.json"
     entries = json.loads(manifest.read_text())["checkpoints"]
-    manifest.write_text(json.dumps({"checkpoints": [e for e in entries if e["step"] <= 8]}))
+    kept = [e for e in entries if e["step"] <= 8]
+    manifest.write_text(json.dumps({"checkpoints": kept, "checksum": checksum_json(kept)}))
     shutil.rmtree(output / FINAL)
     return output
 

@@ -1,15 +1,19 @@
 """Option parsing, in process with typer's CliRunner: help pages, config files under flags, usage errors, and the
 config a resumed run continues with. `prepare` is replaced by a probe that records the config it is given, so
-nothing here trains."""
+nothing here trains. Also the console script's own handling: usage errors on one line, Ctrl-C while importing."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_support import FINETUNE
 from typer.testing import CliRunner
 
 from finetune.cli import train as cli_train
@@ -17,9 +21,9 @@ from finetune.cli.checkpoints import MANIFEST, RUN_CONFIG
 from finetune.cli.config import ConfigError, RunConfig, field_help
 from finetune.cli.data import Format
 from finetune.cli.errors import FinetuneError
-from finetune.cli.main import app
+from finetune.cli.main import app, run_script
 from finetune.cli.schedule import Schedule
-from finetune.offload import ClipMode
+from finetune.offload import CHECKSUMS_FILE, ClipMode, checksum_file, checksum_json
 
 runner = CliRunner()
 
@@ -47,7 +51,7 @@ def probe(monkeypatch: pytest.MonkeyPatch) -> list[RunConfig]:
     """Configs that `finetune run` got as far as preparing; the run then stops with exit code 1."""
     seen: list[RunConfig] = []
 
-    def prepare(config: RunConfig, *, resume: bool) -> None:
+    def prepare(config: RunConfig, *, resume: bool, checkpoint: str | None) -> None:
         seen.append(config)
         raise FinetuneError("probe")
 
@@ -91,6 +95,14 @@ def test_toml_config_with_dashed_names(probe: list[RunConfig], tmp_path: Path) -
     (["m", "d"], "lora: true\nlora_targets: ' , '\n", "--lora-targets is empty"),
     (["m", "d"], "lr: fast\n", "--lr 'fast': expected float"),
     (["m", "d"], "- a list\n", "expected a mapping"),
+    (["m", "d", "--lr", "nan"], None, "--lr nan must be a finite number"),
+    (["m", "d", "--lr", "inf", "--min-lr", "-inf", "--epochs", "inf"], None,
+     "--epochs inf must be a finite number; --lr inf must be a finite number; --min-lr -inf must be a finite number"),
+    (["m", "d", "--lora", "--lora-alpha", "nan", "--lora-dropout", "nan"], None,
+     "--lora-alpha nan must be a finite number; --lora-dropout nan must be a finite number"),
+    (["m", "d"], "val_fraction: .nan\nweight_decay: .inf\nmax_grad_norm: .nan\n",
+     "--val-fraction nan must be a finite number; --weight-decay inf must be a finite number; --max-grad-norm nan "
+     "must be a finite number"),
 ])
 def test_usage_errors_exit_2(probe: list[RunConfig], tmp_path: Path, args: list[str], config_text: str | None,
                              message: str) -> None:
@@ -103,11 +115,53 @@ def test_usage_errors_exit_2(probe: list[RunConfig], tmp_path: Path, args: list[
     assert probe == []
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "m", "d", "--no-such-option"], "Error: No such option: --no-such-option"),
+    (["run", "m", "d", "--lr", "nan", "--max-grad-norm", "inf"],
+     "Error: Invalid value: --lr nan must be a finite number; --max-grad-norm inf must be a finite number (see "
+     "'finetune run --help')"),
+    (["run", "m", "d", "--steps", "many"], "Error: Invalid value for '--steps': "),
+    (["export"], "Error: Missing argument 'checkpoint' (see 'finetune export --help')"),
+])
+def test_script_prints_usage_errors_on_one_line(probe: list[RunConfig], capsys: pytest.CaptureFixture[str],
+                                                args: list[str], message: str) -> None:
+    """What the installed script prints (run_script is its body): one `Error:` line, last, as for exit code 1."""
+    assert run_script(args) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(message) and stderr.count("\n") == 1 and "─" not in stderr, stderr
+    assert probe == []
+
+
+def test_script_exit_codes(probe: list[RunConfig], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_script(["run", "--help"]) == 0 and "--seq-len" in capsys.readouterr().out
+    assert run_script(["run", "m", "d"]) == 1 and capsys.readouterr().err == "Error: probe\n"
+    assert run_script([]) == 2 and "run" in capsys.readouterr().out  # bare `finetune`: the help, as typer gives it
+
+
+def test_ctrl_c_while_importing_exits_130_without_a_traceback() -> None:
+    """Importing torch takes seconds; a Ctrl-C then must end like any other stop: one line, exit 130."""
+    process = subprocess.Popen([FINETUNE, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    assert process.poll() is None, "the script finished importing within 0.3 s: this test needs a slower import"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines() == ["Stopped by Ctrl-C before the run started; nothing was written."], stderr
+    assert stdout == ""  # it stopped before --help was printed: the signal came while importing
+
+
 def _saved_run(output: Path, config: RunConfig) -> None:
-    """A run directory whose latest checkpoint holds `config`, as `finetune run` leaves it."""
-    (output / "checkpoints" / "step-00000004").mkdir(parents=True)
-    (output / "checkpoints" / "step-00000004" / RUN_CONFIG).write_text(config.to_yaml())
-    (output / "checkpoints" / MANIFEST).write_text('{"checkpoints": [{"name": "step-00000004", "step": 4}]}')
+    """A run directory whose latest checkpoint holds `config`, with a manifest as `finetune run` leaves it (sizes
+    and checksums: cli/checkpoints.py refuses a checkpoint without them)."""
+    directory = output / "checkpoints" / "step-00000004"
+    directory.mkdir(parents=True)
+    (directory / RUN_CONFIG).write_text(config.to_yaml())
+    (directory / CHECKSUMS_FILE).write_text(json.dumps({"files": {}}))  # the engine's files: none here
+    names = [RUN_CONFIG, CHECKSUMS_FILE]
+    listed = [{"name": directory.name, "step": 4, "files": {n: (directory / n).stat().st_size for n in names},
+               "checksums": {n: checksum_file(directory / n) for n in names}}]
+    (output / "checkpoints" / MANIFEST).write_text(json.dumps({"checkpoints": listed,
+                                                               "checksum": checksum_json(listed)}))
 
 
 def test_resume_continues_with_the_saved_config(tmp_path: Path) -> None:
@@ -144,7 +198,7 @@ def test_info_reports_disk_speed_as_json(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path.parent / "cache"))  # --bandwidth stores the rates there
     result = runner.invoke(app, ["info", "--path", str(tmp_path), "--bandwidth", "--bandwidth-size", "4MB", "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
+    rows = json.loads(result.stdout)  # the JSON alone: notes (such as rates measured on a busy machine) go to stderr
     assert {"cpu cores", f"disk free at {tmp_path}", f"disk write at {tmp_path}",
             f"disk read at {tmp_path}", f"disk time compute hides at {tmp_path}"} <= set(rows)
     assert not any(tmp_path.iterdir())  # the test file is removed

@@ -17,8 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cli_support import Tiny, counting, interrupt_at, run_finetune, summary
+from cli_support import Tiny, assert_same_run, counting, interrupt_at, run_finetune, summary
 from safetensors.torch import load_file
+
+from finetune.cli.run_lock import swap_name
 
 pytestmark = pytest.mark.integration
 
@@ -86,33 +88,21 @@ def test_eval_loss_decreases_and_state_streams_through_nvme(reference_run) -> No
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["manifest.json", *names]
 
 
-def _assert_same_run(resumed: Path, reference: Path) -> None:
-    """Same final weights and optimizer state (<= 1e-6) and the same logged losses as the reference run."""
-    final = "checkpoints/step-00000024"
-    for file in ("model.safetensors", "optimizer.safetensors"):
-        mine, theirs = load_file(resumed / final / file), load_file(reference / final / file)
-        assert mine.keys() == theirs.keys()
-        for name in mine:
-            torch.testing.assert_close(mine[name], theirs[name], atol=1e-6, rtol=0, msg=f"{file}: {name}")
-    records = [(resumed / "metrics.jsonl").read_text(), (reference / "metrics.jsonl").read_text()]
-    mine, theirs = ([(r["step"], r.get("loss"), r.get("eval_loss")) for r in map(json.loads, text.splitlines())]
-                    for text in records)
-    assert [step for step, *_ in mine] == [step for step, *_ in theirs]
-    for (step, loss, eval_loss), (_, loss_ref, eval_ref) in zip(mine, theirs):
-        assert (loss is None) == (loss_ref is None) and (eval_loss is None) == (eval_ref is None), step
-        torch.testing.assert_close(torch.tensor([loss or 0.0, eval_loss or 0.0]),
-                                   torch.tensor([loss_ref or 0.0, eval_ref or 0.0]), atol=1e-6, rtol=0)
-
-
 def test_resume_after_sigkill_equals_uninterrupted_run(run_args, reference_run, env, tmp_path: Path) -> None:
     output = tmp_path / "run"
     killed = interrupt_at(env, run_args(output), output, 10, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     manifest = json.loads((output / "checkpoints" / "manifest.json").read_text())
     assert 8 <= manifest["checkpoints"][-1]["step"] < 24  # stopped mid-way, after a checkpoint
-    result = summary(run_finetune(env, "run", "--resume", "--output", output, "--json"))
+    swap = output.parent / f"{output.name}-swap"  # run_args's --nvme
+    area = swap / f"finetune-{swap_name(output)}"
+    assert sum(path.stat().st_size for path in area.iterdir()) > 0  # what the killed process left
+    resumed = run_finetune(env, "run", "--resume", "--output", output, "--json")
+    result = summary(resumed)
     assert result["status"] == "completed" and result["step"] == 24
-    _assert_same_run(output, reference_run[0])
+    assert_same_run(output, reference_run[0])
+    assert f"of swap files that a stopped process of this run left in {area}" in resumed.stderr
+    assert list(swap.iterdir()) == []  # nothing of the killed process is left
 
 
 def test_resume_after_ctrl_c_equals_uninterrupted_run(interrupted_run, reference_run, env, tmp_path: Path) -> None:
@@ -126,7 +116,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(interrupted_run, reference
     assert 6 <= step < 24  # saved at the step it stopped after
     result = summary(run_finetune(env, "run", "--resume", "--output", output, "--json"))
     assert result["step"] == 24
-    _assert_same_run(output, reference_run[0])
+    assert_same_run(output, reference_run[0])
 
 
 def test_export_round_trip_matches_engine_logits(reference_run, tiny: Tiny, env, tmp_path: Path) -> None:

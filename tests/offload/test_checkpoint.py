@@ -7,12 +7,16 @@ budget), with gradient accumulation and exact clipping, so the optimizer state t
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from tiny_models import random_batch, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from finetune import offload, optim
+from finetune.offload.checksums import write_checksums
 
 
 def _engine(path, swap, **optimizer_options) -> offload.Engine:
@@ -100,6 +104,27 @@ def test_checkpoint_of_another_format_version_is_refused(tmp_path):
     state_file = tmp_path / "checkpoint" / "engine_state.pt"
     state = torch.load(state_file, weights_only=True)
     torch.save({**state, "format": state["format"] + 1}, state_file)
+    files = json.loads((tmp_path / "checkpoint" / offload.CHECKSUMS_FILE).read_text())["files"]
+    write_checksums(tmp_path / "checkpoint", files)  # as the finetune of that format would have
     with _engine(path, tmp_path / "swap-b") as engine:
         with pytest.raises(ValueError, match=f"has format {state['format'] + 1}, and this version of finetune reads"):
             engine.load_checkpoint(tmp_path / "checkpoint")
+
+
+def test_a_flipped_byte_in_any_file_is_refused_with_the_file_named(tmp_path):
+    path = save_tiny_model("llama", tmp_path / "model", seed=9)
+    with _engine(path, tmp_path / "swap-a") as engine:
+        engine.train_step(_batches(seed=10, steps=1)[0])
+        engine.save_checkpoint(tmp_path / "checkpoint", extra={"rng": torch.get_rng_state()})
+    files = json.loads((tmp_path / "checkpoint" / offload.CHECKSUMS_FILE).read_text())["files"]
+    assert {"model.safetensors", "optimizer.safetensors", "engine_state.pt", "config.json"} <= set(files)
+    with _engine(path, tmp_path / "swap-b") as engine:
+        for name in [*files, offload.CHECKSUMS_FILE]:
+            damaged = tmp_path / f"damaged-{name}"
+            shutil.copytree(tmp_path / "checkpoint", damaged)
+            data = bytearray((damaged / name).read_bytes())
+            data[int(torch.randint(0, len(data), ()))] ^= 1 << int(torch.randint(0, 8, ()))  # any byte, any bit
+            (damaged / name).write_bytes(bytes(data))
+            with pytest.raises(offload.ChecksumMismatch, match=f"{damaged / name} (does not match|is damaged)"):
+                engine.load_checkpoint(damaged)
+        assert engine.load_checkpoint(tmp_path / "checkpoint")["rng"].shape == torch.get_rng_state().shape

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.offload import checksums as offload_checksums
 from finetune.offload.chunks import Tier
 from finetune.offload.device import Transport
 from finetune.offload.nvme import ThreadPoolBackend
@@ -350,3 +351,34 @@ def test_failed_swap_write_keeps_the_bytes_and_fails_the_next_demand(tmp_path):
         store.acquire(second, Tier.HOST)
     assert torch.equal(first.typed(Tier.HOST), torch.full((NUMEL,), 5.0))
     assert first.dirty is Tier.HOST and not first.on_nvme
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_verified_reads_refuse_bytes_the_disk_changed(tmp_path, verify):
+    """With verify_reads, a swap file whose bytes changed under the store (a failing disk) stops the read with the
+    file and chunk named; without it the changed bytes are what the chunk holds (what the option is for)."""
+    nbytes = round_up(NUMEL * 4)
+    store = ChunkStore(0, nbytes, Transport(torch.device("cpu")), ThreadPoolBackend(tmp_path / "swap"),
+                       wait_limit_s=2.0, verify_reads=verify)
+    spilled, newcomer = _chunks(store, 2)
+    written = torch.randn(NUMEL)
+    store.acquire(spilled, Tier.HOST).copy_(written)
+    store.release(spilled, Tier.HOST, dirty=True)
+    store.acquire(newcomer, Tier.HOST)  # evicts `spilled` to its swap file
+    store.release(newcomer, Tier.HOST)
+    assert torch.equal(store.acquire(spilled, Tier.HOST), written)  # an intact file reads back as written
+    store.release(spilled, Tier.HOST)
+    store.acquire(newcomer, Tier.HOST)  # evicts it again (clean: dropped, its file unchanged)
+    store.release(newcomer, Tier.HOST)
+    path = tmp_path / "swap" / spilled.key
+    damaged = bytearray(path.read_bytes())
+    at = int(torch.randint(0, NUMEL * 4, ()))
+    damaged[at] ^= 1 << int(torch.randint(0, 8, ()))
+    path.write_bytes(bytes(damaged))
+    if verify:
+        with pytest.raises(offload_checksums.ChecksumMismatch, match=f"{path} \\(chunk {spilled.key}\\) gave back"):
+            store.acquire(spilled, Tier.HOST)
+    else:
+        assert not torch.equal(store.acquire(spilled, Tier.HOST), written)
+        store.release(spilled, Tier.HOST)
+    store.close()

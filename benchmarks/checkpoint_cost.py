@@ -1,0 +1,143 @@
+"""What a checkpoint costs on the memory_bound model, against one training step, and what verified swap reads cost.
+
+    python benchmarks/checkpoint_cost.py            # memory_bound's model and budget (~277M params, 1 GiB of RAM)
+    python benchmarks/checkpoint_cost.py --quick    # its --quick shapes (~20 s)
+
+Issue 16's measure: a checkpoint's bytes written and wall time, as a fraction of one step (goal <= 0.1 where the
+state already lives on NVMe). Two engines over the same model train side by side in one fresh process, their steps
+alternating so that the VM's drift falls on both: (a) as `finetune run` trains, (b) the same with
+`verify_swap=True` (every swap read checked against the XXH3 of what was written). Then (a) saves a checkpoint
+(`Engine.save_checkpoint`: today a full copy of the weights and optimizer state, with checksums) and (b) does too,
+and the bytes, seconds and the checksum pass of each are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import memory_bound  # noqa: E402
+from common import fmt_bytes  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="memory_bound --quick's shapes and budget")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps of each engine (after one warm-up)")
+    parser.add_argument("--workdir", default="/tmp", help="model, swap files and checkpoints (a real disk)")
+    parser.add_argument("--name", default=None, help="results file benchmarks/results/<name>.json")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    shapes = memory_bound.parse_args(["--quick"] if args.quick else [])
+    for key in ("hidden", "intermediate", "heads", "vocab", "untied", "device_budget", "host_budget", "batch", "seq",
+                "prefetch", "seed", "min_ratio"):
+        setattr(args, key, getattr(shapes, key))
+    args.layers = None
+    return args
+
+
+def main_parent(args: argparse.Namespace) -> None:
+    from finetune import offload
+
+    common.quiet_transformers()
+    budget = offload.parse_size(args.device_budget) + offload.parse_size(args.host_budget)
+    layers, params = memory_bound.choose_layers(args, budget)
+    workdir = Path(tempfile.mkdtemp(prefix="checkpoint_cost-", dir=args.workdir))
+    try:
+        config = common.llama_config(hidden=args.hidden, intermediate=args.intermediate, layers=layers,
+                                     heads=args.heads, vocab=args.vocab, tie=not args.untied)
+        print(f"building a {params / 1e6:.1f}M-param model ({layers} layers) in {workdir} ...", flush=True)
+        common.save_random_model(config, workdir / "model", args.seed)
+        spec = {"workdir": str(workdir), "result_path": str(workdir / "result.json"), "steps": args.steps,
+                **{key: getattr(args, key) for key in ("device_budget", "host_budget", "batch", "seq", "vocab",
+                                                       "prefetch", "seed")}}
+        result = common.run_child(__file__, spec)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result.update(layers=layers, params=params)
+    report(result)
+    common.write_results(args.name or ("checkpoint_cost_quick" if args.quick else "checkpoint_cost"),
+                         {"benchmark": "checkpoint_cost", "quick": args.quick, **result})
+
+
+def report(result: dict[str, Any]) -> None:
+    plain, verified = result["engines"]["plain"], result["engines"]["verify_swap"]
+    step = common.median(plain["step_times_s"])
+    print(f"\nMachine: {common.hardware_line(result['hardware'])}")
+    print(f"Model:   Llama {result['layers']} layers, {result['params'] / 1e6:.1f}M params, AdamW fp32, state on NVMe")
+    rows = []
+    for name, engine in (("(a) as finetune run", plain), ("(b) verify_swap=True", verified)):
+        median = common.median(engine["step_times_s"])
+        saved = engine["checkpoint"]
+        rows.append([name, f"{median:.3f} s", f"{median / step:.3f}", fmt_bytes(engine["read_per_step"]),
+                     fmt_bytes(saved["bytes"]), f"{saved['seconds']:.2f} s", f"{saved['seconds'] / median:.2f}",
+                     f"{saved['checksum_seconds']:.2f} s"])
+    print(common.table(["engine", "median step", "/ (a)", "swap read/step", "checkpoint bytes", "checkpoint time",
+                        "/ step", "of it: checksums"], rows))
+
+
+def main_child(spec: dict[str, Any]) -> None:
+    """Both engines, steps alternating, then a checkpoint of each; the result goes to spec['result_path']."""
+    from finetune import offload, optim
+
+    common.quiet_transformers()
+    workdir = Path(spec["workdir"])
+    batches = common.random_batches(1 + spec["steps"], spec["batch"], spec["seq"], spec["vocab"], spec["seed"])
+    engines = {}
+    for name, verify in (("plain", False), ("verify_swap", True)):
+        budget = offload.Budget(device=spec["device_budget"], host=spec["host_budget"], nvme=workdir / "swap")
+        engines[name] = offload.Engine.from_pretrained(workdir / "model", optim.AdamW(lr=1e-4), budget,
+                                                       prefetch=spec["prefetch"], verify_swap=verify)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    reads: dict[str, int] = {}
+    for index, batch in enumerate(batches):
+        for name, engine in engines.items():
+            before = engine.stats()["bytes_read"]
+            _, seconds = common.timed(engine.train_step, batch)
+            if index:  # the first step of each is its warm-up
+                times[name].append(seconds)
+                reads[name] = reads.get(name, 0) + engine.stats()["bytes_read"] - before
+            print(f"  {name} step {index + 1}: {seconds:.3f} s", flush=True)
+    result: dict[str, Any] = {"hardware": common.hardware(), "engines": {}}
+    for name, engine in engines.items():
+        directory = workdir / f"checkpoint-{name}"
+        _, seconds = common.timed(engine.save_checkpoint, directory)
+        files = [p for p in directory.rglob("*") if p.is_file()]
+        written = sum(p.stat().st_size for p in files)
+        result["engines"][name] = {
+            "step_times_s": times[name], "read_per_step": reads[name] / max(len(times[name]), 1),
+            "checkpoint": {"seconds": seconds, "bytes": written, "files": len(files),
+                           "checksum_seconds": _checksum_seconds(directory)},
+        }
+        engine.close()
+        shutil.rmtree(directory)
+    Path(spec["result_path"]).write_text(json.dumps(result))
+
+
+def _checksum_seconds(directory: Path) -> float:
+    """Seconds of the checksum pass over a checkpoint's files (what save_checkpoint spends on it)."""
+    from finetune.offload import CHECKSUMS_FILE, checksum_file
+
+    started = time.perf_counter()
+    for path in directory.rglob("*"):
+        if path.is_file() and path.name != CHECKSUMS_FILE:
+            checksum_file(path)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    common.child_or_parent(parse_args(), main_child, main_parent)
+
+
+if __name__ == "__main__":
+    main()
