@@ -81,3 +81,4 @@ def test_killed_again_and_again_resumes_bit_identical(run_args, reference_run, e
     assert result["status"] == "completed" and result["step"] == STEPS, f"seed {SEED}: {killed}"
     assert_same_run(output, reference_run[0])
     assert list(swap.iterdir()) == [], f"seed {SEED}: left in --nvme"
+    print(f"seed {SEED}: (moment, step, checkpoint step before, exit code) {killed}")  # shown with pytest -s
