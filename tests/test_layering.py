@@ -28,6 +28,8 @@ OFFLOAD_HIGH = {
 PRIVATE_ALLOWED = {
     # transformers' GradientCheckpointingLayer takes its checkpoint function in this attribute and offers no setter.
     ("offload/engine.py", "_gradient_checkpointing_func"),
+    # os._exit is the standard library's public exit-without-unwinding (a Ctrl-C while importing: cli/entry.py).
+    ("cli/entry.py", "_exit"),
 }
 
 NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make"}  # public methods that start with "_" to avoid field names
