@@ -2,9 +2,12 @@
 
     OUTPUT/checkpoints/manifest.json      {"checkpoints": [{"name", "step", "files": {path: bytes},
                                                            "checksums": {path: xxh3}}, ...], "checksum": xxh3}
-    OUTPUT/checkpoints/step-00000100/     engine.save_checkpoint (weights as a HF model, or with --lora only
-                                          the peft adapter; optimizer state, step, extra; checksums.json) + the
-                                          tokenizer + run-config.yaml
+    OUTPUT/checkpoints/step-00000100/     engine.save_checkpoint + the tokenizer + run-config.yaml. With --nvme
+                                          in swap: engine_state.pt (step, extra, each chunk's swap file version
+                                          and checksum; checksums.json), the state itself in the swap files.
+                                          Portable (--portable-checkpoints, a finished run's last, no --nvme):
+                                          also the weights as a HF model (with --lora only the peft adapter) and
+                                          the optimizer state.
 
 The engine writes each checkpoint directory atomically. This layer adds the tokenizer and run config, fsyncs
 them, and only then replaces the manifest (write, fsync, rename, fsync the directory). A checkpoint counts only
@@ -54,6 +57,8 @@ class Entry:
     """Size in bytes of every file in it, relative to its directory."""
     checksums: dict[str, str] = field(default_factory=dict)
     """XXH3 of the files outside the engine's own checksums.json, and of checksums.json itself."""
+    swap: str | None = None
+    """The swap directory whose files hold its state (a checkpoint in swap), or None (portable)."""
 
 
 class Checkpoints:
@@ -111,7 +116,7 @@ class Checkpoints:
                         f"--resume-from {entry.name} --output {self.output}")
         return "no earlier checkpoint that is intact is kept: restore the file from a backup, or start a new --output"
 
-    def drop_after(self, kept: Entry) -> list[str]:
+    def drop_after(self, engine: Any, kept: Entry) -> list[str]:
         """Forget every checkpoint newer than `kept` (a run going back to it: `--resume-from`), manifest first, so
         a kill midway leaves `kept` the latest; returns their names."""
         entries = self.entries()
@@ -119,15 +124,19 @@ class Checkpoints:
         if newer:
             self._publish([e for e in entries if e.step <= kept.step])
             for entry in newer:
-                shutil.rmtree(self.root / entry.name, ignore_errors=True)
+                engine.drop_checkpoint(self.root / entry.name)
         return [e.name for e in newer]
 
     def path(self, entry: Entry) -> Path:
         return self.root / entry.name
 
     def save(self, engine: Any, step: int, *, extra: dict[str, Any], tokenizer: Any, run_config: str,
-             keep: int) -> Entry:
+             keep: int, portable: bool = False, final: bool = False) -> Entry:
         """Write checkpoint `step`, publish it in the manifest, then drop all but the newest `keep`.
+
+        The engine keeps it in swap unless `portable` or `final`. `final` (a finished run's last: what is exported)
+        is portable, and the checkpoints in swap are dropped after it: they exist to resume a run that has not
+        finished, and a finished run leaves nothing in the swap directory.
 
         Raises:
             FinetuneError: the disk is full; the previous checkpoints are intact and the message says so.
@@ -140,13 +149,14 @@ class Checkpoints:
             return saved[0]
         if target.exists():
             shutil.rmtree(target)  # written by a run killed before its manifest update: never complete
+        portable = portable or final or engine.swap_directory is None
         try:
-            engine.save_checkpoint(target, extra=extra)
+            engine.save_checkpoint(target, extra=extra, portable=portable)
             tokenizer.save_pretrained(target)
             (target / RUN_CONFIG).write_text(run_config)
             fsync_tree(target)
         except BaseException as error:
-            shutil.rmtree(target, ignore_errors=True)  # not in the manifest yet, so nothing refers to it
+            engine.drop_checkpoint(target)  # not in the manifest yet, so nothing refers to it
             if disk_full(error):
                 previous = f"{self.root / entries[-1].name} is intact" if entries else "there is no earlier one"
                 raise FinetuneError(
@@ -155,13 +165,15 @@ class Checkpoints:
                 ) from None
             raise
         files = {str(p.relative_to(target)): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file()}
-        entry = Entry(name, step, files, _checksums_of_added(target, files))
+        entry = Entry(name, step, files, _checksums_of_added(target, files),
+                      None if portable else str(engine.swap_directory))
         crash_point("written", step)
         entries.append(entry)
-        self._publish(entries[-keep:])
+        kept = [e for e in entries[-keep:] if not final or e.swap is None]
+        self._publish(kept)
         crash_point("published", step)
-        for dropped in entries[:-keep]:
-            shutil.rmtree(self.root / dropped.name, ignore_errors=True)
+        for dropped in [e for e in entries if e not in kept]:
+            engine.drop_checkpoint(self.root / dropped.name)
             crash_point("reclaiming", step)
         return entry
 

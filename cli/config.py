@@ -210,7 +210,13 @@ class RunConfig:
     """Save a checkpoint every N steps, and always at the end (0: only at the end)."""
 
     keep_checkpoints: int = option(2, Panel.CHECKPOINTS)
-    """Keep only the newest K checkpoints."""
+    """Keep only the newest K checkpoints. A finished run keeps its last one, and the portable ones among the
+    others (those in swap are only for resuming)."""
+
+    portable_checkpoints: bool = option(False, Panel.CHECKPOINTS)
+    """Copy the whole state into every checkpoint, so that it stands alone (it can be exported, copied, moved).
+    Default with --nvme: a checkpoint writes only what is still in memory and references the swap files, which
+    stay in --nvme while it is kept; a finished run's last checkpoint is always portable."""
 
     def __post_init__(self) -> None:
         errors = [error for name in _fields() if (error := self._coerce(name))]
@@ -322,7 +328,8 @@ _LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 RESUMABLE_CHANGES = frozenset(
     {"model", "dataset", "tokenizer", "val_file", "output", "eval_every", "memory", "device_memory",
-     "host_memory", "nvme", "prefetch", "verify_swap", "checkpoint_every", "keep_checkpoints"}
+     "host_memory", "nvme", "prefetch", "verify_swap", "checkpoint_every", "keep_checkpoints",
+     "portable_checkpoints"}
 )
 """Fields a resumed run may change: where things are, budgets, and how often to eval or save. They do not touch
 the training math (moved model or data files are checked by content instead). Every other field must equal the

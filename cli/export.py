@@ -29,6 +29,7 @@ from ..offload import (
     index_ranges,
     merge_adapter,
     safetensors_index,
+    swap_references,
     verify_checksums,
     write_model_config,
     write_safetensors_shards,
@@ -56,7 +57,7 @@ def find_checkpoint(source: Path) -> Path:
     if (source / "checkpoints" / MANIFEST).exists():
         checkpoints = Checkpoints(source)
         return checkpoints.path(checkpoints.latest())
-    if is_adapter(source) or (source / "config.json").exists() and (
+    if is_adapter(source) or (source / ENGINE_STATE_FILE).exists() or (source / "config.json").exists() and (
         (source / "model.safetensors").exists() or (source / "model.safetensors.index.json").exists()
     ):
         return source
@@ -86,6 +87,13 @@ def export_checkpoint(source: Path, out: Path, dtype: torch.dtype | None = None,
             is not an adapter, no usable base model, or an adapter that does not fit the base.
     """
     checkpoint = find_checkpoint(source)
+    in_swap = swap_references(checkpoint)
+    if in_swap is not None:
+        raise FinetuneError(
+            f"checkpoint {checkpoint} keeps its state in the run's swap files ({in_swap['area']}), not as a model; "
+            "export the run's final checkpoint once it finishes (finetune run --resume --output RUN), or train with "
+            "--portable-checkpoints"
+        )
     if (checkpoint / CHECKSUMS_FILE).exists():  # a checkpoint (a plain model directory has no record)
         try:
             verify_checksums(checkpoint)

@@ -190,7 +190,7 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
     # The lock is taken before the engine makes its swap files, and held until every write of the run is done.
     with hold_output(output, prepared.resume_from, prepared.latest_seen), _engine(prepared) as engine:
         start = _restore(engine, prepared, checkpoints) if prepared.resume_from else _fresh(config)
-        _go_back(checkpoints, prepared.resume_from)
+        _go_back(engine, checkpoints, prepared.resume_from)
         try:
             write_atomic(output / RUN_CONFIG, config.to_yaml())
         except OSError as error:
@@ -218,8 +218,9 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
                 if prepared.val is not None and (last or (config.eval_every and step % config.eval_every == 0)):
                     last_eval = _evaluate(engine, prepared, metrics, progress, step)
                 if last or interrupts.requested or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                    saved = _save(engine, prepared, checkpoints, step, clock)
-                    progress.note(f"checkpoint {checkpoints.path(saved)}")
+                    saved = _save(engine, prepared, checkpoints, step, clock, final=last)
+                    progress.note(f"checkpoint {checkpoints.path(saved)}"
+                                  + (f" (its state stays in the swap files in {saved.swap})" if saved.swap else ""))
                 if interrupts.requested:
                     break
         metrics.close()
@@ -267,6 +268,7 @@ def _summary(prepared: Prepared, checkpoints: Checkpoints, stats: dict[str, int]
 
 def _engine(prepared: Prepared) -> Engine:
     config = prepared.config
+    checkpoints = Checkpoints(Path(config.output))  # those in swap keep their swap files
     try:
         return Engine(
             prepared.model,
@@ -280,6 +282,7 @@ def _engine(prepared: Prepared) -> Engine:
             quantize_frozen=quantize_frozen(config),
             run_name=swap_name(Path(config.output)),
             verify_swap=config.verify_swap,
+            checkpoints=[checkpoints.path(entry) for entry in checkpoints.entries()],
         )
     except PermissionError as error:  # a swap directory of this name that is not ours alone
         message = one_line(str(error)).replace("another swap directory", "another --nvme")
@@ -304,6 +307,13 @@ def _restore(engine: Engine, prepared: Prepared, checkpoints: Checkpoints) -> in
     """Load the latest checkpoint into `engine`, check it saw the same data (and, for adapters, base), restore
     the RNG; returns its step."""
     directory = checkpoints.path(prepared.resume_from)
+    needs, ours = prepared.resume_from.swap, engine.swap_directory
+    if needs is not None and (ours is None or Path(needs).resolve() != ours.resolve()):
+        moved = ours is not None and Path(needs).parent.resolve() == ours.parent.resolve()
+        fix = ("those belong to the run at the --output it was started with, and stay with it: resume it there "
+               "(checkpoints stand alone with --portable-checkpoints)") if moved else \
+            f"resume with --nvme {Path(needs).parent}"
+        raise FinetuneError(f"--resume: checkpoint {directory} keeps its state in the swap files in {needs}; {fix}")
     try:
         extra = engine.load_checkpoint(directory)
     except ChecksumMismatch as error:
@@ -327,10 +337,10 @@ def _restore(engine: Engine, prepared: Prepared, checkpoints: Checkpoints) -> in
     return int(extra["step"])
 
 
-def _go_back(checkpoints: Checkpoints, resumed: Entry | None) -> None:
+def _go_back(engine: Engine, checkpoints: Checkpoints, resumed: Entry | None) -> None:
     """A run resumed from an earlier checkpoint than its latest (`--resume-from`) continues from there: the later
     checkpoints are dropped, now that the earlier one has loaded, so that they do not stand for this run's steps."""
-    dropped = checkpoints.drop_after(resumed) if resumed is not None else []
+    dropped = checkpoints.drop_after(engine, resumed) if resumed is not None else []
     if dropped:
         Console(stderr=True).print(f"going back to {resumed.name}: removed the later checkpoint(s) "
                                    f"{', '.join(dropped)}", highlight=False, soft_wrap=True)
@@ -369,7 +379,8 @@ def _evaluate(engine: Engine, prepared: Prepared, metrics: MetricsLog, progress:
     return loss
 
 
-def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: int, clock: Clock) -> Entry:
+def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: int, clock: Clock, *,
+          final: bool) -> Entry:
     extra = {
         "step": step,
         "data": prepared.train.fingerprint(),
@@ -382,7 +393,8 @@ def _save(engine: Engine, prepared: Prepared, checkpoints: Checkpoints, step: in
     if prepared.config.lora:  # the checkpoint does not hold the base: remember which one it was
         extra["base"] = base_fingerprint(prepared.model_dir)
     return checkpoints.save(engine, step, extra=extra, tokenizer=prepared.tokenizer,
-                            run_config=prepared.config.to_yaml(), keep=prepared.config.keep_checkpoints)
+                            run_config=prepared.config.to_yaml(), keep=prepared.config.keep_checkpoints,
+                            portable=prepared.config.portable_checkpoints, final=final)
 
 
 def _describe(prepared: Prepared, start: int, engine: Engine) -> None:

@@ -2,7 +2,7 @@
 
 from .blocks import Block, BlockPlan, find_blocks
 from .budget import Budget, Hardware, detect_hardware, format_bytes, parse_size
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENGINE_STATE_FILE, OPTIMIZER_PREFIX, swap_references
 from .checksums import CHECKSUMS_FILE, ChecksumMismatch, checksum_file, checksum_json, verify_checksums
 from .cost_model import Machine, Prediction, Workload, predict
 from .device import default_compute_dtype
@@ -88,6 +88,7 @@ __all__ = [
     "safetensors_index",
     "shard_index",
     "shard_names",
+    "swap_references",
     "verify_checksums",
     "write_atomic",
     "write_model_config",

@@ -40,7 +40,9 @@ def checksum_json(value: object) -> str:
 
 
 def checksum_tensor(t: torch.Tensor) -> str:
-    """The checksum of a contiguous CPU tensor's bytes."""
+    """The checksum of a contiguous tensor's bytes (one in device memory is copied to the host first)."""
+    if t.device.type != "cpu":
+        t = t.cpu()
     return xxhash.xxh3_64_hexdigest(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 

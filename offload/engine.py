@@ -19,6 +19,9 @@ Threads (what each owns; the notes named here are in those modules):
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -34,8 +37,17 @@ from .block_layout import block_layouts, compute_copies_nbytes
 from .block_state import BlockState, block_states
 from .blocks import BlockPlan, find_blocks
 from .budget import Budget
-from .checkpoint import fingerprint, read_engine_state, restore_states, write_checkpoint
-from .chunks import Tier
+from .checkpoint import (
+    SWAP_ENTRY,
+    fingerprint,
+    read_engine_state,
+    restore_states,
+    swap_references,
+    verify_version,
+    write_checkpoint,
+    write_swap_checkpoint,
+)
+from .chunks import Chunk, Tier
 from .clipping import ClipMode, Clipping, updates_in_backward
 from .device import default_compute_dtype, make_transport
 from .first_order import FirstOrderStep, micro_batches, to_device
@@ -48,7 +60,7 @@ from .quantized import QUANTIZATIONS
 from .recompute import StreamedCheckpoint, StreamedLayer
 from .residency import DEFAULT_PREFETCH, Residency
 from .store import ChunkStore
-from .swap_area import SwapArea
+from .swap_area import AREA_PREFIX, SwapArea
 from .timers import NO_TIMERS, Timers
 from .updates import UpdateWorker, queue_depth
 from .zeroth_order import ZerothOrderStep
@@ -95,6 +107,9 @@ class Engine:
         verify_swap: check every swap-file read against a checksum of the bytes written (XXH3, hashed on the I/O
             threads), and stop with `ChecksumMismatch` naming the file when they differ: for disks one does not
             trust. benchmarks/checkpoint_cost.py measures what it costs.
+        checkpoints: the kept checkpoints of this run (by `run_name`) that an earlier process saved in swap: the
+            swap versions they reference are kept when the directory is cleared, so `load_checkpoint` can resume
+            from any of them. Others (portable, damaged, another run's) are ignored here.
         timers: receives the seconds of each phase of a step (see timers.py), for benchmarks.
     """
 
@@ -116,6 +131,7 @@ class Engine:
         keep_swap: bool = False,
         run_name: str | None = None,
         verify_swap: bool = False,
+        checkpoints: Iterable[str | Path] = (),
         timers: Timers = NO_TIMERS,
     ) -> None:
         _check_settings(model, optimizer, prefetch, accumulation_steps, max_grad_norm, compute_dtype, quantize_frozen)
@@ -138,12 +154,17 @@ class Engine:
                      grads_in_swap=not self._grads_consumed)
         self._spare_bytes = device_bytes + host_bytes - need.device - need.host  # updates.queue_depth
         self._keep_swap = keep_swap
-        self.swap_area = SwapArea.open(self.budget.nvme, run_name) if self.budget.nvme else None
+        held = _held_versions(checkpoints, self.budget.nvme, run_name)
+        keep = frozenset(name for names in held.values() for name in names)
+        self.swap_area = SwapArea.open(self.budget.nvme, run_name, keep=keep) if self.budget.nvme else None
         backend = open_backend(self.swap_area.path, keep_files=keep_swap) if self.swap_area else None
         # Held compute copies (QLoRA's dequantized weights, bf16 MeZO weights in fp32): their room is kept aside.
         copies = compute_copies_nbytes(layouts, self.plan, optimizer, self.compute_dtype)
         self.store = ChunkStore(device_bytes - copies, host_bytes, make_transport(self.device), backend,
                                 verify_reads=verify_swap)
+        self._held: dict[Path, list[str]] = {}  # checkpoint in swap -> the versions it references
+        for directory, names in held.items():
+            self._hold(directory, names)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
         self._updates = None
         try:
@@ -269,14 +290,24 @@ class Engine:
         never changes and is read from the same files on resume."""
         return is_peft(self.model) and self._weights_dir is not None
 
-    def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    def save_checkpoint(self, directory: str | Path, extra: dict[str, Any] | None = None, *,
+                        portable: bool | None = None) -> Path:
         """Write everything a resumed run needs into the new directory `directory`, atomically (see
         checkpoint.py), plus `extra`: whatever `torch.load(weights_only=True)` reads back (RNG states,
         data position, schedule).
 
+        With a swap directory the checkpoint is in swap by default: it writes only what is still in memory, and
+        references the swap files' versions, which then stay until `drop_checkpoint`, across this engine's close
+        (the swap directory is kept while they are). `portable=True` copies the whole state into `directory`
+        instead, so that it stands alone (the only kind without a swap directory).
+
         Raises:
             FileExistsError: `directory` exists.
+            ValueError: `portable=False` without a swap directory.
         """
+        in_swap = self.swap_area is not None if portable is None else not portable
+        if in_swap and self.swap_area is None:
+            raise ValueError("save_checkpoint(portable=False) needs a swap directory (Budget.nvme)")
         self._settle()
         adapter_only = self._saves_adapter_only()
         state = {
@@ -287,14 +318,39 @@ class Engine:
             "chunks": fingerprint(self._blocks, self.quantize_frozen),
             "extra": extra or {},
         }
-        write_model = self.save_adapter if adapter_only else self.export
-        return write_checkpoint(Path(directory), write_model, self._blocks, self.residency.in_host, state)
+        directory = Path(directory)
+        if not in_swap:
+            write_model = self.save_adapter if adapter_only else self.export
+            return write_checkpoint(directory, write_model, self._blocks, self.residency.in_host, state)
+        refs = self.store.commit(self._saved_chunks())
+        names = [ref[0] for ref in refs.values() if ref is not None]
+        state[SWAP_ENTRY] = {"area": str(self.swap_area.path), "chunks": refs}  # type: ignore[union-attr]
+        try:
+            write_swap_checkpoint(directory, state)
+        except BaseException:
+            self.store.drop(names)  # no checkpoint references them after all
+            raise
+        self._held[directory.resolve()] = names
+        return directory
+
+    def drop_checkpoint(self, directory: str | Path) -> None:
+        """Delete checkpoint `directory`, and the swap versions that no other kept checkpoint references."""
+        directory = Path(directory)
+        shutil.rmtree(directory, ignore_errors=True)  # first: a kill in between leaves versions, cleared at start
+        names = self._held.pop(directory.resolve(), None)
+        if names:
+            self.store.drop(names)
 
     def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
         """Restore weights, optimizer state and step count from `save_checkpoint`'s directory; returns `extra`.
 
+        A checkpoint in swap is verified (every version file against its checksum) and then adopted: its versions
+        become the chunks' files, unread and uncopied.
+
         Raises:
-            ValueError: the directory is not a checkpoint, or belongs to another model or optimizer.
+            ChecksumMismatch: a file of the checkpoint, or a swap version it references, is damaged or gone.
+            ValueError: the directory is not a checkpoint, belongs to another model or optimizer, or keeps its
+                state in another swap directory.
         """
         directory = Path(directory)
         state = read_engine_state(directory, optimizer=type(self.optimizer).__name__,
@@ -303,12 +359,42 @@ class Engine:
             self._updates.wait()
         if self._zeroth is not None:
             self._zeroth.discard_pending()  # the loaded weights replace what it would have updated
-        adapter = partial(adapter_tensors, self.model) if state.get("adapter_only", False) else None
-        copy_weights_in(self._blocks, self.plan, directory, self.residency.in_host, adapter_tensors=adapter)
-        restore_states(directory, self._blocks, self.residency.in_host)
+        if SWAP_ENTRY in state:
+            self._adopt(directory, state[SWAP_ENTRY])
+        else:
+            adapter = partial(adapter_tensors, self.model) if state.get("adapter_only", False) else None
+            copy_weights_in(self._blocks, self.plan, directory, self.residency.in_host, adapter_tensors=adapter)
+            restore_states(directory, self._blocks, self.residency.in_host)
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.step_count = state["step"]
         return state["extra"]
+
+    def _adopt(self, directory: Path, swap: dict[str, Any]) -> None:
+        """Make the versions checkpoint `directory` references the chunks' contents, after checking each."""
+        ours = self.swap_area.path if self.swap_area is not None else None
+        if ours is None or os.path.realpath(swap["area"]) != os.path.realpath(ours):
+            raise ValueError(
+                f"checkpoint {directory} keeps its state in the swap files of {swap['area']}, and this engine's "
+                f"are {'nowhere (no Budget.nvme)' if ours is None else f'in {ours}'}: resume with the swap directory "
+                "and run name it was trained with"
+            )
+        refs = swap["chunks"]
+        for key, ref in refs.items():
+            if ref is not None:
+                verify_version(self.store.version_path(ref[0]), ref[1], key, directory)
+        if directory.resolve() not in self._held:  # not named at construction: its versions are here all the same
+            self._hold(directory, [ref[0] for ref in refs.values() if ref is not None])
+        for chunk in self._saved_chunks():
+            self.store.adopt(chunk, refs[chunk.key])
+
+    def _hold(self, directory: Path, names: list[str]) -> None:
+        self.store.hold(names)
+        self._held[directory.resolve()] = names
+
+    def _saved_chunks(self) -> list[Chunk]:
+        """The chunks a checkpoint holds: what training changes (a frozen chunk is rebuilt from the model)."""
+        trainable = [(s.weights, s.master, *s.states.values()) for s in self._blocks]
+        return [chunk for chunks in trainable for chunk in chunks if chunk is not None]
 
     # -------------------------------------------------------------------------------------- introspection
 
@@ -356,6 +442,20 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _held_versions(checkpoints: Iterable[str | Path], nvme: str | Path | None,
+                   run_name: str | None) -> dict[Path, list[str]]:
+    """The swap versions each of `checkpoints` references, for those saved in swap in this run's directory."""
+    if nvme is None or run_name is None:
+        return {}
+    area = os.path.realpath(Path(nvme) / f"{AREA_PREFIX}{run_name}")
+    held = {}
+    for directory in map(Path, checkpoints):
+        swap = swap_references(directory)
+        if swap is not None and os.path.realpath(swap["area"]) == area:
+            held[directory] = [ref[0] for ref in swap["chunks"].values() if ref is not None]
+    return held
 
 
 def _check_settings(

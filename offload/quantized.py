@@ -94,7 +94,9 @@ class QuantizedLayout:
         bitsandbytes has no CPU `out=` and its CPU dequantization makes temporaries the size of what it is given
         (a 13B MLP weight's fp32 copy is 283 MB, beside the budget), so each tensor goes in pieces of
         DEQUANTIZE_PIECE values: every value is its code's level times its block's absmax, so pieces of whole
-        blocks give the same bits."""
+        blocks give the same bits. Each piece is given as one row (shape [n]), never as the tensor's own shape:
+        bitsandbytes' CPU AVX-512 kernel (0.49 and later) takes a row's absmax as if every row began a block, wrong
+        for rows not a multiple of 64 values; for one row it is the flat block indexing NF4 is defined by."""
         functional = _bitsandbytes()
         code = functional.get_4bit_type("nf4", device=buffer.device)
         for slot, part, view in zip(self.layout.slots, self.parts, self.layout.views(flat)):

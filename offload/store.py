@@ -20,15 +20,17 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 from .buffer_pool import BufferPool
+from .chunk_files import ChunkFiles, VersionRef
 from .chunks import Chunk, Tier
 from .device import Transport
 from .eviction import BudgetExceeded, choose_victim, may_free_later, no_room
 from .prefetch_order import PrefetchOrder, Ticket
-from .swap import SwapBackend, SwapFiles, completed, write_failed
+from .swap import SwapBackend, completed, write_failed
 
 __all__ = ["BudgetExceeded", "ChunkStore"]
 
@@ -51,7 +53,7 @@ class ChunkStore:
         `wait_limit_s`: a demand load that waits this long for other threads to release memory is taken for a
         deadlock (everything held) and raises BudgetExceeded instead of hanging.
         `stager`: the one-thread executor prefetches run on, in order (default: a new one; tests pass their own).
-        `verify_reads`: check every swap read against a checksum of what was written (`SwapFiles`)."""
+        `verify_reads`: check every swap read against a checksum of what was written (`ChunkFiles`)."""
         self.wait_limit_s = wait_limit_s
         self.limits = {Tier.DEVICE: device_bytes, Tier.HOST: host_bytes}
         self.used = {Tier.DEVICE: 0, Tier.HOST: 0}
@@ -62,7 +64,7 @@ class ChunkStore:
         self.transport = transport
         self.backend = backend
         self._chunks: list[Chunk] = []
-        self._files = SwapFiles(backend, verify=verify_reads)
+        self._files = ChunkFiles(backend, verify=verify_reads)
         self._writing: dict[int, Future] = {}  # id(chunk) -> write in flight
         self._moving: set[int] = set()  # id(chunk) of chunks being re-charged from one tier to another
         self._lock = threading.Condition()
@@ -152,21 +154,60 @@ class ChunkStore:
             self._lock.notify_all()
 
     def flush(self) -> None:
-        """Write every chunk whose newest bytes are only in memory to its NVMe file, and fsync."""
+        """Write every chunk whose newest bytes are only in memory to its NVMe file, wait for every write in
+        flight, and fsync."""
         if self.backend is None:
             return
-        futures = []
         with self._lock:
             for chunk in self._chunks:
                 tier = chunk.newest_tier
-                if tier is not None and chunk.only_copy_in(tier):
-                    futures.append((chunk, self._files.write(chunk, chunk.buffers[tier])))
-        for chunk, future in futures:
-            future.result()
-            with self._lock:
-                self.bytes_written += chunk.nbytes
-                chunk.on_nvme, chunk.dirty = True, None
+                if tier is not None and chunk.only_copy_in(tier) and id(chunk) not in self._writing:
+                    self._write_back(chunk, tier, drop=False)
+            while self._writing:
+                self._lock.wait(timeout=1.0)
+            if self._write_error is not None:
+                raise self._write_error  # its own error (ENOSPC): a checkpoint's caller names the full disk
         self._files.sync()
+
+    def commit(self, chunks: list[Chunk]) -> dict[str, VersionRef]:
+        """Flush, then reference the swap file version of each of `chunks` for a checkpoint: from now on their
+        writes go to new versions (chunk_files.py). Call with nothing changing the chunks (updates settled).
+
+        Raises:
+            OSError: a write failed (disk full): nothing is committed.
+        """
+        self.flush()
+        with self._lock:
+            # Ordering: writes start only under this lock, and every chunk is clean after the flush, so no write of
+            # these chunks is in flight while their versions are committed (a later one goes to a new version).
+            while self._writing:
+                self._lock.wait(timeout=1.0)
+            changed = [chunk.key for chunk in chunks if not chunk.zero and not chunk.on_nvme]
+            if changed:
+                raise RuntimeError(f"chunks {changed[:3]} changed during a checkpoint; this is a bug")
+            return self._files.commit(chunks)
+
+    def hold(self, names: list[str]) -> None:
+        """Keep swap file versions a checkpoint of an earlier process references (see `ChunkFiles.hold`)."""
+        with self._lock:
+            self._files.hold(names)
+
+    def drop(self, names: list[str]) -> None:
+        """Forget one checkpoint's references to versions; those no kept checkpoint needs are deleted."""
+        with self._lock:
+            self._files.drop(names)
+
+    def adopt(self, chunk: Chunk, ref: VersionRef) -> None:
+        """Make `chunk`'s contents those of a held version (or zeros for None), without reading them."""
+        self.discard(chunk, release_file=True)
+        with self._lock:
+            if ref is not None:
+                self._files.adopt(chunk, ref)
+                chunk.zero, chunk.on_nvme = False, True
+
+    def version_path(self, name: str) -> Path:
+        """The file of swap version `name`."""
+        return self._files.path(name)
 
     def close(self) -> None:
         self._stager.shutdown(wait=True)
@@ -373,11 +414,15 @@ class ChunkStore:
                 "raise the budgets"
             )
         # Dirty bytes go to NVMe first; the memory stays counted until the write completes.
+        self._write_back(chunk, tier, drop=True)
+
+    def _write_back(self, chunk: Chunk, tier: Tier, *, drop: bool) -> None:
+        """Start writing `chunk`'s bytes in `tier` to its file (lock held); `drop`: free them once written."""
         future = self._files.write(chunk, chunk.buffers[tier])
         self._writing[id(chunk)] = future
-        future.add_done_callback(lambda f: self._written(chunk, tier, f))
+        future.add_done_callback(lambda f: self._written(chunk, tier, f, drop))
 
-    def _written(self, chunk: Chunk, tier: Tier, future: Future) -> None:
+    def _written(self, chunk: Chunk, tier: Tier, future: Future, drop: bool) -> None:
         with self._lock:
             del self._writing[id(chunk)]
             self._lock.notify_all()
@@ -388,7 +433,8 @@ class ChunkStore:
             chunk.on_nvme = True
             if chunk.dirty is tier:
                 chunk.dirty = None
-            self._drop(chunk, tier)
+            if drop:
+                self._drop(chunk, tier)
 
     def _drop(self, chunk: Chunk, tier: Tier) -> None:
         """Free the chunk's buffer in `tier`. Only for buffers nobody holds: see Note [Kept buffers are reused]."""

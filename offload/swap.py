@@ -19,12 +19,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 
 from ..optim.layout import round_up
-from .checksums import ChecksumMismatch, checksum_tensor
-from .chunks import Chunk
 
 __all__ = [
-    "InflightRequests", "SwapBackend", "SwapDirectory", "SwapFileIO", "SwapFiles", "as_bytes", "completed",
-    "write_failed",
+    "InflightRequests", "SwapBackend", "SwapDirectory", "SwapFileIO", "as_bytes", "completed", "write_failed",
 ]
 
 
@@ -76,81 +73,21 @@ class SwapBackend(Protocol):
         """Close a file `open` returned and give back its disk space."""
         ...
 
+    def keep(self, swap: Any) -> None:
+        """Never remove `swap`'s file, not even on close (a checkpoint references it)."""
+        ...
 
-class SwapFiles:
-    """The swap file of each chunk, opened on its first write or read. A frozen chunk's is its source (read-only:
-    it is never dirty, so never written).
+    def own(self, swap: Any) -> None:
+        """Remove `swap`'s file on close again (no checkpoint references it any more)."""
+        ...
 
-    With `verify`, each write's bytes are hashed (checksums.py) once the write completes, and each read is checked
-    against that hash before the read counts as done, so a disk or a file system that returns other bytes than it
-    was given stops training with the file named instead of training on them. Frozen chunks' reads (the model's
-    own files) are not checked.
-    """
+    def detach(self, swap: Any) -> None:
+        """Close `swap` and leave its file on disk."""
+        ...
 
-    def __init__(self, backend: SwapBackend | None, *, verify: bool = False) -> None:
-        self.backend = backend
-        self.verify = verify
-        self._files: dict[str, SwapFileIO] = {}
-        self._checksums: dict[str, str] = {}  # chunk key -> checksum of the bytes its file holds (with `verify`)
-
-    def write(self, chunk: Chunk, src: torch.Tensor) -> Future[None]:
-        """Start writing `src`, all of `chunk`'s bytes, to its file."""
-        future = self.of(chunk).write_from(src)
-        if not self.verify:
-            return future
-        self._checksums.pop(chunk.key, None)  # the file holds neither the old bytes nor the new ones until done
-
-        def record(done: Future[None]) -> None:
-            if done.exception() is None:
-                self._checksums[chunk.key] = checksum_tensor(src)
-
-        # Ordering: registered before the caller's own callback (the store's, which frees `src`), and callbacks run
-        # in registration order, so `src` is still whole when hashed.
-        future.add_done_callback(record)
-        return future
-
-    def read(self, chunk: Chunk, dest: torch.Tensor) -> Future[None]:
-        """Start filling `dest` with `chunk`'s bytes from its file; with `verify`, resolves once they are checked."""
-        future = self.of(chunk).read_into(dest)
-        expected = self._checksums.get(chunk.key) if self.verify and chunk.source is None else None
-        if expected is None:
-            return future
-        checked: Future[None] = Future()
-
-        def check(done: Future[None]) -> None:
-            error = done.exception()
-            if error is None and checksum_tensor(dest) != expected:
-                error = ChecksumMismatch(self._files[chunk.key].path, f"(chunk {chunk.key}) gave back other bytes than "
-                                         "were written to it: the disk or its file system is failing")
-            if error is None:
-                checked.set_result(None)
-            else:
-                checked.set_exception(error)
-
-        future.add_done_callback(check)
-        return checked
-
-    def of(self, chunk: Chunk) -> SwapFileIO:
-        if chunk.source is not None:
-            return chunk.source  # type: ignore[return-value]
-        file = self._files.get(chunk.key)
-        if file is None:
-            assert self.backend is not None, "a chunk without a swap backend never leaves memory"
-            file = self._files[chunk.key] = self.backend.open(chunk.key.replace("/", "."), chunk.nbytes)
-        return file
-
-    def sync(self) -> None:
-        """Make every file's bytes durable."""
-        for file in self._files.values():
-            file.sync()
-
-    def release(self, chunk: Chunk) -> None:
-        """Give back the disk space of `chunk`'s swap file, if it has one: its bytes are no longer needed (a
-        gradient chunk its update consumed). Its next write opens a new one."""
-        file = self._files.pop(chunk.key, None)
-        self._checksums.pop(chunk.key, None)
-        if file is not None and self.backend is not None:
-            self.backend.remove(file)
+    def delete(self, name: str) -> None:
+        """Remove the file `name` of the directory, closed and not in use."""
+        ...
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -289,6 +226,29 @@ class SwapDirectory(Generic[_File]):
         if path in self._created:
             self._created.remove(path)
             path.unlink(missing_ok=True)
+
+    def keep(self, swap: _File) -> None:
+        """Never remove `swap`'s file, not even on close: a checkpoint references it."""
+        if swap.path in self._created:
+            self._created.remove(swap.path)
+
+    def own(self, swap: _File) -> None:
+        """Remove `swap`'s file when it is removed or on close, as if this backend had created it."""
+        if swap.path not in self._created:
+            self._created.append(swap.path)
+
+    def detach(self, swap: _File) -> None:
+        """Close `swap` (it waits for its requests) and leave its file on disk, for whoever references it."""
+        swap.close()
+        self._files.remove(swap)
+
+    def delete(self, name: str) -> None:
+        """Remove the closed file `name`: a version nothing references any more."""
+        self._check_open()
+        path = self.directory / name
+        if path in self._created:
+            self._created.remove(path)
+        path.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Close every file (each waits for its requests), then remove what this backend created."""

@@ -6,7 +6,8 @@ that nobody else can enter, so nobody can plant a file or a symbolic link where 
 two runs never meet on a file name. Without a name the directory is fresh (`mkdtemp`, a random name). With a
 name (the CLI names it after the run's output directory) a later process of the same run finds it again: the
 directory must be ours (not a link, owned by this user, closed to others) or it is refused, and whatever a killed
-process left in it is removed, and counted, before the first swap file is made. The area's lock (locks.py) keeps
+process left in it is removed, and counted, before the first swap file is made, except the swap versions that
+the run's kept checkpoints reference (checkpoint.py: a checkpoint in swap lives there). The area's lock (locks.py) keeps
 two live engines out of one directory.
 """
 
@@ -36,8 +37,9 @@ class SwapArea:
         self._made_parent = made_parent
 
     @classmethod
-    def open(cls, parent: str | Path, name: str | None = None) -> SwapArea:
-        """Make (or, by `name`, find again) this engine's directory in `parent`, lock it and clear it.
+    def open(cls, parent: str | Path, name: str | None = None, *, keep: frozenset[str] = frozenset()) -> SwapArea:
+        """Make (or, by `name`, find again) this engine's directory in `parent`, lock it and clear it of all but
+        the files named in `keep` (swap versions that kept checkpoints reference).
 
         Raises:
             PermissionError: the named directory exists but is not ours alone (a link, another user's, or open
@@ -53,7 +55,7 @@ class SwapArea:
             lock.acquire()
         except LockHeld as held:
             raise LockHeld(path, held.holder, "; wait for that engine to close, or use another Budget.nvme") from None
-        return cls(path, lock, _clear(path), made_parent)
+        return cls(path, lock, _clear(path, keep), made_parent)
 
     def close(self, *, keep: bool = False) -> None:
         """Unlock; unless `keep`, remove the directory when nothing but the lock is left in it."""
@@ -104,11 +106,11 @@ def _check_private(path: Path) -> None:
         )
 
 
-def _clear(path: Path) -> int:
-    """Remove everything in `path` but the lock, without following links; returns the disk space freed."""
+def _clear(path: Path, keep: frozenset[str]) -> int:
+    """Remove everything in `path` but the lock and `keep`, without following links; returns the disk space freed."""
     freed = 0
     for entry in os.scandir(path):
-        if entry.name == LOCK_FILE:
+        if entry.name == LOCK_FILE or entry.name in keep and entry.is_file(follow_symlinks=False):
             continue
         if entry.is_dir(follow_symlinks=False):
             freed += sum(_allocated(Path(root) / f) for root, _, files in os.walk(entry.path) for f in files)

@@ -83,7 +83,8 @@ def reference_run(run_args: Callable[[Path], list[str]], env: dict[str, str],
 @pytest.fixture(scope="session")
 def interrupted_run(run_args: Callable[[Path], list[str]], env: dict[str, str],
                     tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The reference run stopped by Ctrl-C (SIGINT) after step 6; tests copy it before changing it."""
+    """The reference run stopped by Ctrl-C (SIGINT) after step 6; tests copy it before changing it, so its
+    checkpoints are portable (one in swap stays with the swap files of the run's own --output)."""
     output = tmp_path_factory.mktemp("interrupted") / "run"
-    result = interrupt_at(env, run_args(output), output, 6, signal.SIGINT)
+    result = interrupt_at(env, [*run_args(output), "--portable-checkpoints"], output, 6, signal.SIGINT)
     return output, result

@@ -45,8 +45,8 @@ def _eval_losses(output: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def lora_run(tiny: Tiny, learnable: Path, env, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    output = tmp_path_factory.mktemp("lora") / "run"
-    return output, _lora_run(tiny, learnable, output, env)
+    output = tmp_path_factory.mktemp("lora") / "run"  # copied by tests: its checkpoints must stand alone
+    return output, _lora_run(tiny, learnable, output, env, "--portable-checkpoints")
 
 
 def test_lora_run_trains_adapters_and_checkpoints_only_them(lora_run) -> None:

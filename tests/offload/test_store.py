@@ -168,11 +168,11 @@ def test_discard_gives_back_the_swap_file_when_asked(tmp_path, release_file):
     store.acquire(newcomer, Tier.HOST)  # evicts `spilled` to its swap file
     store.release(newcomer, Tier.HOST)
     files = tmp_path / "swap"
-    assert [f.name for f in files.iterdir()] == [spilled.key]
+    assert [f.name for f in files.iterdir()] == [f"{spilled.key}.0"]  # its first version
     assert torch.equal(store.acquire(spilled, Tier.HOST), torch.full((NUMEL,), 3.0))
     store.release(spilled, Tier.HOST)
     store.discard(spilled, release_file=release_file)
-    assert [f.name for f in files.iterdir()] == ([] if release_file else [spilled.key])
+    assert [f.name for f in files.iterdir()] == ([] if release_file else [f"{spilled.key}.0"])
     store.acquire(spilled, Tier.HOST).fill_(4.0)  # used again: a new file on its next spill
     store.release(spilled, Tier.HOST, dirty=True)
     store.acquire(newcomer, Tier.HOST)
@@ -370,7 +370,7 @@ def test_verified_reads_refuse_bytes_the_disk_changed(tmp_path, verify):
     store.release(spilled, Tier.HOST)
     store.acquire(newcomer, Tier.HOST)  # evicts it again (clean: dropped, its file unchanged)
     store.release(newcomer, Tier.HOST)
-    path = tmp_path / "swap" / spilled.key
+    path = tmp_path / "swap" / f"{spilled.key}.0"
     damaged = bytearray(path.read_bytes())
     at = int(torch.randint(0, NUMEL * 4, ()))
     damaged[at] ^= 1 << int(torch.randint(0, 8, ()))

@@ -53,10 +53,10 @@ def _reference(path, batches, mezo: optim.MeZO) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in params.items()}
 
 
-def _engine(path, tmp_path, mezo: optim.MeZO) -> offload.Engine:
+def _engine(path, tmp_path, mezo: optim.MeZO, **options) -> offload.Engine:
     model = AutoModelForCausalLM.from_pretrained(path)
     device, host = offload.Engine.minimum_budget(model, mezo)
-    return offload.Engine(model, mezo, offload.Budget(device=device, host=host, nvme=tmp_path / "swap"))
+    return offload.Engine(model, mezo, offload.Budget(device=device, host=host, nvme=tmp_path / "swap"), **options)
 
 
 @pytest.mark.parametrize(
@@ -107,21 +107,22 @@ def test_mezo_refuses_gradient_options(tmp_path):
         optim.MeZO(eps=0)
 
 
+@pytest.mark.parametrize("portable", [True, False], ids=["portable", "in-swap"])
 @pytest.mark.parametrize("storage_dtype", [torch.float32, torch.bfloat16])
-def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, storage_dtype):
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, storage_dtype, portable):
     """save_checkpoint applies the pending lazy update first; the resumed run goes on exactly as the first. bf16
-    storage: the checkpoint's fp32 export of bf16 values loads back exactly, and the flushed update is rounded with
-    the noise the lazy one would have used."""
+    storage: the checkpoint's fp32 export of bf16 values loads back exactly (portable), or its bf16 chunk is
+    adopted as it is (in swap), and the flushed update is rounded with the noise the lazy one would have used."""
     path = save_tiny_model("llama", tmp_path / "model", seed=5, num_hidden_layers=3)
     mezo = optim.MeZO(lr=1e-3, seed=6, samples=2, storage_dtype=storage_dtype)
     batches = _batches(seed=7)[:5]
     with _engine(path, tmp_path / "a", mezo) as engine:
         uninterrupted = [engine.train_step(b) for b in batches]
         engine.export(tmp_path / "uninterrupted")
-    with _engine(path, tmp_path / "b", mezo) as engine:
+    with _engine(path, tmp_path / "b", mezo, run_name="run") as engine:
         first = [engine.train_step(b) for b in batches[:2]]
-        engine.save_checkpoint(tmp_path / "checkpoint")
-    with _engine(path, tmp_path / "c", mezo) as engine:
+        engine.save_checkpoint(tmp_path / "checkpoint", portable=portable)
+    with _engine(path, tmp_path / "b", mezo, run_name="run", checkpoints=[tmp_path / "checkpoint"]) as engine:
         engine.load_checkpoint(tmp_path / "checkpoint")
         rest = [engine.train_step(b) for b in batches[2:]]
         engine.export(tmp_path / "resumed")

@@ -50,7 +50,7 @@ def train_streamed(
         engine.train_step(batch)
     engine.export(out)
     if checkpoint is not None:
-        engine.save_checkpoint(checkpoint)
+        engine.save_checkpoint(checkpoint, portable=True)  # read back as safetensors by the tests
     engine.close()
     return engine
 

@@ -197,16 +197,17 @@ def test_engine_checkpoint_resumes_exactly(tmp_path):
     data = batches(7, seed=27)
     options = {"density": 0.3, "subspace": "svd", "update_gap": 3}
 
-    def engine(swap: str) -> offload.Engine:
+    def engine(**kept: object) -> offload.Engine:  # the run's swap directory, where its checkpoint lives
         model = AutoModelForCausalLM.from_pretrained(path)
         device, host = offload.Engine.minimum_budget(model, _frugal(**options))
-        return offload.Engine(model, _frugal(**options), offload.Budget(device=device, host=host, nvme=tmp_path / swap))
+        budget = offload.Budget(device=device, host=host, nvme=tmp_path / "swap")
+        return offload.Engine(model, _frugal(**options), budget, run_name="run", **kept)
 
-    with engine("swap-first") as first:
+    with engine() as first:
         for batch in data[:4]:
             first.train_step(batch)
         first.save_checkpoint(tmp_path / "checkpoint")
-    with engine("swap-resumed") as resumed:
+    with engine(checkpoints=[tmp_path / "checkpoint"]) as resumed:
         resumed.load_checkpoint(tmp_path / "checkpoint")
         for batch in data[4:]:
             resumed.train_step(batch)
