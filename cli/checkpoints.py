@@ -151,6 +151,9 @@ class Checkpoints:
             shutil.rmtree(target)  # written by a run killed before its manifest update: never complete
         portable = portable or final or engine.swap_directory is None
         try:
+            if not portable:
+                engine.flush()
+                crash_point("flushed", step)
             engine.save_checkpoint(target, extra=extra, portable=portable)
             tokenizer.save_pretrained(target)
             (target / RUN_CONFIG).write_text(run_config)
@@ -187,8 +190,9 @@ class Checkpoints:
 def crash_point(name: str, step: int) -> None:
     """Fault injection for the kill tests (tests/cli/test_kill_resume.py, benchmarks/kill_resume.py): with
     $FINETUNE_CRASH_AT set to `name:step` the process kills itself here, as a power cut would, at the moments a
-    random kill rarely hits (between a checkpoint's last file and its manifest entry, between the manifest and the
-    removal of the checkpoints it dropped, in the middle of that removal)."""
+    random kill rarely hits (between the flush of a checkpoint in swap and its commit, between a checkpoint's last
+    file and its manifest entry, between the manifest and the removal of the checkpoints it dropped, in the middle
+    of that removal)."""
     if os.environ.get("FINETUNE_CRASH_AT") == f"{name}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 

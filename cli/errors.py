@@ -32,6 +32,10 @@ checkpoint in the manifest intact (cli/checkpoints.py).
     a link or another's directory in --nvme       offload/swap_area  tests/cli/test_concurrency.py, test_swap_area.py
     a damaged checkpoint file (names it and the   checkpoints.py,    tests/cli/test_damaged_checkpoint.py
       checkpoint before it)                       offload/checksums
+    a damaged or missing swap version of a        offload/checkpoint tests/cli/test_damaged_checkpoint.py,
+      checkpoint in swap (names file and chunk)                      tests/offload/test_checkpoint.py
+    export, or resume of a copy, of a checkpoint  export.py,         tests/cli/test_damaged_checkpoint.py
+      in swap (names --portable-checkpoints)      train.py
     --lora-targets naming no linear layer         lora.py            lora-targets-unknown
     export --merge: no adapter, no base, misfit   export.py          tests/cli/test_lora_cli.py
     resume: LoRA adapters on another base         train.py, lora.py  tests/cli/test_lora_cli.py

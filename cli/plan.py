@@ -67,7 +67,8 @@ class Plan:
     device_minimum: int
     host_minimum: int
     swap_free: int | None  # free bytes at --nvme (None without it)
-    checkpoint_bytes: int  # one checkpoint: trainable weights (fp32) and optimizer state
+    checkpoint_bytes: int  # one portable checkpoint: trainable weights (fp32) and optimizer state
+    in_swap_bytes: int  # the most one checkpoint in swap holds there: the chunks it references
     output_free: int
     prefetch: int  # the depth the run uses: --prefetch, or the planner's
     budget: Budget  # the budgets the run uses: the flags', with the planner's split of --memory on CPU
@@ -135,7 +136,7 @@ def make_plan(config: RunConfig, model: nn.Module, model_dir: Path, profile: Mac
     hardware = detect_hardware()
     swap_free = hardware.disk_free(config.nvme) if config.nvme else None
     return Plan(config, machine, settings.prediction, dtype, device_min, host_min, swap_free,
-                _checkpoint_bytes(model, optimizer, dtype, quantize), hardware.disk_free(config.output),
+                *_checkpoint_bytes(model, optimizer, dtype, quantize), hardware.disk_free(config.output),
                 settings.prefetch, budget, ("prefetch",) * (config.prefetch is None) + ("split",) * split)
 
 
@@ -191,38 +192,54 @@ def _check_memory(config: RunConfig, model: nn.Module, optimizer: Any, dtype: to
         )
 
 
-def _checkpoint_bytes(model: nn.Module, optimizer: Any, dtype: torch.dtype, quantize: str | None) -> int:
-    """One checkpoint: the trainable weights in fp32 and their optimizer state (LoRA: the adapters' only).
+def _checkpoint_bytes(model: nn.Module, optimizer: Any, dtype: torch.dtype, quantize: str | None) -> tuple[int, int]:
+    """One checkpoint, portable and in swap: the trainable weights (fp32 in a portable one, as stored in swap) and
+    their optimizer state (LoRA: the adapters' only).
 
     The optimizer's share is the state less its frozen part (the state with MeZO, less MeZO's fp32 weights) and
     less the compute weights and gradients, which leaves the states and, below fp32, the masters; a checkpoint
-    holds the masters, not the gradients. MeZO's checkpoint is fp32 weights, whatever its --storage-dtype."""
+    holds the masters, not the gradients. MeZO's portable checkpoint is fp32 weights, whatever its
+    --storage-dtype; in swap it is its stored weights. A checkpoint in swap references every chunk's version: it
+    holds that much disk at most, when every chunk is written again before the next one (the state streams)."""
     from .. import optim
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights = 4 * trainable
-    if isinstance(optimizer, optim.MeZO):
-        return weights
     state = Engine.state_bytes(model, optimizer, compute_dtype=dtype, quantize_frozen=quantize)
+    if isinstance(optimizer, optim.MeZO):
+        return weights, state
     frozen = Engine.state_bytes(model, optim.MeZO(), compute_dtype=dtype, quantize_frozen=quantize) - weights
     element = torch.empty((), dtype=dtype).element_size()
     extra = state - frozen - 2 * element * trainable  # optimizer states (and masters below fp32)
-    return extra + (weights if dtype == torch.float32 else 0)
+    return extra + (weights if dtype == torch.float32 else 0), extra + element * trainable
+
+
+def _checkpoints_kept(plan: Plan) -> tuple[int, int]:
+    """How many kept checkpoints are in swap and how many portable, at most, at any moment: in swap (with --nvme,
+    without --portable-checkpoints) all but a finished run's last, which is portable."""
+    config = plan.config
+    if config.nvme is None or config.portable_checkpoints:
+        return 0, config.keep_checkpoints
+    return config.keep_checkpoints, 1
 
 
 def problems(plan: Plan) -> list[str]:
     """Why the planned run cannot finish, each with the numbers: swap or checkpoints beyond the free disk."""
     found = []
+    in_swap, portable = _checkpoints_kept(plan)
     swap = plan.prediction.traffic.swap_bytes
-    if plan.swap_free is not None and swap > plan.swap_free:
-        found.append(f"needs {format_bytes(swap)} on the swap path --nvme {plan.config.nvme}, "
+    held = in_swap * plan.in_swap_bytes
+    if plan.swap_free is not None and swap + held > plan.swap_free:
+        what = f"{format_bytes(swap)} of swap files" + (
+            f" and {in_swap} checkpoints of up to {format_bytes(plan.in_swap_bytes)}" if in_swap else "")
+        found.append(f"needs {format_bytes(swap + held)} on the swap path --nvme {plan.config.nvme} ({what}), "
                      f"{format_bytes(plan.swap_free)} free there; free space or choose another --nvme"
-                     + _bf16_hint(plan))
-    kept = plan.checkpoint_bytes * plan.config.keep_checkpoints
+                     + (", or lower --keep-checkpoints" if in_swap else "") + _bf16_hint(plan))
+    kept = plan.checkpoint_bytes * portable
     if kept > plan.output_free:
-        found.append(f"{plan.config.keep_checkpoints} checkpoints of {format_bytes(plan.checkpoint_bytes)} need "
+        found.append(f"{portable} checkpoints of {format_bytes(plan.checkpoint_bytes)} need "
                      f"{format_bytes(kept)} on --output {plan.config.output}, {format_bytes(plan.output_free)} free "
-                     "there; lower --keep-checkpoints or choose another --output")
+                     "there; " + ("lower --keep-checkpoints or " if portable > 1 else "") + "choose another --output")
     return found
 
 
@@ -262,6 +279,7 @@ def advice(plan: Plan) -> list[str]:
 def plan_dict(plan: Plan) -> dict[str, Any]:
     """The plan as plain numbers (bytes and seconds), for --json and the table."""
     p, config, traffic = plan.prediction, plan.config, plan.prediction.traffic
+    in_swap, portable = _checkpoints_kept(plan)
     return {
         "machine": plan.machine.name,
         "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
@@ -273,9 +291,9 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
         "peak_device_memory": p.peak_device_memory if plan.machine.cuda else None,
         "disk": {"nvme": config.nvme, "swap_bytes": traffic.swap_bytes if config.nvme else 0,
                  "swap_free": plan.swap_free, "output": config.output, "checkpoint_bytes": plan.checkpoint_bytes,
-                 "checkpoints_kept": config.keep_checkpoints,
-                 "checkpoints_bytes": plan.checkpoint_bytes * config.keep_checkpoints,
-                 "output_free": plan.output_free},
+                 "checkpoints_kept": portable, "checkpoints_bytes": plan.checkpoint_bytes * portable,
+                 "checkpoint_in_swap_bytes": plan.in_swap_bytes, "checkpoints_in_swap": in_swap,
+                 "checkpoints_in_swap_bytes": plan.in_swap_bytes * in_swap, "output_free": plan.output_free},
         "io_per_step": {"disk_read": traffic.disk_read, "disk_write": traffic.disk_write,
                         "host_to_device": traffic.host_to_device, "device_to_host": traffic.device_to_host},
         "settings": {"prefetch": plan.prefetch, "chosen": list(plan.chosen)},
@@ -324,7 +342,11 @@ def _rows(data: dict[str, Any]) -> list[tuple[str, str, str]]:
     if disk["nvme"]:
         rows.append(("disk", f"swap at {disk['nvme']}", f"{format_bytes(disk['swap_bytes'])} "
                      f"(free {format_bytes(disk['swap_free'])})"))
-    rows.append(("disk", f"checkpoints at {disk['output']}", f"{disk['checkpoints_kept']} x "
+    if disk["checkpoints_in_swap"]:
+        rows.append(("disk", "checkpoints in swap", f"{disk['checkpoints_in_swap']} x up to "
+                     f"{format_bytes(disk['checkpoint_in_swap_bytes'])} (beside the swap files)"))
+    what = "checkpoints" if disk["checkpoints_in_swap"] == 0 else "final checkpoint"
+    rows.append(("disk", f"{what} at {disk['output']}", f"{disk['checkpoints_kept']} x "
                  f"{format_bytes(disk['checkpoint_bytes'])} (free {format_bytes(disk['output_free'])})"))
     rows += [("settings", *_setting(name, data["settings"])) for name in ("prefetch", "split")
              if name == "prefetch" or name in data["settings"]["chosen"]]

@@ -333,6 +333,12 @@ class Engine:
         self._held[directory.resolve()] = names
         return directory
 
+    def flush(self) -> None:
+        """Write what is only in memory to the swap files, and fsync them: what a checkpoint in swap does first
+        (it then finds nothing left to write), for a caller that wants that done ahead of it."""
+        self._settle()
+        self.store.flush()
+
     def drop_checkpoint(self, directory: str | Path) -> None:
         """Delete checkpoint `directory`, and the swap versions that no other kept checkpoint references."""
         directory = Path(directory)

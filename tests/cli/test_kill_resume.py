@@ -2,10 +2,11 @@
 stopped, bit for bit (final weights, optimizer state, every logged loss), and nothing of the killed process is
 left in --nvme.
 
-The moments, in one run killed again and again: the three a random kill rarely hits, through the crash points
-of cli/checkpoints.py (between a checkpoint's last file and its manifest entry; between the manifest and the
-removal of the checkpoint it dropped; during that removal), and `$FINETUNE_KILL_MOMENTS` random ones (default 2,
-so CI covers 5 in all; `FINETUNE_KILL_MOMENTS=20 pytest tests/cli/test_kill_resume.py` is the 20-moment
+The moments, in one run killed again and again: the four a random kill rarely hits, through the crash points
+of cli/checkpoints.py (between the flush of a checkpoint in swap and the commit of its versions; between a
+checkpoint's last file and its manifest entry; between the manifest and the removal of the checkpoint it dropped,
+whose swap versions go with it; during that removal), and `$FINETUNE_KILL_MOMENTS` random ones (default 2,
+so CI covers 6 in all; `FINETUNE_KILL_MOMENTS=20 pytest tests/cli/test_kill_resume.py` is the 20-moment
 measurement of issue 16; `$FINETUNE_KILL_SEED` replays one). A random moment is a random step of the 24 (after
 the last checkpoint) plus a random delay of up to 60 ms after its record appears: inside steps, evals,
 checkpoint writes and manifest commits alike.
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.integration
 
 RANDOM_MOMENTS = int(os.environ.get("FINETUNE_KILL_MOMENTS", "2"))
 SEED = int(os.environ.get("FINETUNE_KILL_SEED", str(random.SystemRandom().randrange(2**31))))
-CRASH_POINTS = [("written", 8), ("published", 12), ("reclaiming", 16)]  # RUN_ARGS: a checkpoint every 4, 3 kept
+# "flushed" comes first: it is never hit at step 24, where a finished run's last checkpoint is portable.
+CRASH_POINTS = [("flushed", 8), ("written", 12), ("published", 16), ("reclaiming", 20)]
+CHECKPOINT_EVERY = 4  # RUN_ARGS: a checkpoint every 4 steps, 3 kept
 STEPS = 24
 
 
@@ -56,6 +59,12 @@ def _kill_after(env: dict[str, str], args: list[str], output: Path, step: int, d
     return process.returncode
 
 
+def _crash_step(step: int, saved: int) -> int:
+    """Where a crash point is hit: at its own step's checkpoint, or, when random kills that came late carried the
+    run past that, at the next checkpoint after the one saved."""
+    return max(step, (saved // CHECKPOINT_EVERY + 1) * CHECKPOINT_EVERY)
+
+
 def _saved_step(output: Path) -> int:
     manifest = output / "checkpoints" / "manifest.json"
     return json.loads(manifest.read_text())["checkpoints"][-1]["step"] if manifest.exists() else 0
@@ -71,7 +80,7 @@ def test_killed_again_and_again_resumes_bit_identical(run_args, reference_run, e
         saved = _saved_step(output)
         args = ["run", "--resume", "--output", str(output)] if saved else run_args(output)
         if kind != "random":
-            code = run_finetune({**env, "FINETUNE_CRASH_AT": f"{kind}:{step}"}, *args).returncode
+            code = run_finetune({**env, "FINETUNE_CRASH_AT": f"{kind}:{_crash_step(step, saved)}"}, *args).returncode
         else:
             code = _kill_after(env, args, output, max(step, saved + 1), delay)
         assert code in (-signal.SIGKILL, 0), f"seed {SEED}, {kind} at step {step}: exit {code}"

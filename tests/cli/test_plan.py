@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from cli_support import Tiny
 from typer.testing import CliRunner
 
@@ -69,6 +70,32 @@ def test_json_has_every_number(tiny: Tiny, tmp_path: Path) -> None:
     assert data["io_per_step"]["disk_read"] > 0 and set(data["busy_s"]) >= {"compute", "disk", "optimizer"}
     assert data["bottleneck"] in data["busy_s"] and data["problems"] == []
     assert any("is the minimum" in line for line in data["advice"])
+
+
+def test_checkpoints_in_swap_are_planned_on_the_swap_path(tiny: Tiny, tmp_path: Path) -> None:
+    """With --nvme the kept checkpoints are in swap and only the final one is on --output; the disk one holds at
+    most is what a real one references (the engine's, saved after a step in which every chunk was rewritten)."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune import offload, optim
+
+    memory = str(int(1.25 * (tiny.device_bytes + tiny.host_bytes)))
+    options = [*SHAPE, "--memory", memory, "--nvme", tmp_path / "swap", "--hardware", CPU_PROFILE,
+               "--keep-checkpoints", "3", "--json"]
+    data = json.loads(_plan(tiny.model, *options).output.strip().splitlines()[-1])["disk"]
+    portable = json.loads(_plan(tiny.model, *options, "--portable-checkpoints").output.strip().splitlines()[-1])["disk"]
+    assert (data["checkpoints_in_swap"], data["checkpoints_kept"]) == (3, 1)
+    assert (portable["checkpoints_in_swap"], portable["checkpoints_kept"]) == (0, 3)
+    model = AutoModelForCausalLM.from_pretrained(tiny.model)
+    budget = offload.Budget(device="1GB", host="1GB", nvme=tmp_path / "real")
+    with offload.Engine(model, optim.AdamW(), budget) as engine:
+        engine.save_checkpoint(tmp_path / "checkpoint")  # at step 0 the moments are zeros: no file of theirs
+        engine.drop_checkpoint(tmp_path / "checkpoint")
+        engine.train_step({"input_ids": torch.randint(0, 100, (2, 8)), "labels": torch.randint(0, 100, (2, 8))})
+        engine.save_checkpoint(tmp_path / "checkpoint")
+        referenced = torch.load(tmp_path / "checkpoint" / "engine_state.pt", weights_only=True)["swap"]["chunks"]
+        held = sum((engine.swap_directory / ref[0]).stat().st_size for ref in referenced.values())
+    assert held == data["checkpoint_in_swap_bytes"]
 
 
 def test_a_config_only_directory_is_enough(tiny: Tiny, tmp_path: Path) -> None:
@@ -161,7 +188,8 @@ def test_mezo_with_bf16_storage_plans_about_half_the_swap(tiny: Tiny, tmp_path: 
 def test_a_mezo_run_beyond_the_disk_is_told_of_bf16_storage(tiny: Tiny, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     args = _mezo_plan_args(tiny, tmp_path)
-    swap = json.loads(_plan(*args, "--json").output.strip().splitlines()[-1])["disk"]["swap_bytes"]
+    disk = json.loads(_plan(*args, "--json").output.strip().splitlines()[-1])["disk"]
+    swap = disk["swap_bytes"] + disk["checkpoints_in_swap_bytes"]  # both MeZO's weights: halved in bf16
     usage = shutil.disk_usage(tmp_path)
     short = usage._replace(free=swap // 2 + swap // 8)  # room for bf16 weights, not for fp32 ones
     monkeypatch.setattr(shutil, "disk_usage", lambda path: short if Path(path).name == "disk" else usage)
