@@ -159,6 +159,10 @@ class ChunkStore:
         if self.backend is None:
             return
         with self._lock:
+            if not self.transport.shares_memory:  # CUDA: swap files are written from host memory, so stage there
+                for chunk in self._chunks:
+                    if chunk.only_copy_in(Tier.DEVICE) and not chunk.pinned(Tier.DEVICE):
+                        self._evict(chunk, Tier.DEVICE)
             for chunk in self._chunks:
                 tier = chunk.newest_tier
                 if tier is not None and chunk.only_copy_in(tier) and id(chunk) not in self._writing:
