@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from ..offload import ClipMode, parse_size
-from .data import Format
+from .data import Format, Template, TextUnit, parse_columns
 from .schedule import Schedule
 
 __all__ = ["ConfigError", "Dtype", "OptimizerName", "Panel", "RESUMABLE_CHANGES", "RunConfig", "StorageDtype",
@@ -84,7 +84,8 @@ class RunConfig:
     """Local Hugging Face model directory (config.json + safetensors), or a hub id such as org/name."""
 
     dataset: str | None = option(None, argument=True)
-    """A .jsonl/.json/.csv/.parquet/.txt file, a directory of them, or a `datasets` hub name."""
+    """A .jsonl/.json/.csv/.parquet/.txt/.md file, a directory of them (or a hub dataset's download, with its
+    dataset card), or a `datasets` hub name."""
 
     output: str = option("finetune-out", flags=("--output", "-o"))
     """Run directory: checkpoints, metrics.jsonl, loss.png and the effective run-config.yaml."""
@@ -99,14 +100,36 @@ class RunConfig:
     """Run the model's own Python code from its directory or hub repo. Only for models you trust."""
 
     format: Format = option(Format.AUTO, Panel.DATA)
-    """Dataset format. auto detects it from the fields: text, prompt/completion, instruction/input/output,
-    or messages (chat)."""
+    """Dataset format. auto detects it from the fields: text, prompt/completion, instruction/input/output, or
+    messages (chat: role/content, or ShareGPT's conversations with from/value)."""
+
+    columns: str | None = option(None, Panel.DATA)
+    """Your field names for the format's, as NAME=COLUMN pairs, e.g. prompt=question,completion=answer (NAME: text,
+    prompt, completion, instruction, input, output, messages). In --config also a mapping."""
+
+    template: Template = option(Template.AUTO, Panel.DATA)
+    """How instruction rows become text: chat (the tokenizer's chat template; user turn: instruction, a blank line,
+    input; assistant turn: output), alpaca (### Instruction: / ### Input: / ### Response:), or auto: chat when the
+    tokenizer has a chat template, else alpaca."""
+
+    text_unit: TextUnit = option(TextUnit.DOCUMENT, Panel.DATA)
+    """One example of a .txt/.md file or a text field: document (all of it, newlines kept, one BOS/EOS around it),
+    line, or paragraph (split at blank lines)."""
+
+    dataset_config: str | None = option(None, Panel.DATA)
+    """The subset of a hub dataset, or of a dataset directory whose README.md card lists configs, e.g.
+    wikitext-2-raw-v1."""
+
+    split: str = option("train", Panel.DATA)
+    """The split to train on: of a hub dataset, of a directory with a dataset card, or of a directory whose file
+    names say their split (train.jsonl, test.jsonl)."""
 
     train_on_prompt: bool = option(False, Panel.DATA)
     """Compute the loss on prompt tokens too. By default only completion tokens count."""
 
     seq_len: int = option(512, Panel.DATA)
-    """Tokens per sequence. Longer examples are truncated, or split across sequences with --pack."""
+    """Tokens per sequence. Longer examples are truncated (a text continues in the next sequences), or split across
+    sequences with --pack."""
 
     pack: bool = option(False, Panel.DATA, flags=("--pack/--no-pack",))
     """Concatenate examples and cut them into full sequences of --seq-len tokens (no padding)."""
@@ -115,7 +138,11 @@ class RunConfig:
     """Fraction of the examples held out for the eval loss (e.g. 0.05)."""
 
     val_file: str | None = option(None, Panel.DATA)
-    """A separate validation dataset, in the same format, instead of --val-fraction."""
+    """A separate validation dataset (a file, a directory or a hub name), instead of --val-fraction; its format is
+    detected from its own fields."""
+
+    val_split: str | None = option(None, Panel.DATA)
+    """A split of DATASET for the eval loss (e.g. validation or test), instead of --val-fraction or --val-file."""
 
     eval_every: int = option(100, Panel.DATA)
     """Compute the eval loss every N steps and at the end (0: only at the end)."""
@@ -183,6 +210,10 @@ class RunConfig:
     """Modules to adapt: all-linear (the attention and MLP projections: every linear layer but the output layer),
     or comma-separated names such as q_proj,v_proj."""
 
+    merge_at_end: bool = option(False, Panel.LORA)
+    """With --lora: OUTPUT/final/ holds the base model with the adapters merged in (in the base's dtype) instead
+    of the adapter."""
+
     memory: str | None = option(None, Panel.MEMORY)
     """RAM/VRAM for the device and host tiers together, e.g. 8GB. Each tier gets its minimum; on CPU the planner
     splits the rest (its choice is in the plan), on CUDA it is split evenly. Default: taken from the machine."""
@@ -219,6 +250,8 @@ class RunConfig:
     stay in --nvme while it is kept; a finished run's last checkpoint is always portable."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.columns, dict):  # a config file's mapping, saved as the flag's text
+            self.columns = ",".join(f"{name}={column}" for name, column in self.columns.items())
         errors = [error for name in _fields() if (error := self._coerce(name))]
         errors = errors or self._check() + self._check_lora()  # the range checks need values of the right type
         if errors:
@@ -255,6 +288,9 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, int) and value < minimum:
                 errors.append(f"{flag(name)} {value} must be >= {minimum}")
+        if self.merge_at_end and not self.lora:
+            errors.append("--merge-at-end merges LoRA adapters: add --lora (a full fine-tune's OUTPUT/final/ is the "
+                          "model already)")
         for name in ("lr", "min_lr", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 errors.append(f"{flag(name)} {getattr(self, name)} must be >= 0")
@@ -274,6 +310,18 @@ class RunConfig:
             errors.append(f"--val-fraction {self.val_fraction} must be in [0, 1)")
         if self.val_fraction and self.val_file:
             errors.append("--val-fraction and --val-file both given; keep one")
+        if self.val_split is not None and (self.val_fraction or self.val_file):
+            errors.append(f"--val-split and {'--val-file' if self.val_file else '--val-fraction'} both given; keep one")
+        if self.val_split is not None and self.val_split == self.split:
+            errors.append(f"--val-split {self.val_split} is the split trained on (--split); choose another split")
+        for name in ("split", "val_split", "dataset_config"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                errors.append(f"{flag(name)} is empty; give a name, or drop it")
+        try:
+            parse_columns(self.columns)
+        except ValueError as error:
+            errors.append(f"--columns {self.columns!r}: {error}; give NAME=COLUMN pairs such as "
+                          "prompt=question,completion=answer")
         for name in ("memory", "device_memory", "host_memory"):
             value = getattr(self, name)
             if value is not None:
@@ -329,7 +377,7 @@ _LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 RESUMABLE_CHANGES = frozenset(
     {"model", "dataset", "tokenizer", "val_file", "output", "eval_every", "memory", "device_memory",
      "host_memory", "nvme", "prefetch", "verify_swap", "checkpoint_every", "keep_checkpoints",
-     "portable_checkpoints"}
+     "portable_checkpoints", "merge_at_end"}
 )
 """Fields a resumed run may change: where things are, budgets, and how often to eval or save. They do not touch
 the training math (moved model or data files are checked by content instead). Every other field must equal the

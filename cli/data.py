@@ -1,35 +1,45 @@
-"""Datasets: load rows with `datasets`, detect their format, and tokenize them into training sequences.
+"""Datasets: the rows cli/sources.py reads, their format, and their tokens.
+
+The user's fields are first renamed to the formats' names (`--columns prompt=question`), and the format is the
+first whose fields are all there (or `--format`):
+
+    text                 text                       a document (or a line or paragraph of it: --text-unit)
+    prompt-completion    prompt, completion         the prompt as it is, then the completion
+    instruction          instruction, input, output as a chat (the user turn: instruction, a blank line, input) with
+                                                    the tokenizer's chat template, else the Alpaca prompt (--template)
+    chat                 messages or conversations  [{role, content}] or ShareGPT's [{from, value}] (human, gpt,
+                                                    system), with the tokenizer's chat template
 
 Every format becomes a list of (text, trainable) segments, and the labels of prompt segments are -100, so the
-loss counts only completion tokens (unless `train_on_prompt`). This is how one code path serves plain text,
-prompt/completion, instruction and chat data. Problems with the data are reported with the row or line they
-are in, because in a 100k-line file "malformed JSON" alone does not help anyone.
+loss counts only completion tokens (every assistant turn of a chat) unless `train_on_prompt`. This is how one code
+path serves plain text, prompt/completion, instruction and chat data. Problems with a row are reported with the
+row's number and the file it is in.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
-import logging
-from array import array
+import functools
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import FinetuneError, one_line
+from .errors import FinetuneError
+from .sequences import IGNORE, Cut, Sequences, build_sequences
+from .sources import Part, TextUnit, read_parts
 
-__all__ = ["CHAT_ROLES", "Format", "Sequences", "detect_format", "load_rows", "split_rows", "tokenize_rows"]
+__all__ = ["CHAT_ROLES", "COLUMN_NAMES", "Format", "Sequences", "Template", "TextUnit", "detect_format", "load_rows",
+           "parse_columns", "split_rows", "tokenize_rows"]
 
-IGNORE = -100  # the label transformers' loss skips
-
-_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 _INSTRUCTION_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
 _TOKENIZE_BATCH = 1024
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 """The roles a chat message may have: those of the common chat templates (tool: a function call's result)."""
+
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+"""ShareGPT's `from` values, as chat roles (a chat role itself is taken as it is)."""
 
 
 class Format(str, enum.Enum):
@@ -42,180 +52,118 @@ class Format(str, enum.Enum):
     CHAT = "chat"
 
 
+class Template(str, enum.Enum):
+    """How an instruction row becomes text."""
+
+    AUTO = "auto"  # the tokenizer's chat template when it has one, else alpaca
+    CHAT = "chat"
+    ALPACA = "alpaca"
+
+
 _FIELDS = {
     Format.CHAT: ("messages",),
     Format.INSTRUCTION: ("instruction", "output"),
     Format.PROMPT_COMPLETION: ("prompt", "completion"),
     Format.TEXT: ("text",),
 }  # in detection order: the most specific first
+_CHAT_FIELDS = ("messages", "conversations")  # a chat is either (ShareGPT's name is conversations)
+_READS = {Format.INSTRUCTION: ("instruction", "input", "output"), Format.PROMPT_COMPLETION: ("prompt", "completion"),
+          Format.TEXT: ("text",)}
+"""Every field each format but chat reads (the others are dropped when the files of a directory are combined; a
+chat keeps `messages`, to which ShareGPT's `conversations` is renamed)."""
+
+COLUMN_NAMES = ("text", "prompt", "completion", "instruction", "input", "output", "messages")
+"""The field names `--columns` maps the user's fields to."""
 
 
-@dataclass
-class Sequences:
-    """Token ids and labels, one list per training sequence, each at most seq_len long."""
-
-    ids: list[list[int]]
-    labels: list[list[int]]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def fingerprint(self) -> str:
-        """A hash of every token and label. A resumed run compares it with the checkpoint's to prove that it
-        sees the same data in the same order."""
-        digest = hashlib.sha256()
-        for ids, labels in zip(self.ids, self.labels):
-            digest.update(array("q", ids).tobytes())
-            digest.update(array("q", labels).tobytes())
-        return digest.hexdigest()
-
-
-def load_rows(source: str, *, label: str = "dataset") -> Any:
-    """The rows of a local file, a directory of files, or a `datasets` hub name, as a `datasets.Dataset`.
+def parse_columns(text: str | None) -> dict[str, str]:
+    """`--columns` (prompt=question,completion=answer) as {format field: the dataset's field}.
 
     Raises:
-        FinetuneError: missing path, no data files, a malformed line (with its number), no rows, or a hub name
-            that cannot be reached.
+        ValueError: a pair that is not NAME=COLUMN, a NAME no format reads, or a NAME or COLUMN given twice; the
+            message names the pair.
     """
-    import datasets
+    mapping: dict[str, str] = {}
+    for pair in filter(None, (piece.strip() for piece in (text or "").split(","))):
+        name, equals, column = (part.strip() for part in pair.partition("="))
+        if not equals or not name or not column:
+            raise ValueError(f"{pair!r} is not NAME=COLUMN")
+        if name not in COLUMN_NAMES:
+            raise ValueError(f"{name!r} is not a field of any format (those are {', '.join(COLUMN_NAMES)})")
+        if name in mapping or column in mapping.values():
+            raise ValueError(f"{name if name in mapping else column!r} is mapped twice")
+        mapping[name] = column
+    return mapping
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(logging.CRITICAL)  # its failure logs would repeat our one-line error
-    path = Path(source).expanduser()
-    if path.exists():
-        rows = _load_local(datasets, path, label)
-    elif path.suffix in _BUILDERS or source.startswith((".", "/", "~")):
-        raise FinetuneError(f"{label} {source} does not exist; check the path")
-    else:
-        rows = _load_hub(datasets, source, label)
+
+def load_rows(source: str, *, label: str = "dataset", config: str | None = None, split: str = "train",
+              columns: str | None = None, fmt: Format = Format.AUTO, text_unit: TextUnit = TextUnit.DOCUMENT,
+              split_flag: str = "--split") -> Any:
+    """The rows of a local file, a directory of files, or a `datasets` hub name, as a `datasets.Dataset` whose
+    fields have the formats' names.
+
+    Args:
+        source, label, config, split, text_unit, split_flag: what to read and how to name it (cli/sources.py).
+        columns: `--columns`, applied to each file type's rows where they have the column (rows that have the
+            format's own name need none).
+        fmt: `--format`; the file types of a directory must all come out in one format.
+
+    Raises:
+        FinetuneError: any problem cli/sources.py finds; a mapped column that is not there; files of a directory
+            in different formats; no rows.
+    """
+    mapping = parse_columns(columns)
+    parts = [Part(_map_columns(part.rows, mapping, part.where), part.where)
+             for part in read_parts(source, label=label, config=config, split=split, text_unit=text_unit,
+                                    split_flag=split_flag)]
+    rows = parts[0].rows if len(parts) == 1 else _combine(parts, fmt, label, source)
     if len(rows) == 0:
         raise FinetuneError(f"{label} {source} has no rows; add examples or point at another file")
     return rows
 
 
-def _load_local(datasets: Any, path: Path, label: str) -> Any:
-    files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS and not p.name.startswith(".")) \
-        if path.is_dir() else [path]
-    if not files:
-        raise FinetuneError(f"{label} directory {path} has no {', '.join(_BUILDERS)} files")
-    if files[0].suffix not in _BUILDERS:
-        raise FinetuneError(f"{label} {path}: unsupported file type {files[0].suffix!r}; use {', '.join(_BUILDERS)}")
-    for file in files:
-        _check_readable(file, label)
-    if all(f.stat().st_size == 0 for f in files):
-        raise FinetuneError(f"{label} {path} is empty; add examples or point at another file")
-    parts = []
-    for builder in sorted({_BUILDERS[f.suffix] for f in files}):
-        group = [str(f) for f in files if _BUILDERS[f.suffix] == builder]
-        try:
-            part = datasets.load_dataset(builder, data_files=group, split="train")
-        except Exception as error:  # datasets wraps parser errors in its own types; find the line ourselves
-            raise FinetuneError(_describe_load_failure(group, error)) from None
-        _check_utf8(part, group)
-        parts.append(part)
+def _map_columns(rows: Any, mapping: dict[str, str], where: str) -> Any:
+    """`rows` with each mapped column renamed to its format name (a field already of that name is replaced)."""
+    fields = rows.column_names
+    for name, column in mapping.items():
+        if column not in fields and name not in fields:
+            raise FinetuneError(f"--columns {name}={column}: {where} has no field {column!r} (its fields: "
+                                f"{', '.join(fields)}); fix the name in --columns")
+    present = {column: name for name, column in mapping.items() if column in fields and column != name}
+    replaced = [name for name in present.values() if name in fields and name not in present]
+    rows = rows.remove_columns(replaced) if replaced else rows
+    return rows.rename_columns(present) if present else rows
+
+
+def _combine(parts: list[Part], fmt: Format, label: str, source: str) -> Any:
+    """One dataset of a directory's file types: each must be in the same format; only that format's fields are
+    kept (an instruction file without `input` gets an empty one)."""
+    import datasets
+
+    formats = [detect_format(part.rows.column_names, fmt, part.where) for part in parts]
+    if len(set(formats)) > 1:
+        listing = "; ".join(f"{part.where} is {kind.value}" for part, kind in zip(parts, formats))
+        raise FinetuneError(f"{label} {source} mixes formats ({listing}); keep one format per dataset (a directory "
+                            "for each), or map the fields to one format's names with --columns")
+    if formats[0] is Format.CHAT:
+        wanted = ["messages"]  # a chat's one field: ShareGPT's conversations are renamed to it
+    else:
+        wanted = [name for name in _READS[formats[0]] if any(name in part.rows.column_names for part in parts)]
+    selected = []
+    for part in parts:
+        rows = part.rows
+        if formats[0] is Format.CHAT and "messages" not in rows.column_names:
+            rows = rows.rename_column("conversations", "messages")
+        for name in wanted:
+            if name not in rows.column_names:
+                rows = rows.add_column(name, [""] * len(rows))
+        selected.append(rows.select_columns(wanted))
     try:
-        return datasets.concatenate_datasets(parts)
+        return datasets.concatenate_datasets(selected)
     except ValueError:
-        columns = " vs ".join(str(part.column_names) for part in parts)
-        raise FinetuneError(f"{label} {path}: its files have different fields ({columns}); use one format") from None
-
-
-def _check_readable(file: Path, label: str) -> None:
-    """Open `file` as `datasets` will. Checked first because `datasets` may answer from its cache without opening
-    the file, and when it does open it, its error does not say which file or what to do.
-
-    Raises:
-        FinetuneError: the file cannot be opened for reading (permissions, most often).
-    """
-    try:
-        with file.open("rb"):
-            pass
-    except PermissionError:
-        raise FinetuneError(
-            f"{label} {file} is not readable (permission denied); fix its permissions (chmod a+r {file}) or run "
-            "as a user who can read it"
-        ) from None
-    except OSError as error:
-        raise FinetuneError(f"cannot read {label} {file} ({error.strerror}); check the file") from None
-
-
-def _check_utf8(rows: Any, files: list[str]) -> None:
-    """pyarrow's JSON reader keeps bytes that are not UTF-8 as they are, and the failure would come only when a
-    row is read, as a UnicodeDecodeError with a traceback. Validating the loaded table finds them in one pass of
-    its C++ code; only then are the files read line by line, for the line number.
-
-    Raises:
-        FinetuneError: a string that is not UTF-8, with its file and line.
-    """
-    try:
-        rows.data.validate(full=True)
-    except ValueError:  # pyarrow.ArrowInvalid: "Invalid UTF8 sequence"
-        where = next(filter(None, (_first_non_utf8(Path(name)) for name in files)), None)
-        raise FinetuneError(where or f"{', '.join(files)} holds text that is not UTF-8; re-encode it as UTF-8, e.g. "
-                            "with iconv -f latin1 -t utf-8") from None
-
-
-def _describe_load_failure(files: list[str], error: Exception) -> str:
-    """Name the file and line of the first line that is not UTF-8 or not valid JSON, or fall back to the parser's
-    message."""
-    for name in files:
-        location = _first_non_utf8(Path(name)) or _first_bad_json(Path(name))
-        if location:
-            return location
-    cause = error.__cause__ or error.__context__ or error
-    return f"cannot read {', '.join(files)}: {type(cause).__name__}: {one_line(str(cause))[:300]}"
-
-
-def _first_non_utf8(path: Path) -> str | None:
-    """The line (from 1) and column of the first byte that is not UTF-8 in a text file, with the fix; None when
-    the whole file decodes. `datasets` reads text as UTF-8 and reports only a byte offset."""
-    if path.suffix == ".parquet":
-        return None
-    with path.open("rb") as file:  # line by line: this runs on files of any size
-        for number, line in enumerate(file, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                return (
-                    f"{path} line {number}: not UTF-8 (byte 0x{line[error.start]:02x} at column {error.start + 1}); "
-                    f"re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > "
-                    f"{path.with_name(path.stem + '.utf8' + path.suffix)}"
-                )
-    return None
-
-
-def _first_bad_json(path: Path) -> str | None:
-    if path.suffix not in (".json", ".jsonl"):
-        return None
-    text = path.read_text(errors="replace")
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError:
-        whole = None
-    if isinstance(whole, list) and all(isinstance(item, dict) for item in whole):
-        return None  # a JSON array of records is fine
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            return f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno}); fix or remove the line"
-        if not isinstance(record, dict):
-            return f"{path} line {number}: expected a JSON object with named fields, got {type(record).__name__}"
-    return None
-
-
-def _load_hub(datasets: Any, name: str, label: str) -> Any:
-    try:
-        return datasets.load_dataset(name, split="train")
-    except Exception as error:  # offline, unknown name, no access: all end the same way for the user
-        reason = one_line(str(error))[:200]
-        raise FinetuneError(
-            f"{label} {name} is not a local path and could not be loaded from the hub ({reason}); where the network "
-            f"allows, run `hf download {name} --repo-type dataset --local-dir ./{name.split('/')[-1]}` and pass "
-            f"that directory"
-        ) from None
+        types = " vs ".join(f"{part.where}: {rows.features}" for part, rows in zip(parts, selected))
+        raise FinetuneError(f"{label} {source}: its files hold the same fields with different types ({types}); "
+                            "convert them to one layout") from None
 
 
 def detect_format(columns: Iterable[str], requested: Format, source: str) -> Format:
@@ -227,18 +175,29 @@ def detect_format(columns: Iterable[str], requested: Format, source: str) -> For
     columns = list(columns)
     candidates = [requested] if requested is not Format.AUTO else list(_FIELDS)
     for candidate in candidates:
-        if all(field in columns for field in _FIELDS[candidate]):
+        if _has_fields(candidate, columns):
             return candidate
-    expected = "; ".join(f"{f.value}: {'+'.join(fields)}" for f, fields in _FIELDS.items())
+    expected = "; ".join(f"{f.value}: {_needs(f)}" for f in _FIELDS)
     if requested is not Format.AUTO:
         raise FinetuneError(
-            f"--format {requested.value} needs fields {', '.join(_FIELDS[requested])} but {source} has "
-            f"{', '.join(columns)}; rename the fields or pick another --format ({expected})"
+            f"--format {requested.value} needs fields {_needs(requested)} but {source} has {', '.join(columns)}; map "
+            f"your fields to those names with --columns (e.g. --columns prompt=question,completion=answer), or pick "
+            f"another --format ({expected})"
         )
     raise FinetuneError(
         f"cannot tell the format of {source} from its fields {', '.join(columns)}; expected one of ({expected}); "
-        f"rename the fields to match"
+        f"map your fields to these names with --columns, e.g. --columns prompt=question,completion=answer"
     )
+
+
+def _has_fields(fmt: Format, columns: list[str]) -> bool:
+    if fmt is Format.CHAT:
+        return any(name in columns for name in _CHAT_FIELDS)
+    return all(name in columns for name in _FIELDS[fmt])
+
+
+def _needs(fmt: Format) -> str:
+    return "messages (or conversations)" if fmt is Format.CHAT else "+".join(_FIELDS[fmt])
 
 
 def split_rows(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
@@ -256,40 +215,88 @@ def split_rows(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
 
 
 def tokenize_rows(
-    rows: Any, fmt: Format, tokenizer: Any, *, seq_len: int, pack: bool, train_on_prompt: bool, source: str
+    rows: Any, fmt: Format, tokenizer: Any, *, seq_len: int, pack: bool, train_on_prompt: bool, source: str,
+    template: Template = Template.AUTO, text_unit: TextUnit = TextUnit.DOCUMENT, directory: Path | None = None,
 ) -> Sequences:
     """Tokenize every row and cut the result into sequences of at most `seq_len` tokens.
 
-    Without packing, each row is one sequence, truncated to `seq_len`. With packing, rows are concatenated
-    and cut into full windows; windows with nothing to predict are dropped.
+    Without packing, each example is one sequence, truncated to `seq_len`, but for text: a document longer than
+    `seq_len` continues in the next sequences, so no text is lost (and no two documents share a sequence). With
+    packing, examples are concatenated and cut into full windows; windows with nothing to predict are dropped.
+    Text examples (and prompt/completion and Alpaca ones) are each wrapped in BOS ... EOS; a chat template places
+    its own special tokens.
+
+    Args:
+        template: how instruction rows are rendered (auto: the tokenizer's chat template when it has one).
+        text_unit: what one example of a text row is: the whole text, each of its lines, or each paragraph.
+        directory: where the sequences are written (cli/token_cache.py's entry being built); None keeps them in
+            memory. The rows are tokenized with `datasets.map` either way (cli/sequences.py).
 
     Raises:
-        FinetuneError: a row with a bad field (named with its row number), or a prompt that leaves no room for
-            the completion within `seq_len`.
+        FinetuneError: a row with a bad field (named with its row number), a prompt that leaves no room for the
+            completion within `seq_len`, or a --template that does not apply.
     """
-    segments = [_segments(row, fmt, tokenizer, train_on_prompt, source, number)
-                for number, row in enumerate(rows, start=1)]
-    encoded = _encode(segments, tokenizer, with_bos_eos=fmt is not Format.CHAT)
-    numbered = [(number, example) for number, example in enumerate(encoded, start=1) if example is not None]
-    if not numbered:
-        raise FinetuneError(f"{source} has only empty rows; add examples")
-    _check_prompts_fit(numbered, seq_len, source)
-    if pack:
-        ids = [token for _, (example_ids, _) in numbered for token in example_ids]
-        labels = [label for _, (_, example_labels) in numbered for label in example_labels]
-        windows = [(ids[i : i + seq_len], labels[i : i + seq_len]) for i in range(0, len(ids), seq_len)]
-    else:
-        windows = [(ids[:seq_len], labels[:seq_len]) for _, (ids, labels) in numbered]
-    # A sequence with nothing to predict would make its micro-batch's mean loss 0/0.
-    kept = [(ids, labels) for ids, labels in windows if any(label != IGNORE for label in labels[1:])]
-    if not kept:
-        raise FinetuneError(f"{source} has no tokens to train on (every completion is empty); check the data")
-    return Sequences([ids for ids, _ in kept], [labels for _, labels in kept])
+    chat_rendered = fmt is Format.CHAT or _renders_with_chat_template(fmt, template, tokenizer, source)
+    encode = functools.partial(_encode_rows, fmt=fmt, tokenizer=tokenizer, train_on_prompt=train_on_prompt,
+                               source=source, chat_rendered=chat_rendered, text_unit=text_unit)
+    cut = Cut.PACK if pack else Cut.SPLIT if fmt is Format.TEXT else Cut.TRUNCATE
+    return build_sequences(rows, encode, seq_len=seq_len, cut=cut, source=source, directory=directory)
+
+
+def _encode_rows(rows: list[dict[str, Any]], first: int, *, fmt: Format, tokenizer: Any, train_on_prompt: bool,
+                 source: str, chat_rendered: bool, text_unit: TextUnit) -> list[tuple[int, list[int], list[int]]]:
+    """(row number, ids, labels) of each example of `rows`, numbered from `first`: what `build_sequences` calls on
+    each batch of rows (in `datasets.map`)."""
+    numbered = [(number, pieces) for number, row in enumerate(rows, start=first)
+                for pieces in _examples(row, fmt, tokenizer, train_on_prompt, source, number, chat_rendered,
+                                        text_unit)]
+    encoded = _encode([pieces for _, pieces in numbered], tokenizer, with_bos_eos=not chat_rendered)
+    return [(number, *example) for (number, _), example in zip(numbered, encoded) if example is not None]
+
+
+def _renders_with_chat_template(fmt: Format, template: Template, tokenizer: Any, source: str) -> bool:
+    """Whether instruction rows go through the tokenizer's chat template (--template).
+
+    Raises:
+        FinetuneError: --template chat without a chat template, or a --template for rows that are not instructions.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if template is not Template.AUTO and fmt is not Format.INSTRUCTION:
+        remap = " (to render prompt/completion rows as instructions: --columns instruction=prompt,output=completion)" \
+            if fmt is Format.PROMPT_COMPLETION else ""
+        raise FinetuneError(f"--template {template.value} is how instruction rows (instruction, input, output) become "
+                            f"text, and {source} is {fmt.value}; drop --template{remap}")
+    if template is Template.CHAT and not has_template:
+        raise FinetuneError("--template chat renders instruction rows with the tokenizer's chat template, and this "
+                            "tokenizer has none; pass --template alpaca, or a --tokenizer that has one")
+    return fmt is Format.INSTRUCTION and (template is Template.CHAT or (template is Template.AUTO and has_template))
+
+
+def _examples(row: dict[str, Any], fmt: Format, tokenizer: Any, train_on_prompt: bool, source: str, number: int,
+              chat_rendered: bool, text_unit: TextUnit) -> list[list[tuple[str, bool]]]:
+    """The examples of a row, each as (text, trainable) pieces: one per row, but for text one per --text-unit."""
+    if fmt is not Format.TEXT:
+        return [_segments(row, fmt, tokenizer, train_on_prompt, source, number, chat_rendered)]
+    text = row.get("text")
+    if not isinstance(text, str):
+        raise FinetuneError(f"{source} row {number}: field 'text' should be a string, got {text!r:.60}")
+    return [[(unit, True)] for unit in _units(text, text_unit)] or [[]]
+
+
+def _units(text: str, unit: TextUnit) -> list[str]:
+    """The examples in a text: itself (its newlines kept), its lines, or its paragraphs (split at blank lines);
+    none that is only whitespace."""
+    if unit is TextUnit.DOCUMENT:
+        return [text] if text.strip() else []
+    text = text.replace("\r\n", "\n")
+    pieces = text.split("\n") if unit is TextUnit.LINE else re.split(r"\n[ \t]*\n", text)
+    return [piece.strip("\n") for piece in pieces if piece.strip()]
 
 
 def _segments(row: dict[str, Any], fmt: Format, tokenizer: Any, train_on_prompt: bool, source: str,
-              number: int) -> list[tuple[str, bool]]:
-    """The row as (text, trainable) pieces; an empty list for a row with no text at all."""
+              number: int, chat_rendered: bool = False) -> list[tuple[str, bool]]:
+    """A row that is not text as (text, trainable) pieces. `chat_rendered`: instruction rows go through the chat
+    template."""
     def field(name: str, *, required: bool = True) -> str:
         value = row.get(name)
         if value is None and not required:
@@ -298,11 +305,14 @@ def _segments(row: dict[str, Any], fmt: Format, tokenizer: Any, train_on_prompt:
             raise FinetuneError(f"{source} row {number}: field {name!r} should be a string, got {value!r:.60}")
         return value
 
-    if fmt is Format.TEXT:
-        text = field("text")
-        return [(text, True)] if text.strip() else []
     if fmt is Format.CHAT:
-        pieces = _chat_segments(row.get("messages"), tokenizer, source, number)
+        column = "messages" if row.get("messages") is not None else "conversations"
+        pieces = _chat_segments(row.get(column), tokenizer, source, number, column)
+    elif fmt is Format.INSTRUCTION and chat_rendered:
+        extra = field("input", required=False)
+        turns = [{"role": "user", "content": field("instruction") + (f"\n\n{extra}" if extra else "")},
+                 {"role": "assistant", "content": field("output")}]
+        pieces = _chat_segments(turns, tokenizer, source, number, "messages")
     elif fmt is Format.INSTRUCTION:
         extra = field("input", required=False)
         prompt = _INSTRUCTION_PROMPT.format(instruction=field("instruction"),
@@ -313,7 +323,40 @@ def _segments(row: dict[str, Any], fmt: Format, tokenizer: Any, train_on_prompt:
     return [(text, trainable or train_on_prompt) for text, trainable in pieces]
 
 
-def _chat_segments(messages: Any, tokenizer: Any, source: str, number: int) -> list[tuple[str, bool]]:
+def _chat_turns(messages: Any, source: str, number: int, column: str) -> list[dict[str, str]]:
+    """`messages` as [{role, content}]: each message is {role, content} or ShareGPT's {from, value}, whose
+    human, gpt and system are the roles user, assistant and system.
+
+    Raises:
+        FinetuneError: not a list of such messages, or a role that is not a chat role (a template renders any
+            role, so a typo would silently become prompt text).
+    """
+    shape = (f"{source} row {number}: {column!r} should be a list of messages, each {{role, content}} or ShareGPT's "
+             "{from, value}, as strings")
+    if not isinstance(messages, list):
+        raise FinetuneError(shape)
+    turns = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise FinetuneError(shape)
+        if isinstance(message.get("role"), str) and isinstance(message.get("content"), str):
+            role, key, content = message["role"], "role", message["content"]
+        elif isinstance(message.get("from"), str) and isinstance(message.get("value"), str):
+            role, key, content = _SHAREGPT_ROLES.get(message["from"], message["from"]), "from", message["value"]
+        else:
+            raise FinetuneError(shape)
+        if role not in CHAT_ROLES:
+            raise FinetuneError(f"{source} row {number}: a message has {key} {message[key]!r}; use one of "
+                                f"{', '.join(CHAT_ROLES)} (in ShareGPT's from: {', '.join(_SHAREGPT_ROLES)}; only "
+                                "assistant turns are trained on)")
+        turns.append({"role": role, "content": content})
+    if not any(turn["role"] == "assistant" for turn in turns):
+        raise FinetuneError(f"{source} row {number}: no message with role 'assistant' (ShareGPT: gpt) to train on")
+    return turns
+
+
+def _chat_segments(messages: Any, tokenizer: Any, source: str, number: int,
+                   column: str = "messages") -> list[tuple[str, bool]]:
     """Render with the tokenizer's chat template; each assistant turn is trainable, the rest is prompt.
 
     The turns are found by rendering growing prefixes of the conversation, which works for any template
@@ -324,16 +367,7 @@ def _chat_segments(messages: Any, tokenizer: Any, source: str, number: int) -> l
             "the chat format needs the tokenizer's chat template, and this tokenizer has none; add `chat_template` "
             "to its tokenizer_config.json or pass --tokenizer with one"
         )
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-    ):
-        raise FinetuneError(f"{source} row {number}: 'messages' should be a list of {{role, content}} strings")
-    unknown = next((m["role"] for m in messages if m["role"] not in CHAT_ROLES), None)
-    if unknown is not None:  # a template renders any role, so a typo would silently become prompt text
-        raise FinetuneError(f"{source} row {number}: a message has role {unknown!r}; use one of "
-                            f"{', '.join(CHAT_ROLES)} (only assistant turns are trained on)")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise FinetuneError(f"{source} row {number}: no message with role 'assistant' to train on")
+    messages = _chat_turns(messages, source, number, column)
 
     def render(turns: list[dict[str, str]], prompt: bool = False) -> str:
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt) if turns else ""
@@ -379,19 +413,3 @@ def _encode(rows: list[list[tuple[str, bool]]], tokenizer: Any, *,
             labels.append(eos if segments[-1][1] else IGNORE)
         encoded.append((ids, labels))
     return encoded
-
-
-def _check_prompts_fit(examples: list[tuple[int, tuple[list[int], list[int]]]], seq_len: int, source: str) -> None:
-    """Every row (numbered from 1) must have something to predict within its first `seq_len` tokens."""
-    too_long = []
-    for number, (_, labels) in examples:
-        first = next((i for i, label in enumerate(labels) if i >= 1 and label != IGNORE), None)
-        if first is not None and first >= seq_len:
-            too_long.append((number, first))
-    if too_long:
-        number, prompt = too_long[0]
-        others = f" and {len(too_long) - 1} more" if len(too_long) > 1 else ""
-        raise FinetuneError(
-            f"--seq-len {seq_len} is below the prompt of {source} row {number}{others} ({prompt} prompt tokens), so "
-            f"it has nothing to train on; raise --seq-len to at least {prompt + 1} or shorten the prompts"
-        )

@@ -17,12 +17,22 @@ checkpoint in the manifest intact (cli/checkpoints.py).
     a tensor of another shape than config.json's  model.py           model-weights-wrong-shape
     unsupported architecture / not a causal LM    model.py, engine   model-unsupported-architecture, -not-a-causal-lm
     hub id while offline (names where to put it)  model.py           model-hub-id-offline
-    dataset missing, empty, malformed line N      data.py            dataset-missing, -empty, -malformed-line
-    dataset without read permission               data.py            dataset-unreadable (not as root), test_data.py
-    dataset line N not UTF-8 (names iconv)        data.py            dataset-not-utf8
+    dataset missing, empty, malformed line N      sources.py         dataset-missing, -empty, -malformed-line
+    dataset without read permission               sources.py         dataset-unreadable (not as root), test_data.py
+    dataset line N not UTF-8 (names iconv)        sources.py         dataset-not-utf8
     chat message with an unknown role             data.py            dataset-chat-unknown-role, test_data.py
+    ShareGPT message with an unknown `from`       data.py            dataset-sharegpt-unknown-role, test_data.py
     unknown format (lists the fields found)       data.py            dataset-unknown-fields, format-missing-fields
-    --seq-len below a prompt                      data.py            seq-len-below-prompt
+    --columns: a column not there, malformed      data.py, config.py dataset-columns-missing, usage-columns-malformed
+    a directory's files in different formats      data.py            dataset-dir-mixed-formats
+    unknown --split/--val-split/--dataset-config, sources.py         dataset-unknown-split, -config-missing,
+      none chosen among several (lists them)                         -unknown-config, test_sources.py
+    hub dataset offline or unreachable: at once,  sources.py         dataset-hub-offline, test_sources.py
+      not after retries (names hf download)
+    --val-file: own format, errors name the file  data.py, sources   val-file-unknown-fields, -malformed-line
+    --template that cannot apply                  data.py            template-chat-without-chat-template,
+                                                                     template-not-for-this-format
+    --seq-len below a prompt                      sequences.py       seq-len-below-prompt
     budget below the minimum (gives it)           hardware.py        budget-too-small
     --nvme not writable                           hardware.py        nvme-not-writable
     disk full during the run                      train.py           disk-full-*

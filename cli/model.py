@@ -13,13 +13,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 
 from ..offload import DamagedSafetensors, UnsupportedDtype, meta_model, read_header
 from .errors import FinetuneError, one_line
 
-__all__ = ["build_meta_model", "check_weights", "has_safetensors", "load_tokenizer", "pad_id", "resolve_model"]
+__all__ = ["build_meta_model", "check_weights", "has_safetensors", "load_tokenizer", "pad_id", "resolve_model",
+           "stored_dtype"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
@@ -208,3 +210,10 @@ def pad_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+def stored_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's safetensors, as its config.json says: what a frozen base is read in, and what the
+    run's final model is written in."""
+    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32

@@ -45,7 +45,7 @@ from .engine_options import compute_dtype, make_optimizer, quantize_frozen
 from .errors import FinetuneError
 from .hardware import run_budget
 from .lora import wrap_lora
-from .model import build_meta_model, has_safetensors, resolve_model
+from .model import build_meta_model, has_safetensors, resolve_model, stored_dtype
 
 __all__ = ["NO_DATASET", "Plan", "load_profile", "make_plan", "plan_dict", "plan_model", "plan_table", "problems",
            "summary_line"]
@@ -122,7 +122,7 @@ def make_plan(config: RunConfig, model: nn.Module, model_dir: Path, profile: Mac
         batch_size=config.batch_size, seq_len=config.seq_len, accumulation_steps=config.accumulation_steps,
         recompute=RECOMPUTE, prefetch=DEFAULT_PREFETCH if config.prefetch is None else config.prefetch,
         updates_in_backward=config.max_grad_norm == 0 or config.clip_mode is ClipMode.PER_BLOCK,
-        frozen_file_dtype=_file_dtype(model) if config.lora and has_safetensors(model_dir) else None,
+        frozen_file_dtype=stored_dtype(model) if config.lora and has_safetensors(model_dir) else None,
         quantize_frozen=quantize,
     )
     # One total on CPU (device and host are one RAM): the planner splits it. Typed tiers are the user's.
@@ -154,12 +154,6 @@ def _measure(config: RunConfig, model: nn.Module, optimizer: Any, dtype: torch.d
             swap = swap.parent
     say = (lambda message: progress.print(message, style="dim", highlight=False)) if progress else None
     return measure_machine(swap, dtype, shape, optimizer=optimizer, progress=say)
-
-
-def _file_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's safetensors, as its config.json says (what a frozen base is read in)."""
-    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
 
 
 def _budgets(device: int | None, host: int | None, machine: Machine, from_profile: bool) -> tuple[int, int]:

@@ -33,12 +33,17 @@ from .config import RESUMABLE_CHANGES, OptimizerName, RunConfig
 from .data import Format, Sequences, detect_format, load_rows, split_rows, tokenize_rows
 from .engine_options import compute_dtype, make_optimizer, quantize_frozen
 from .errors import FinetuneError, disk_full, one_line
+from .export import export_checkpoint
 from .hardware import run_budget
 from .lora import base_fingerprint, lora_description, wrap_lora
-from .model import build_meta_model, load_tokenizer, pad_id, resolve_model
+from .model import build_meta_model, load_tokenizer, pad_id, resolve_model, stored_dtype
+from .packed_attention import honours_packed_positions
 from .progress import Clock, MetricsLog, RunProgress, memory_line, plot_losses, summary_table
 from .run_lock import hold_output, output_full, refuse_if_running, swap_name
 from .schedule import LearningRate
+from .token_cache import TokenCache, default_root
+
+FINAL = "final"  # OUTPUT/final/: the trained model
 
 __all__ = ["Prepared", "configure", "prepare", "train"]
 
@@ -111,20 +116,24 @@ def prepare(config: RunConfig, *, resume: bool, checkpoint: str | None = None) -
     model_dir = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
     model = build_meta_model(model_dir, trust_remote_code=config.trust_remote_code)
     if config.lora:
+        local = Path(config.model).exists()  # else a hub id: the adapter names it as such
         model = wrap_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          targets=config.lora_targets, seed=config.seed, base_name=config.model)
+                          targets=config.lora_targets, seed=config.seed,
+                          base_name=str(Path(config.model).resolve()) if local else config.model)
     tokenizer_source = checkpoints.path(resume_from) if resume_from else (config.tokenizer or model_dir)
     tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=config.trust_remote_code)
     fmt, train_data, val_data = _sequences(config, tokenizer)
     vocab = model.get_input_embeddings().num_embeddings
-    largest = max(max(ids) for ids in train_data.ids)
+    largest = train_data.max_id
     if largest >= vocab:
         raise FinetuneError(
             f"the tokenizer gives token id {largest}, but the model's vocabulary has {vocab} entries; use the "
             f"model's own tokenizer (--tokenizer)"
         )
+    # Packed examples are kept apart by position restarts, or by an explicit mask where the model ignores those.
+    packed_mask = None if not config.pack or honours_packed_positions(model) else compute_dtype(config)
     batches = Batches(train_data, batch_size=config.batch_size, accumulation_steps=config.accumulation_steps,
-                      seed=config.seed, pad_id=pad_id(tokenizer))
+                      seed=config.seed, pad_id=pad_id(tokenizer), packed_mask=packed_mask)
     total = config.steps or batches.steps_for_epochs(config.epochs or 1.0)
     need_device, need_host = Engine.minimum_budget(model, make_optimizer(config), compute_dtype=compute_dtype(config),
                                                    quantize_frozen=quantize_frozen(config),
@@ -139,18 +148,29 @@ def prepare(config: RunConfig, *, resume: bool, checkpoint: str | None = None) -
 
 
 def _sequences(config: RunConfig, tokenizer: Any) -> tuple[Format, Sequences, Sequences | None]:
-    """The detected format, the training sequences and the validation sequences (None without a split)."""
-    rows = load_rows(config.dataset)
+    """The detected format, the training sequences and the validation sequences (None without a split). Separate
+    validation data (--val-file, --val-split) has its format detected from its own fields."""
+    reading = dict(columns=config.columns, fmt=config.format, text_unit=config.text_unit)
+    rows = load_rows(config.dataset, config=config.dataset_config, split=config.split, **reading)
     fmt = detect_format(rows.column_names, config.format, config.dataset)
+    val_source = config.val_file or (f"{config.dataset} (split {config.val_split})" if config.val_split else
+                                     config.dataset)
     if config.val_file:
-        val_rows = load_rows(config.val_file, label="--val-file")
-        detect_format(val_rows.column_names, fmt, config.val_file)
+        val_rows = load_rows(config.val_file, label="--val-file", **reading)
+    elif config.val_split:
+        val_rows = load_rows(config.dataset, config=config.dataset_config, split=config.val_split,
+                             split_flag="--val-split", **reading)
     else:
         rows, val_rows = split_rows(rows, config.val_fraction, config.seed)
-    options = dict(seq_len=config.seq_len, pack=config.pack, train_on_prompt=config.train_on_prompt)
-    train_data = tokenize_rows(rows, fmt, tokenizer, source=config.dataset, **options)
-    val_data = tokenize_rows(val_rows, fmt, tokenizer, source=config.val_file or config.dataset, **options) \
-        if len(val_rows) else None
+    val_fmt = detect_format(val_rows.column_names, config.format, val_source) if val_source != config.dataset else fmt
+    options = dict(seq_len=config.seq_len, pack=config.pack, train_on_prompt=config.train_on_prompt,
+                   template=config.template, text_unit=config.text_unit)
+    cache = TokenCache(default_root(), config, tokenizer)  # a rerun or --resume reads what this run tokenizes
+    train_data = cache.sequences("train", config.dataset, fmt.value, rows, lambda directory: tokenize_rows(
+        rows, fmt, tokenizer, source=config.dataset, directory=directory, **options))
+    val_data = cache.sequences("val", config.val_file or config.dataset, val_fmt.value, val_rows, lambda directory:
+                               tokenize_rows(val_rows, val_fmt, tokenizer, source=val_source, directory=directory,
+                                             **options)) if len(val_rows) else None
     return fmt, train_data, val_data
 
 
@@ -209,7 +229,7 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
             for step in range(start + 1, prepared.total_steps + 1):
                 engine.optimizer.lr = schedule(step)
                 micro_batches = prepared.batches.step(step)
-                tokens = sum(int(m["attention_mask"].sum()) for m in micro_batches)
+                tokens = prepared.batches.tokens(step)
                 last_loss = _step(engine, micro_batches, step, checkpoints, clock, tokens)
                 metrics.write({"step": step, "loss": last_loss, "lr": engine.optimizer.lr, "tokens": tokens,
                                "epoch": round(prepared.batches.epoch_of(step), 4), "tokens_per_s": clock.rate})
@@ -226,8 +246,11 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
         metrics.close()
         plot_losses(output / "metrics.jsonl", output / "loss.png")
         stats = engine.stats()
+        final = _write_final(prepared, checkpoints.path(saved), output) if step == prepared.total_steps else None
     summary = _summary(prepared, checkpoints, stats, clock, step=step, train_loss=last_loss, eval_loss=last_eval,
                        saved=saved)
+    if final is not None:
+        summary["final"] = str(final)
     if not quiet:
         console.print(summary_table(summary))
     return summary
@@ -264,6 +287,25 @@ def _summary(prepared: Prepared, checkpoints: Checkpoints, stats: dict[str, int]
     elif saved:
         summary["export"] = f"finetune export {checkpoints.path(saved)} EXPORT_DIR"
     return summary
+
+
+def _write_final(prepared: Prepared, checkpoint: Path, output: Path) -> Path:
+    """OUTPUT/final/: the trained model as a Hugging Face directory in the model's own dtype (with --lora the peft
+    adapter, in fp32 as peft keeps it, or with --merge-at-end the base with the adapters merged in), written from
+    the run's last checkpoint (portable) as `finetune export` writes it, atomically."""
+    final = output / FINAL
+    if final.exists():  # written by the process that finished; this one resumed a finished run
+        return final
+    config = prepared.config
+    dtype = None if config.lora else stored_dtype(prepared.model)
+    try:
+        return export_checkpoint(checkpoint, final, dtype, merge=config.merge_at_end)
+    except OSError as error:
+        if not disk_full(error):
+            raise
+        raise FinetuneError(f"no space left to write {final} ({error.strerror}); the run's last checkpoint "
+                            f"{checkpoint} is intact: free space, then run: finetune export {checkpoint} {final}"
+                            + (" --merge" if config.merge_at_end else "")) from None
 
 
 def _engine(prepared: Prepared) -> Engine:
@@ -370,7 +412,8 @@ def _step(engine: Engine, micro_batches: list[dict[str, torch.Tensor]], step: in
 def _evaluate(engine: Engine, prepared: Prepared, metrics: MetricsLog, progress: RunProgress, step: int) -> float:
     """Per-token mean loss over the whole validation set."""
     total, count = 0.0, 0
-    for batch, targets in eval_batches(prepared.val, prepared.config.batch_size, pad_id(prepared.tokenizer)):
+    for batch, targets in eval_batches(prepared.val, prepared.config.batch_size, pad_id(prepared.tokenizer),
+                                       packed_mask=prepared.batches.packed_mask):
         total += engine.eval_loss(batch) * targets
         count += targets
     loss = total / count

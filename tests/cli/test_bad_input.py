@@ -142,6 +142,40 @@ def _file(setup: Setup, name: str, text: str | bytes) -> Path:
     return setup.tmp / name
 
 
+def _without_chat_template(setup: Setup) -> Path:
+    """The tiny model's tokenizer, without its chat template."""
+    directory = setup.tmp / "plain-tokenizer"
+    directory.mkdir()
+    shutil.copy(setup.tiny.model / "tokenizer.json", directory)
+    settings = json.loads((setup.tiny.model / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+    return directory
+
+
+def _split_dir(setup: Setup) -> Path:
+    directory = setup.tmp / "splits"
+    directory.mkdir()
+    for split in ("train", "test"):
+        write_jsonl(directory / f"{split}.jsonl", [{"text": counting(0, 8)}] * 4)
+    return directory
+
+
+def _hub_style(setup: Setup) -> Path:
+    from test_sources import hub_style_directory
+
+    return hub_style_directory(setup.tmp / "counting")
+
+
+def _mixed_dir(setup: Setup) -> Path:
+    directory = setup.tmp / "mixed"
+    directory.mkdir()
+    write_jsonl(directory / "chat.jsonl", [{"messages": [{"role": "user", "content": "one"},
+                                                         {"role": "assistant", "content": "two"}]}])
+    (directory / "notes.txt").write_text(counting(0, 8) + "\n")
+    return directory
+
+
 def _train(setup: Setup, model: Path | str, data: Path | str, *more: object) -> list:
     return ["run", model, data, "--output", setup.output, "--steps", "2", "--seq-len", "24", *more]
 
@@ -195,6 +229,41 @@ CASES = [
          ("cannot tell the format", "fields question, answer")),
     Case("format-missing-fields", lambda s: _train(s, s.tiny.model, s.data, "--format", "chat"),
          ("--format chat needs fields messages", "has text")),
+    Case("dataset-sharegpt-unknown-role",
+         lambda s: _train(s, s.tiny.model, write_jsonl(s.tmp / "sharegpt.jsonl", [{"conversations": [
+             {"from": "human", "value": "one"}, {"from": "gpt", "value": "two"}]}] * 2 + [{"conversations": [
+                 {"from": "human", "value": "one"}, {"from": "bot", "value": "two"}]}])),
+         ("sharegpt.jsonl row 3: a message has from 'bot'", "use one of system, user, assistant, tool",
+          "ShareGPT's from: human, gpt, system")),
+    Case("dataset-columns-missing",
+         lambda s: _train(s, s.tiny.model, write_jsonl(s.tmp / "qa.jsonl", [{"question": "q", "answer": "a"}]),
+                          "--columns", "prompt=question,completion=reply"),
+         ("--columns completion=reply", "qa.jsonl has no field 'reply' (its fields: question, answer)",
+          "fix the name in --columns")),
+    Case("dataset-dir-mixed-formats", lambda s: _train(s, s.tiny.model, _mixed_dir(s)),
+         ("mixes formats", "chat.jsonl is chat", "notes.txt is text", "keep one format per dataset")),
+    Case("dataset-unknown-split", lambda s: _train(s, s.tiny.model, _split_dir(s), "--val-split", "dev"),
+         ("--val-split dev", "has no split 'dev' (its splits, from its file names: test, train)",
+          "pass one of them to --val-split")),
+    Case("dataset-config-missing", lambda s: _train(s, s.tiny.model, _hub_style(s)),
+         ("has several configs (words, pairs)", "choose one with --dataset-config")),
+    Case("dataset-unknown-config", lambda s: _train(s, s.tiny.model, _hub_style(s), "--dataset-config", "nope"),
+         ("--dataset-config nope", "has no config 'nope' (its configs: words, pairs)")),
+    Case("dataset-hub-offline", lambda s: _train(s, s.tiny.model, "some-org/some-data"),
+         ("dataset some-org/some-data is not a local path and could not be loaded from the hub (offline mode",
+          "hf download some-org/some-data --repo-type dataset --local-dir ./some-data")),
+    Case("val-file-unknown-fields",
+         lambda s: _train(s, s.tiny.model, s.data, "--val-file", write_jsonl(s.tmp / "val.jsonl", [{"q": "a"}])),
+         ("cannot tell the format of", "val.jsonl from its fields q", "--columns")),
+    Case("val-file-malformed-line",
+         lambda s: _train(s, s.tiny.model, s.data, "--val-file", _file(s, "val.jsonl", '{"text": "one"}\n{"text"\n')),
+         ("val.jsonl line 2: not valid JSON",)),
+    Case("template-chat-without-chat-template",
+         lambda s: _train(s, s.tiny.model, write_jsonl(s.tmp / "alpaca.jsonl", [{"instruction": "i", "output": "o"}]),
+                          "--template", "chat", "--tokenizer", _without_chat_template(s)),
+         ("--template chat renders instruction rows with the tokenizer's chat template", "pass --template alpaca")),
+    Case("template-not-for-this-format", lambda s: _train(s, s.tiny.model, s.data, "--template", "alpaca"),
+         ("--template alpaca is how instruction rows", "is text; drop --template")),
     Case("seq-len-below-prompt",
          lambda s: _train(s, s.tiny.model,
                           write_jsonl(s.tmp / "long.jsonl", [{"prompt": counting(0, 12), "completion": " x"}]),
@@ -230,6 +299,8 @@ CASES = [
          ("No such option",), code=2),
     Case("usage-invalid-values", lambda s: _train(s, s.tiny.model, s.data, "--lr", "-1", "--seq-len", "1"),
          ("--seq-len 1 must be >= 2", "--lr -1.0 must be >= 0"), code=2),
+    Case("usage-columns-malformed", lambda s: _train(s, s.tiny.model, s.data, "--columns", "prompt:question"),
+         ("--columns 'prompt:question': 'prompt:question' is not NAME=COLUMN",), code=2),
     Case("usage-lr-nan", lambda s: _train(s, s.tiny.model, s.data, "--lr", "nan"),
          ("--lr nan must be a finite number",), code=2),
     Case("usage-lr-inf", lambda s: _train(s, s.tiny.model, s.data, "--lr", "inf", "--max-grad-norm", "-inf"),

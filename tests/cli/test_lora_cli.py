@@ -46,7 +46,7 @@ def _eval_losses(output: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def lora_run(tiny: Tiny, learnable: Path, env, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     output = tmp_path_factory.mktemp("lora") / "run"  # copied by tests: its checkpoints must stand alone
-    return output, _lora_run(tiny, learnable, output, env, "--portable-checkpoints")
+    return output, _lora_run(tiny, learnable, output, env, "--portable-checkpoints", "--merge-at-end")
 
 
 def test_lora_run_trains_adapters_and_checkpoints_only_them(lora_run) -> None:
@@ -99,6 +99,10 @@ def test_export_adapter_and_merged_model_match_the_engine(lora_run, tiny: Tiny, 
     result = runner.invoke(app, ["export", str(output), str(merged), "--merge", "--json"])  # base from run-config.yaml
     assert result.exit_code == 0, result.output
     assert not (merged / "adapter_config.json").exists() and (merged / "tokenizer.json").exists()
+    for name in ("model.safetensors", "config.json"):  # --merge-at-end wrote the same into OUTPUT/final/
+        assert (output / "final" / name).read_bytes() == (merged / name).read_bytes(), name
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).is_absolute() and Path(base) == tiny.model.resolve()  # loadable from anywhere
 
     batch = _batch(adapter)
     expected = _engine_logits(tiny, output / FINAL, batch, tmp_path / "swap")

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from finetune.cli import train as cli_train
 from finetune.cli.checkpoints import MANIFEST, RUN_CONFIG
 from finetune.cli.config import ConfigError, RunConfig, field_help
-from finetune.cli.data import Format
+from finetune.cli.data import Format, Template, TextUnit
 from finetune.cli.errors import FinetuneError
 from finetune.cli.main import app, run_script
 from finetune.cli.schedule import Schedule
@@ -31,7 +31,7 @@ runner = CliRunner()
 @pytest.mark.parametrize(("command", "expected"), [
     ([], ["run", "export", "info"]),
     (["run"], ["--seq-len", "--val-fraction", "--memory", "--nvme", "--resume", "--config", "--lora-targets", "--qlora",
-               "Examples"]),
+               "--columns", "--template", "--text-unit", "--dataset-config", "--split", "--val-split", "Examples"]),
     (["export"], ["checkpoint", "--dtype", "--merge", "--base", "Example"]),
     (["info"], ["--path", "--bandwidth", "Example"]),
 ])
@@ -72,6 +72,24 @@ def test_flags_override_the_config_file(probe: list[RunConfig], tmp_path: Path) 
     assert config.memory == "8GB" and config.steps is None and config.output == "finetune-out"
 
 
+def test_data_options_from_flags_and_a_config_file(probe: list[RunConfig], tmp_path: Path) -> None:
+    """--columns is NAME=COLUMN text on the command line, and text or a mapping in a config file; it is saved as the
+    text, so run-config.yaml reads back to the same config."""
+    (tmp_path / "run.yaml").write_text("model: m\ndataset: d\ncolumns:\n  prompt: question\n  completion: answer\n"
+                                       "text_unit: paragraph\ndataset_config: easy\n")
+    result = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml"), "--template", "alpaca", "--split",
+                                 "dev", "--val-split", "test"])
+    assert result.exit_code == 1, result.output
+    config = probe[0]
+    assert (config.columns, config.template, config.text_unit) == ("prompt=question,completion=answer",
+                                                                   Template.ALPACA, TextUnit.PARAGRAPH)
+    assert (config.dataset_config, config.split, config.val_split) == ("easy", "dev", "test")
+    assert RunConfig(**yaml.safe_load(config.to_yaml())) == config
+    defaults = RunConfig(model="m", dataset="d")
+    assert (defaults.columns, defaults.template, defaults.text_unit, defaults.split) == (None, Template.AUTO,
+                                                                                         TextUnit.DOCUMENT, "train")
+
+
 def test_toml_config_with_dashed_names(probe: list[RunConfig], tmp_path: Path) -> None:
     (tmp_path / "run.toml").write_text('model = "m"\ndataset = "d"\nseq-len = 128\nwarmup-steps = 5\n')
     result = runner.invoke(app, ["run", "--config", str(tmp_path / "run.toml")])
@@ -100,6 +118,17 @@ def test_toml_config_with_dashed_names(probe: list[RunConfig], tmp_path: Path) -
      "--epochs inf must be a finite number; --lr inf must be a finite number; --min-lr -inf must be a finite number"),
     (["m", "d", "--lora", "--lora-alpha", "nan", "--lora-dropout", "nan"], None,
      "--lora-alpha nan must be a finite number; --lora-dropout nan must be a finite number"),
+    (["m", "d", "--columns", "prompt=question,answer"], None,
+     "--columns 'prompt=question,answer': 'answer' is not NAME=COLUMN; give NAME=COLUMN pairs such as "
+     "prompt=question,completion=answer"),
+    (["m", "d"], "columns: {question: prompt}\n", "--columns 'question=prompt': 'question' is not a field of any "
+     "format (those are text, prompt, completion, instruction, input, output, messages)"),
+    (["m", "d", "--val-split", "test", "--val-file", "v.jsonl"], None, "--val-split and --val-file both given"),
+    (["m", "d", "--val-split", "test", "--val-fraction", "0.1"], None, "--val-split and --val-fraction both given"),
+    (["m", "d", "--val-split", "train"], None, "--val-split train is the split trained on (--split)"),
+    (["m", "d", "--split", " "], None, "--split is empty"),
+    (["m", "d", "--template", "vicuna"], None, "'vicuna' is not one of 'auto', 'chat', 'alpaca'"),
+    (["m", "d", "--text-unit", "sentence"], None, "'sentence' is not one of 'document', 'line', 'paragraph'"),
     (["m", "d"], "val_fraction: .nan\nweight_decay: .inf\nmax_grad_norm: .nan\n",
      "--val-fraction nan must be a finite number; --weight-decay inf must be a finite number; --max-grad-norm nan "
      "must be a finite number"),
@@ -173,6 +202,10 @@ def test_resume_continues_with_the_saved_config(tmp_path: Path) -> None:
         cli_train.configure({"output": str(output), "seq_len": 64}, resume=True)
     with pytest.raises(FinetuneError, match=r"--lora True \(checkpoint: False\)"):
         cli_train.configure({"output": str(output), "lora": True}, resume=True)
+    for name, value in [("columns", "text=body"), ("template", "alpaca"), ("text_unit", "line"),
+                        ("dataset_config", "easy"), ("split", "dev"), ("val_split", "test"), ("format", "text")]:
+        with pytest.raises(FinetuneError, match=f"--{name.replace('_', '-')} "):  # they change the data
+            cli_train.configure({"output": str(output), name: value}, resume=True)
 
 
 def test_resume_refuses_changed_lora_settings(tmp_path: Path) -> None:

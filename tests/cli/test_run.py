@@ -90,6 +90,22 @@ def test_eval_loss_decreases_and_state_streams_through_nvme(reference_run) -> No
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["manifest.json", *names]
 
 
+def test_a_finished_run_holds_its_final_model(reference_run) -> None:
+    """OUTPUT/final/: a Hugging Face model in the model's own dtype (fp32 here) with its tokenizer, equal to the
+    last checkpoint's weights; no training state in it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output, result = reference_run
+    final = output / "final"
+    assert result["final"] == str(final)
+    assert not any(p.name.startswith("optimizer") or p.suffix in (".pt", ".yaml") for p in final.iterdir())
+    AutoTokenizer.from_pretrained(final)
+    model = dict(AutoModelForCausalLM.from_pretrained(final).named_parameters())
+    checkpoint = dict(AutoModelForCausalLM.from_pretrained(output / "checkpoints" / "step-00000024").named_parameters())
+    assert model.keys() == checkpoint.keys()
+    assert all(torch.equal(model[name], checkpoint[name]) for name in model)
+
+
 def test_resume_after_sigkill_equals_uninterrupted_run(run_args, reference_run, env, tmp_path: Path) -> None:
     output = tmp_path / "run"
     killed = interrupt_at(env, run_args(output), output, 10, signal.SIGKILL)
