@@ -78,6 +78,11 @@ def test_kvikio_backend_round_trips_device_memory(tmp_path):
         assert torch.equal(back, data)
 
 
+def _batches(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [random_batch(128, batch=4, seq=32, generator=generator) for _ in range(count)]
+
+
 def _plain_cuda(path, batches) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = AutoModelForCausalLM.from_pretrained(path).to(CUDA)
     adamw = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
@@ -102,8 +107,7 @@ def _engine(path, swap, compute_dtype: torch.dtype, **options) -> offload.Engine
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_engine_on_cuda_through_nvme_equals_plain_pytorch_on_cuda(arch, tmp_path):
     path = save_tiny_model(arch, tmp_path / "model", seed=1)
-    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    batches = [random_batch(128, batch=4, seq=32, generator=generator) for _ in range(4)]
+    batches = _batches(int(torch.randint(0, 2**31, ())), 4)
     expected_losses, expected = _plain_cuda(path, batches)
     with _engine(path, tmp_path / "swap", torch.float32) as engine:
         losses = [engine.train_step(b) for b in batches]
@@ -118,8 +122,7 @@ def test_engine_on_cuda_through_nvme_equals_plain_pytorch_on_cuda(arch, tmp_path
 def test_bf16_compute_on_cuda_follows_fp32(tmp_path):
     """bf16 weights in compute, fp32 masters: the losses track the fp32 run's within bf16's rounding."""
     path = save_tiny_model("llama", tmp_path / "model", seed=2)
-    generator = torch.Generator().manual_seed(3)
-    batches = [random_batch(128, batch=4, seq=32, generator=generator) for _ in range(4)]
+    batches = _batches(3, 4)
     with _engine(path, tmp_path / "a", torch.float32) as engine:
         fp32 = [engine.train_step(b) for b in batches]
     with _engine(path, tmp_path / "b", torch.bfloat16) as engine:
@@ -130,8 +133,7 @@ def test_bf16_compute_on_cuda_follows_fp32(tmp_path):
 
 def test_a_checkpoint_in_swap_resumes_exactly_on_cuda(tmp_path):
     path = save_tiny_model("qwen2", tmp_path / "model", seed=4)
-    generator = torch.Generator().manual_seed(5)
-    batches = [random_batch(128, batch=4, seq=32, generator=generator) for _ in range(5)]
+    batches = _batches(5, 5)
     with _engine(path, tmp_path / "swap-a", torch.bfloat16) as engine:
         uninterrupted = [engine.train_step(b) for b in batches]
     with _engine(path, tmp_path / "swap", torch.bfloat16, run_name="run") as engine:
