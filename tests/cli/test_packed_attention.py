@@ -17,7 +17,7 @@ import pytest
 import torch
 from cli_support import assert_same_run, interrupt_at, run_finetune, summary
 from datasets import Dataset
-from tiny_models import VOCAB, save_tiny_model
+from tiny_models import ARCHITECTURES, VOCAB, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from finetune import offload, optim
@@ -115,6 +115,23 @@ def test_packed_losses_equal_each_example_alone(arch: str, attention: str, expli
     # crosses a boundary (Note [Packed boundaries]).
     weighted = sum(loss * n for loss, n in alone) / sum(n for _, n in alone)
     assert float(output.loss) == pytest.approx(weighted, abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_gets_what_keeps_its_examples_apart(arch: str, tmp_path: Path) -> None:
+    """The run's own choice (cli/train.py: position restarts where `honours_packed_positions` reads that the model
+    builds its mask from them, else the explicit mask) on every architecture the suite builds: a wrong "yes" from
+    reading the source, after a transformers upgrade say, fails here as cross-talk."""
+    _, model = _model(arch, tmp_path)
+    examples = _examples(seed=2)
+    sequences = _pack(examples, seq_len=64)  # one sequence holding every example
+    batch = collate(sequences, [0], pad_id=0,
+                    packed_mask=None if honours_packed_positions(model) else torch.float32)
+    with torch.no_grad():
+        logits = model(**batch, use_cache=False).logits
+    alone = _alone(model, [(ids, [IGNORE, *labels[1:]]) for ids, labels in examples])
+    torch.testing.assert_close([loss for loss, _ in _per_example_packed(logits, batch, sequences)],
+                               [loss for loss, _ in alone], atol=TOLERANCE, rtol=0)
 
 
 def test_a_model_that_ignores_position_restarts_gets_the_mask(tmp_path: Path) -> None:
