@@ -6,7 +6,8 @@
 # With CUDA: installs finetune into the machine's Python without touching its torch (offline: --no-deps,
 # --no-build-isolation; what is missing there is skipped by the tests, not downloaded), then runs
 # tests/offload/test_cuda.py (pinned buffers, the copy stream and events, kvikio where installed, the engine on the
-# GPU through NVMe against plain PyTorch on the GPU, bf16 compute, a checkpoint in swap resumed), and short runs of
+# GPU through NVMe against plain PyTorch on the GPU, bf16 compute, a checkpoint in swap resumed) with the CUDA test
+# of tests/offload/test_activations.py (activation offload through pinned memory and NVMe), and short runs of
 # stream_overhead.py and lora_stream.py. Each part has its own time limit; the whole stays under 8 minutes.
 # Without CUDA it says so, runs the same tests (the CUDA ones skip) and checks that the benchmark scripts compile,
 # and exits 0: CI runs that part (tests/benchmarks/test_gpu_check.py).
@@ -37,12 +38,14 @@ if ! "$python" -c 'import finetune.offload' 2>/dev/null; then
 fi
 if [ "$cuda" = 1 ]; then
     "$python" -c 'import torch; print("CUDA:", torch.cuda.get_device_name(), "torch", torch.__version__)'
-    part cuda_tests 240 "$python" -m pytest -q -p no:cacheprovider tests/offload/test_cuda.py
+    part cuda_tests 240 "$python" -m pytest -q -p no:cacheprovider tests/offload/test_cuda.py \
+        tests/offload/test_activations.py -k cuda
     part stream_overhead 120 "$python" benchmarks/stream_overhead.py --quick --name gpu_stream_overhead_quick
     part lora_stream 120 "$python" benchmarks/lora_stream.py --quick --name gpu_lora_stream_quick
 else
     echo "no CUDA on this machine: the CPU part only (the CUDA tests skip; the benchmarks are only compiled)"
-    part cuda_tests 120 "$python" -m pytest -q -p no:cacheprovider tests/offload/test_cuda.py
+    part cuda_tests 120 "$python" -m pytest -q -p no:cacheprovider tests/offload/test_cuda.py \
+        tests/offload/test_activations.py -k cuda
     part compile 60 "$python" -m py_compile benchmarks/stream_overhead.py benchmarks/lora_stream.py
 fi
 

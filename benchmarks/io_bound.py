@@ -76,12 +76,12 @@ def _measure(workdir: Path, count: int, chunk_bytes: int, budget: int, args: arg
 
     numel = chunk_bytes // 4
     raw_writes, raw_reads, store_reads = [], [], []
-    with offload.nvme.ThreadPoolBackend(workdir / "store") as backend, \
-            offload.nvme.ThreadPoolBackend(workdir / "raw") as raw_backend:
+    with offload.ThreadPoolBackend(workdir / "store") as backend, \
+            offload.ThreadPoolBackend(workdir / "raw") as raw_backend:
         store = ChunkStore(0, budget, Transport(torch.device("cpu")), backend)
         chunks = [store.create(f"c{i}", numel, torch.float32, chunk_bytes) for i in range(count)]
         raw = raw_backend.open("raw", count * chunk_bytes)
-        buffer = offload.nvme.aligned_empty(budget)
+        buffer = offload.aligned_empty(budget)
         buffer.random_(0, 256)  # incompressible
 
         raw_writes.append(_timed_raw(raw, buffer, count * chunk_bytes, write=True))  # allocates its blocks

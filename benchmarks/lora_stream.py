@@ -16,7 +16,7 @@ its own:
      every time their block is needed (never written to swap), adapters trained with optim.AdamW, at a RAM
      budget (Budget.device + Budget.host) of at most base file bytes / --min-ratio (3); recomputes each layer
      in backward (the engine's default)
-  c) as (b) with checkpoint_activations=False: no recompute, the same math as (a)
+  c) as (b) with activations="keep": no recompute, the same math as (a)
   q) as (b) with Engine(..., quantize_frozen="nf4") (QLoRA: the decoder layers' frozen Linear weights stored
      NF4, dequantized on use)
 
@@ -84,7 +84,7 @@ class Config:
 CONFIGS = [
     Config("a", "peft in RAM", engine=False),
     Config("b", "engine, base streamed", engine=True),
-    Config("c", "engine, streamed, no recompute", engine=True, options={"checkpoint_activations": False}),
+    Config("c", "engine, streamed, no recompute", engine=True, options={"activations": "keep"}),
     Config("q", "engine, QLoRA nf4 base", engine=True, options={"quantize_frozen": "nf4"},
            same_math_as_reference=False),
 ]
@@ -233,7 +233,7 @@ def proc_io() -> dict[str, int]:
 
 def set_mmap_threshold(nbytes: int) -> None:
     """glibc: allocations of at least `nbytes` get their own memory map (returned to the OS on free); the trim
-    threshold follows as offload/host_memory.py sets it. After `import offload`, which sets its own."""
+    threshold follows as offload/heap.py sets it. After `import offload`, which sets its own."""
     import ctypes
 
     libc = ctypes.CDLL(None)

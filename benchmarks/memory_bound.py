@@ -120,7 +120,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
           f"{result['params'] / 1e6:.1f}M params; batch {args.batch} x {args.seq} tokens, AdamW fp32")
     threshold = result["thread_env"].get("MALLOC_MMAP_THRESHOLD_")
     print(f"glibc:   MALLOC_MMAP_THRESHOLD_={threshold}" + ("" if threshold else
-          " (not set; `import offload` fixes the threshold at 4 MiB, see offload/host_memory.py)"))
+          " (not set; `import offload` fixes the threshold at 4 MiB, see offload/heap.py)"))
     print()
     rows = [
         ["RAM budget (device + host)", f"{fmt_bytes(budget)}  ({args.device_budget} + {args.host_budget})"],

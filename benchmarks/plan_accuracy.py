@@ -55,7 +55,7 @@ def child(spec: dict[str, Any]) -> None:
     common.quiet_transformers()
     budget = offload.Budget(device=BUDGET["device"], host=BUDGET["host"], nvme=spec["swap"])
     engine = offload.Engine(_model(Path(spec["model"]), spec.get("lora", False)), optim.AdamW(lr=1e-4), budget,
-                            prefetch=2, checkpoint_activations=spec["recompute"], weights=spec["model"])
+                            prefetch=2, activations="recompute" if spec["recompute"] else "keep", weights=spec["model"])
     batches = common.random_batches(WARMUP + STEPS, spec["batch"], spec["seq"], SHAPE["vocab"], seed=0)
     times, moved = [], []
     with engine:

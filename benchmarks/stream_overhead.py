@@ -10,8 +10,11 @@ Rows, trained one after another in this process from the same initial weights on
   c) the finetune engine with a RAM budget (--device-budget + --host-budget, default 896 MiB) well below the
      training state (1.63 GiB), so the state lives on NVMe (--nvme-dir) and streams through RAM every step
   d) the finetune engine with budgets large enough for everything in RAM, no NVMe
-  e) as (c), with checkpoint_activations=False: the engine keeps each layer's activations (no recompute), as
+  e) as (c), with activations="keep": the engine keeps each layer's activations (no recompute), as
      plain PyTorch (a) does, so (e)/(a) compares the same math; the target is (e)/(a) <= 1.10
+  f) as (c), with activations="offload": each layer's saved tensors are written to the swap directory as its
+     forward makes them and read back ahead of its backward (no recompute, the same math as (a)), holding at most
+     --activation-memory of them in RAM; the targets are (f)/(a) <= 1.05 and a peak RSS at most 1.10x (c)'s
   m) MeZO in RAM, plain PyTorch (optim.InMemoryMeZO): per sample, every weight set to theta + eps*z, a forward,
      theta - eps*z, a forward, then the update (the same math as the engine's, so losses agree with (z) to the bit)
   z) MeZO streamed by the engine at its minimum budget (MeZO's state is only the weights, 4 B/param, which (c)'s
@@ -20,7 +23,7 @@ Rows, trained one after another in this process from the same initial weights on
 Each row: --warmup untimed steps, then --steps timed ones; the table gives the median step time, its ratio to
 (a) and to (b), NVMe bytes moved per step, the achieved I/O rate, the peak RSS while the row ran, and the
 losses (which must agree across rows). Before the rows, the raw O_DIRECT bandwidth of the NVMe directory is
-measured with the engine's own backend (offload.nvme.ThreadPoolBackend, same workers and request size) on a
+measured with the engine's own backend (offload.ThreadPoolBackend, same workers and request size) on a
 --disk-size file, so the engine's I/O can be stated as a fraction of what the disk does.
 
 The machine is shared and noisy: each step also records this process's CPU seconds and those of every other
@@ -60,7 +63,7 @@ from finetune import (
 
 LR = 1e-4
 MEZO = {"lr": 1e-6, "eps": 1e-3, "seed": 0}
-ADAMW_ROWS, MEZO_ROWS = "abcde", "mz"
+ADAMW_ROWS, MEZO_ROWS = "abcdef", "mz"
 WEIGHT_DECAY = 0.0
 LOSS_TOLERANCE = 1e-4
 
@@ -80,11 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--device-budget", default="384MB", help="row (c) Budget.device (MB = MiB)")
     parser.add_argument("--host-budget", default="512MB", help="row (c) Budget.host")
-    parser.add_argument("--prefetch", type=int, default=2, help="engine prefetch depth (rows c, d, e)")
+    parser.add_argument("--prefetch", type=int, default=2, help="engine prefetch depth (rows c, d, e, f)")
     parser.add_argument("--nvme-dir", default="/tmp", help="directory for the swap files and the disk test")
     parser.add_argument("--disk-size", default="1GB", help="file size for the raw bandwidth test")
     parser.add_argument("--disk-passes", type=int, default=2, help="write+read passes; the best is reported")
-    parser.add_argument("--rows", default="abcdemz", help="which rows to run, e.g. 'ac'")
+    parser.add_argument("--activation-memory", default="256MB", help="row (f) activation_memory: RAM for the "
+                        "activations waiting for their writes or read back ahead")
+    parser.add_argument("--rows", default="abcdefmz", help="which rows to run, e.g. 'ac'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None,
                         help="results file benchmarks/results/<name>.json (default: stream_overhead[_quick])")
@@ -95,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.hidden, args.intermediate, args.layers, args.heads, args.vocab = 256, 704, 4, 4, 8000
         args.batch, args.seq, args.warmup, args.steps = 2, 64, 1, 2
         args.device_budget, args.host_budget, args.disk_size, args.disk_passes = "24MB", "40MB", "128MB", 1
+        args.activation_memory = "16MB"
     return args
 
 
@@ -104,9 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def disk_bandwidth(directory: Path, nbytes: int, passes: int) -> dict[str, Any]:
     """O_DIRECT write then read of one `nbytes` file through the engine's backend; best pass of each."""
     writes, reads = [], []
-    buffer = offload.nvme.aligned_empty(nbytes)
+    buffer = offload.aligned_empty(nbytes)
     buffer.view(torch.float32).uniform_()  # incompressible bytes
-    with offload.nvme.ThreadPoolBackend(directory / "disk-test") as backend:
+    with offload.ThreadPoolBackend(directory / "disk-test") as backend:
         file = backend.open("bandwidth", nbytes)
         for _ in range(passes):
             start = time.perf_counter()
@@ -257,7 +263,7 @@ def run_plain(key: str, label: str, model_dir: Path, batches: list[dict[str, tor
 
 def run_engine(key: str, label: str, model_dir: Path, batches: list[dict[str, torch.Tensor]], warmup: int,
                sampler: common.RssSampler, budget: offload.Budget, prefetch: int,
-               checkpoint_activations: bool = True, zeroth_order: bool = False) -> Row:
+               activations: str = "recompute", activation_memory: str = "256MB", zeroth_order: bool = False) -> Row:
     from transformers import AutoModelForCausalLM
 
     row = Row(key, label, rss_before=common.rss())
@@ -265,8 +271,8 @@ def run_engine(key: str, label: str, model_dir: Path, batches: list[dict[str, to
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     optimizer = optim.MeZO(**MEZO) if zeroth_order else optim.AdamW(lr=LR, weight_decay=WEIGHT_DECAY)
     probe = EngineProbe()
-    engine = offload.Engine(model, optimizer, budget, prefetch=prefetch, checkpoint_activations=checkpoint_activations,
-                            timers=probe)
+    engine = offload.Engine(model, optimizer, budget, prefetch=prefetch, activations=activations,
+                            activation_memory=activation_memory, timers=probe)
     del model  # the engine holds the weights in its chunks now
     before: dict[str, Any] = {}
 
@@ -277,10 +283,13 @@ def run_engine(key: str, label: str, model_dir: Path, batches: list[dict[str, to
         measure_steps(row, engine.train_step, batches, warmup, sampler, on_measure_start)
         after = {**engine.stats(), **probe.snapshot()}
         steps = max(len(row.step_times), 1)
-        row.bytes_read = (after["bytes_read"] - before["bytes_read"]) / steps
-        row.bytes_written = (after["bytes_written"] - before["bytes_written"]) / steps
+        # NVMe bytes of the chunks, and of the offloaded activations (row f)
+        read, written = ("bytes_read", "activation_bytes_read"), ("bytes_written", "activation_bytes_written")
+        row.bytes_read = sum(after.get(name, 0) - before.get(name, 0) for name in read) / steps
+        row.bytes_written = sum(after.get(name, 0) - before.get(name, 0) for name in written) / steps
         row.probe = {name: (after[name] - before[name]) / steps for name in probe.seconds}
-        row.engine_peaks = {"device": after["peak_device"], "host": after["peak_host"]}
+        row.engine_peaks = {"device": after["peak_device"], "host": after["peak_host"],
+                            "activations": after.get("peak_activations", 0)}
         row.peak_rss = sampler.peak
     finally:
         engine.close()
@@ -335,6 +344,7 @@ def disk_seconds(row: Row, disk: dict[str, Any]) -> float:
 
 RATIOS = [  # (row, against row, what it says, target or None), printed in this order
     ("e", "a", "NVMe, no recompute / (a) plain in RAM", 1.10),
+    ("f", "a", "NVMe, activations offloaded / (a) plain in RAM", 1.05),
     ("z", "m", "MeZO streamed on NVMe / (m) MeZO in RAM", 1.05),
     ("c", "a", "NVMe, recompute / (a) plain in RAM", None),
     ("c", "b", "NVMe / (b) plain with checkpointing", None),
@@ -437,11 +447,15 @@ def print_report(args: argparse.Namespace, info: dict[str, Any], params: int, di
         for row in rows
         if sum(row.cpu_others) > max(0.5, 0.05 * sum(row.step_times))
     }
+    if "f" in by_key and "c" in by_key:
+        rss = summary["peak_rss_f_over_c"] = by_key["f"].peak_rss / by_key["c"].peak_rss
+        summary["target_peak_rss_f_over_c_le_1.10"] = rss <= 1.10
+        print(f"{'PASS:' if rss <= 1.10 else 'FAIL:'} (f) peak RSS / (c)'s = {rss:.3f} (target <= 1.10)")
     summary["noisy_rows"] = noisy
     if noisy:
         print("      WARNING: other processes used CPU during rows " + ", ".join(
             f"({k}) {v:.1f} s" for k, v in noisy.items()) + "; their step times are inflated, compare with care")
-    for key in [key for key in "cez" if key in by_key]:
+    for key in [key for key in "cefz" if key in by_key]:
         row = by_key[key]
         summary[f"engine_io_Bps_{key}"] = (row.bytes_read + row.bytes_written) / row.median
         summary[f"engine_disk_busy_fraction_{key}"] = disk_seconds(row, disk) / row.median
@@ -492,7 +506,11 @@ def main() -> None:
                                            budget_d, args.prefetch))
                 elif key == "e":
                     rows.append(run_engine("e", "engine, NVMe, no recompute", model_dir, batches, args.warmup,
-                                           sampler, budget_c, args.prefetch, checkpoint_activations=False))
+                                           sampler, budget_c, args.prefetch, activations="keep"))
+                elif key == "f":
+                    rows.append(run_engine("f", "engine, NVMe, activations offloaded", model_dir, batches,
+                                           args.warmup, sampler, budget_c, args.prefetch, activations="offload",
+                                           activation_memory=args.activation_memory))
                 elif key == "m":
                     rows.append(run_plain("m", "MeZO in RAM", model_dir, batches, args.warmup, sampler, False,
                                           zeroth_order=True))
@@ -500,7 +518,7 @@ def main() -> None:
                     rows.append(run_engine("z", "MeZO, state on NVMe", model_dir, batches, args.warmup, sampler,
                                            mezo_budget(config, workdir / "swap"), args.prefetch, zeroth_order=True))
                 else:
-                    raise SystemExit(f"unknown row {key!r}; rows are a, b, c, d, e, m, z")
+                    raise SystemExit(f"unknown row {key!r}; rows are a, b, c, d, e, f, m, z")
         budget_c_bytes = budget_c.device + budget_c.host
         summary = print_report(args, info, params, disk, rows, budget_c_bytes)
     finally:

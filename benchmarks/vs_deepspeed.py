@@ -15,9 +15,9 @@ Rows (each in a fresh child process, this script re-invoked with --child, so eve
   c) DeepSpeed ZeRO-Infinity, parameters and optimizer state on NVMe (--nvme-dir), through its libaio op
   d) finetune, all state on NVMe, RAM budget 1 GiB (512MB device + 512MB host), layers recomputed in backward
      (the default, memory-minimal)
-  e) as (d), checkpoint_activations=False (activations kept, no recompute: the same math as a, b, c)
+  e) as (d), activations="keep" (activations kept, no recompute: the same math as a, b, c)
   f) finetune, everything in RAM (no NVMe), recompute
-  g) as (f), checkpoint_activations=False
+  g) as (f), activations="keep"
 finetune rows load with Engine.from_pretrained (the model is never whole in RAM). The DeepSpeed rows build the
 model in RAM first, as DeepSpeed's zero.Init(module=...) needs. Importing finetune's `offload` fixes glibc's mmap
 threshold for its process (part of finetune); rows a-c run with glibc's defaults.
@@ -318,7 +318,8 @@ def finetune_row(spec: dict[str, Any], phases: Phases) -> tuple[StepFn, FinishFn
               else offload.Budget(device=64 * GiB, host=64 * GiB, nvme=None))  # no limit that matters, no NVMe
     engine = offload.Engine.from_pretrained(spec["model_dir"], optim.AdamW(lr=LR, betas=BETAS, eps=EPS,
                                             weight_decay=0.0), budget,
-                                            checkpoint_activations=spec["key"] in "df", timers=EngineTimers(phases))
+                                            activations="recompute" if spec["key"] in "df" else "keep",
+                                            timers=EngineTimers(phases))
 
     def step(batch: dict[str, torch.Tensor]) -> float:
         start = time.perf_counter()

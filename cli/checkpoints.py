@@ -93,6 +93,10 @@ class Checkpoints:
             FinetuneError: no checkpoint (of that name), or a file missing, of the wrong size, or damaged.
         """
         entries = self.entries()
+        if not entries and (self.root / MANIFEST).exists():
+            raise FinetuneError(f"{self.root} keeps no checkpoint (--keep-checkpoints 0 drops them once the run's "
+                                f"final model is written: {self.output / 'final'}); to train further, start a new "
+                                "--output")
         if not entries:
             raise FinetuneError(
                 f"--resume: no checkpoint in {self.root} ({MANIFEST} is missing); run without --resume to start"
@@ -127,16 +131,25 @@ class Checkpoints:
                 engine.drop_checkpoint(self.root / entry.name)
         return [e.name for e in newer]
 
+    def clear(self, engine: Any) -> None:
+        """Drop every checkpoint, manifest first (`--keep-checkpoints 0`, once OUTPUT/final/ holds the model); the
+        manifest stays, listing none, so the directory still reads as a run."""
+        entries = self.entries()
+        self._publish([])
+        for entry in entries:
+            engine.drop_checkpoint(self.root / entry.name)
+
     def path(self, entry: Entry) -> Path:
         return self.root / entry.name
 
     def save(self, engine: Any, step: int, *, extra: dict[str, Any], tokenizer: Any, run_config: str,
-             keep: int, portable: bool = False, final: bool = False) -> Entry:
-        """Write checkpoint `step`, publish it in the manifest, then drop all but the newest `keep`.
+             keep: int, portable: bool = False, final: bool = False, best: int | None = None) -> Entry:
+        """Write checkpoint `step`, publish it in the manifest, then drop all but the newest `keep` (0 keeps the
+        newest, so that a crash can resume, until `clear`) and the checkpoint of step `best` (--keep-best).
 
         The engine keeps it in swap unless `portable` or `final`. `final` (a finished run's last: what is exported)
         is portable, and the checkpoints in swap are dropped after it: they exist to resume a run that has not
-        finished, and a finished run leaves nothing in the swap directory.
+        finished, and a finished run leaves nothing in the swap directory. (The best is saved portable.)
 
         Raises:
             FinetuneError: the disk is full; the previous checkpoints are intact and the message says so.
@@ -172,7 +185,8 @@ class Checkpoints:
                       None if portable else str(engine.swap_directory))
         crash_point("written", step)
         entries.append(entry)
-        kept = [e for e in entries[-keep:] if not final or e.swap is None]
+        newest = entries[-max(keep, 1):]
+        kept = [e for e in entries if (e in newest or e.step == best) and (not final or e.swap is None)]
         self._publish(kept)
         crash_point("published", step)
         for dropped in [e for e in entries if e not in kept]:

@@ -16,7 +16,6 @@ import enum
 import functools
 import inspect
 import math
-import textwrap
 import types
 import typing
 from dataclasses import dataclass
@@ -25,9 +24,12 @@ from typing import Any
 
 import yaml
 
-from ..offload import ClipMode, parse_size
-from .data import Format, Template, TextUnit, parse_columns
+from ..offload import ActivationMode, ClipMode, parse_size
+from .formats import Format, Template, parse_columns
+from .optimizer_args import format_optimizer_args, optimizer_kwargs, parse_optimizer_args
 from .schedule import Schedule
+from .sources import TextUnit
+from .tracking import TARGETS, parse_targets
 
 __all__ = ["ConfigError", "Dtype", "OptimizerName", "Panel", "RESUMABLE_CHANGES", "RunConfig", "StorageDtype",
            "field_help", "field_types", "flag"]
@@ -67,6 +69,7 @@ class Panel:
     """The panels of `finetune run --help`; an option with none is listed under Options."""
 
     MODEL, DATA, TRAINING, LORA, MEMORY, CHECKPOINTS = "Model", "Data", "Training", "LoRA", "Memory", "Checkpoints"
+    TRACKING = "Tracking"
 
 
 def option(default: Any, panel: str | None = None, *, flags: tuple[str, ...] = (), argument: bool = False) -> Any:
@@ -147,11 +150,26 @@ class RunConfig:
     eval_every: int = option(100, Panel.DATA)
     """Compute the eval loss every N steps and at the end (0: only at the end)."""
 
+    report_to: str | None = option(None, Panel.TRACKING)
+    """Also send the metrics to tensorboard, wandb, mlflow and/or csv (comma-separated), each written offline under
+    OUTPUT; their libraries are finetune's optional `track` extra. metrics.jsonl is always written."""
+
+    log_every: int = option(10, Panel.TRACKING)
+    """Without a terminal (nohup, CI logs), print a plain progress line every N steps (0: none)."""
+
+    sample_every: int = option(0, Panel.TRACKING)
+    """Every N steps, write greedy completions of two held-out prompts (the first validation rows') to
+    metrics.jsonl and the terminal (0: none)."""
+
     steps: int | None = option(None, Panel.TRAINING)
     """Optimizer steps to run. Give this or --epochs (default: 1 epoch)."""
 
     epochs: float | None = option(None, Panel.TRAINING)
     """Passes over the training set (may be fractional). Give this or --steps."""
+
+    early_stop_patience: int | None = option(None, Panel.TRAINING)
+    """Stop when the eval loss has not improved for N evals in a row (needs a validation set); OUTPUT/final/ is
+    written as at the end."""
 
     batch_size: int = option(1, Panel.TRAINING)
     """Sequences per micro-batch."""
@@ -171,6 +189,11 @@ class RunConfig:
     min_lr: float = option(0.0, Panel.TRAINING)
     """Learning rate at the last step of a cosine or linear schedule."""
 
+    decay_steps: int | None = option(None, Panel.TRAINING)
+    """The step at which a cosine or linear decay reaches --min-lr, and stays there. Default: the run's --steps
+    (or the steps its --epochs make) when it starts, saved in run-config.yaml, so a run extended with --resume
+    --steps keeps its schedule."""
+
     weight_decay: float = option(0.0, Panel.TRAINING)
     """Decoupled weight decay (AdamW)."""
 
@@ -188,6 +211,11 @@ class RunConfig:
     """adamw (fp32, 8 B/param of state), adamw8bit (2 B/param), galore (rank 128 projection), frugal (AdamW on a
     quarter of the columns, signSGD on the rest) or mezo (zeroth-order: forward passes only, no state; needs
     --accumulation-steps 1, ignores --max-grad-norm). See README's Optimizers section."""
+
+    optimizer_args: str | None = option(None, Panel.TRAINING)
+    """Settings of --optimizer beyond --lr and --weight-decay, as NAME=VALUE pairs: the keyword arguments of its
+    class in finetune.optim, e.g. rank=64,update_proj_gap=200 for galore, density=0.5 for frugal, eps=1e-4 for mezo,
+    betas=(0.9,0.95) for any Adam. In --config also a mapping."""
 
     lora: bool = option(False, Panel.LORA)
     """Train LoRA adapters instead of every weight: the base stays frozen, read straight from the model's files,
@@ -230,6 +258,13 @@ class RunConfig:
     storage_dtype: StorageDtype = option(StorageDtype.FP32, Panel.MEMORY)
     """With --optimizer mezo: bf16 stores the weights in half the bytes (in memory, in swap, and read and written
     each step); compute stays fp32, and each update is rounded back to bf16 stochastically."""
+    activations: ActivationMode = option(ActivationMode.RECOMPUTE, Panel.MEMORY)
+    """What each layer keeps for its backward. recompute: only its input (its forward runs again in backward).
+    keep: all its activations in RAM until its backward, outside the budget (no recompute). offload: its saved
+    tensors written to --nvme as forward makes them and read back ahead of its backward (no recompute, within the
+    budget; needs --nvme). auto: offload where this machine's rates say it costs less than recomputing. The same
+    math either way."""
+
     prefetch: int | None = option(None, Panel.MEMORY)
     """Blocks loaded ahead of the one computing (0: none). Default: the planner's fastest, 1-4 (in the plan)."""
 
@@ -242,7 +277,12 @@ class RunConfig:
 
     keep_checkpoints: int = option(2, Panel.CHECKPOINTS)
     """Keep only the newest K checkpoints. A finished run keeps its last one, and the portable ones among the
-    others (those in swap are only for resuming)."""
+    others (those in swap are only for resuming). 0: keep the newest while running, none once OUTPUT/final/ is
+    written (the run can then not be extended)."""
+
+    keep_best: bool = option(False, Panel.CHECKPOINTS)
+    """Also keep the checkpoint with the lowest eval loss (saved portable when an eval improves), whatever
+    --keep-checkpoints drops, and write OUTPUT/final/ from it. Needs a validation set."""
 
     portable_checkpoints: bool = option(False, Panel.CHECKPOINTS)
     """Copy the whole state into every checkpoint, so that it stands alone (it can be exported, copied, moved).
@@ -252,10 +292,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         if isinstance(self.columns, dict):  # a config file's mapping, saved as the flag's text
             self.columns = ",".join(f"{name}={column}" for name, column in self.columns.items())
+        if isinstance(self.optimizer_args, dict):  # the same, in a canonical text (cli/optimizer_args.py)
+            self.optimizer_args = format_optimizer_args({str(k): v for k, v in self.optimizer_args.items()})
         errors = [error for name in _fields() if (error := self._coerce(name))]
         errors = errors or self._check() + self._check_lora()  # the range checks need values of the right type
         if errors:
             raise ConfigError("; ".join(errors))
+        self.optimizer_args = format_optimizer_args(parse_optimizer_args(self.optimizer_args))  # as saved, by name
         self.lora = self.lora or self.qlora
         if self.lora and self.lora_alpha is None:
             self.lora_alpha = 2.0 * self.lora_rank  # saved resolved, so run-config.yaml shows the scale used
@@ -283,7 +326,8 @@ class RunConfig:
         if self.dataset is None:
             errors.append("DATASET is missing: give it as the second argument or set `dataset:` in --config")
         minimums = {"seq_len": 2, "batch_size": 1, "accumulation_steps": 1, "warmup_steps": 0, "eval_every": 0,
-                    "checkpoint_every": 0, "keep_checkpoints": 1, "steps": 1, "prefetch": 0}
+                    "checkpoint_every": 0, "keep_checkpoints": 0, "steps": 1, "decay_steps": 1,
+                    "early_stop_patience": 1, "prefetch": 0, "log_every": 0, "sample_every": 0}
         for name, minimum in minimums.items():
             value = getattr(self, name)
             if isinstance(value, int) and value < minimum:
@@ -300,12 +344,23 @@ class RunConfig:
         if self.optimizer is OptimizerName.MEZO and self.accumulation_steps != 1:
             errors.append(f"--accumulation-steps {self.accumulation_steps} cannot be used with --optimizer mezo (it "
                           "has no gradients to accumulate); use --batch-size for larger steps")
+        if self.optimizer is OptimizerName.MEZO and self.dtype in (Dtype.BFLOAT16, Dtype.FLOAT16):
+            errors.append(f"--dtype {self.dtype.value} cannot be used with --optimizer mezo (it perturbs and updates "
+                          "the weights as they compute, in float32); drop --dtype, or pass --storage-dtype bf16 to "
+                          "store the weights in bf16")
         if 0 <= self.lr < self.min_lr:
             errors.append(f"--min-lr {self.min_lr} is above --lr {self.lr}; lower it")
         if self.epochs is not None and self.epochs <= 0:
             errors.append(f"--epochs {self.epochs} must be > 0")
+        if not (self.val_fraction or self.val_file or self.val_split):
+            errors += [f"{flag(name)} compares eval losses, so it needs a validation set: add --val-fraction, "
+                       "--val-file or --val-split" for name in ("keep_best", "early_stop_patience")
+                       if getattr(self, name)]
         if self.steps is not None and self.epochs is not None:
             errors.append("--steps and --epochs both given; keep one")
+        if self.activations is ActivationMode.OFFLOAD and self.nvme is None:
+            errors.append("--activations offload writes the layers' activations to the swap directory: add --nvme "
+                          "DIR, or use --activations recompute")
         if not 0.0 <= self.val_fraction < 1.0:
             errors.append(f"--val-fraction {self.val_fraction} must be in [0, 1)")
         if self.val_fraction and self.val_file:
@@ -322,6 +377,16 @@ class RunConfig:
         except ValueError as error:
             errors.append(f"--columns {self.columns!r}: {error}; give NAME=COLUMN pairs such as "
                           "prompt=question,completion=answer")
+        if self.optimizer_args is not None:  # checked by the optimizer's constructor: this imports torch
+            try:
+                optimizer_kwargs(self.optimizer.value, self.optimizer_args)
+            except ValueError as error:
+                errors.append(str(error))
+        try:
+            parse_targets(self.report_to)
+        except ValueError as error:
+            errors.append(f"--report-to {self.report_to!r}: {error}; choose from {', '.join(TARGETS)} "
+                          "(comma-separated), or none")
         for name in ("memory", "device_memory", "host_memory"):
             value = getattr(self, name)
             if value is not None:
@@ -376,12 +441,16 @@ _LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 RESUMABLE_CHANGES = frozenset(
     {"model", "dataset", "tokenizer", "val_file", "output", "eval_every", "memory", "device_memory",
-     "host_memory", "nvme", "prefetch", "verify_swap", "checkpoint_every", "keep_checkpoints",
-     "portable_checkpoints", "merge_at_end"}
+     "host_memory", "nvme", "activations", "prefetch", "verify_swap", "checkpoint_every", "keep_checkpoints",
+     "portable_checkpoints", "merge_at_end", "report_to", "log_every", "sample_every", "steps", "epochs", "decay_steps",
+     "early_stop_patience"}
 )
-"""Fields a resumed run may change: where things are, budgets, and how often to eval or save. They do not touch
-the training math (moved model or data files are checked by content instead). Every other field must equal the
-checkpoint's, or the continued run would not be the run that was started."""
+"""Fields a resumed run may change: where things are, budgets, what layers keep for backward (--activations: the
+same math either way), how often to eval, save or log, where the metrics go, and how long it runs
+(--steps/--epochs/--early-stop-patience: a run extended under the rule of cli/schedule.py; --decay-steps moves the
+horizon for the steps still to run). They do not touch the training math (moved model or data files are checked by
+content instead). Every other field must equal the checkpoint's, or the continued run would not be the run that
+was started."""
 
 
 def flag(name: str) -> str:
@@ -390,8 +459,10 @@ def flag(name: str) -> str:
 
 
 def field_help(cls: type = RunConfig) -> dict[str, str]:
-    """Each field's docstring (the string literal just below it), used as its --help text."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    """Each field's docstring (the string literal just below it), used as its --help text. Read by parsing the
+    class's file: inspect.getsource tokenizes its way to the class, a tenth of `finetune run --help`'s time."""
+    tree = ast.parse(Path(inspect.getfile(cls)).read_text())
+    body = next(node.body for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == cls.__name__)
     return {
         node.target.id: " ".join(after.value.value.split())
         for node, after in zip(body, body[1:])
@@ -405,11 +476,11 @@ def _fields() -> list[str]:
 
 
 @functools.cache
-def field_types() -> dict[str, tuple[Any, bool]]:
-    """Each field's (type without `| None`, whether None is allowed): what a config file's value is coerced to,
-    and the type of its `finetune run` option."""
+def field_types(cls: type | None = None) -> dict[str, tuple[Any, bool]]:
+    """Each field's (type without `| None`, whether None is allowed) of `cls` (default RunConfig): what a config
+    file's value is coerced to, and the type of its command-line option."""
     types_ = {}
-    for name, kind in typing.get_type_hints(RunConfig).items():
+    for name, kind in typing.get_type_hints(cls or RunConfig).items():
         optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
         types_[name] = (next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind, optional)
     return types_

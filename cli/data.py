@@ -18,7 +18,6 @@ row's number and the file it is in.
 
 from __future__ import annotations
 
-import enum
 import functools
 import re
 from collections.abc import Iterable
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FinetuneError
+from .formats import COLUMN_NAMES, Format, Template, parse_columns
 from .sequences import IGNORE, Cut, Sequences, build_sequences
 from .sources import Part, TextUnit, read_parts
 
@@ -42,24 +42,6 @@ _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 """ShareGPT's `from` values, as chat roles (a chat role itself is taken as it is)."""
 
 
-class Format(str, enum.Enum):
-    """How a row becomes a prompt and a completion."""
-
-    AUTO = "auto"
-    TEXT = "text"
-    PROMPT_COMPLETION = "prompt-completion"
-    INSTRUCTION = "instruction"
-    CHAT = "chat"
-
-
-class Template(str, enum.Enum):
-    """How an instruction row becomes text."""
-
-    AUTO = "auto"  # the tokenizer's chat template when it has one, else alpaca
-    CHAT = "chat"
-    ALPACA = "alpaca"
-
-
 _FIELDS = {
     Format.CHAT: ("messages",),
     Format.INSTRUCTION: ("instruction", "output"),
@@ -71,30 +53,6 @@ _READS = {Format.INSTRUCTION: ("instruction", "input", "output"), Format.PROMPT_
           Format.TEXT: ("text",)}
 """Every field each format but chat reads (the others are dropped when the files of a directory are combined; a
 chat keeps `messages`, to which ShareGPT's `conversations` is renamed)."""
-
-COLUMN_NAMES = ("text", "prompt", "completion", "instruction", "input", "output", "messages")
-"""The field names `--columns` maps the user's fields to."""
-
-
-def parse_columns(text: str | None) -> dict[str, str]:
-    """`--columns` (prompt=question,completion=answer) as {format field: the dataset's field}.
-
-    Raises:
-        ValueError: a pair that is not NAME=COLUMN, a NAME no format reads, or a NAME or COLUMN given twice; the
-            message names the pair.
-    """
-    mapping: dict[str, str] = {}
-    for pair in filter(None, (piece.strip() for piece in (text or "").split(","))):
-        name, equals, column = (part.strip() for part in pair.partition("="))
-        if not equals or not name or not column:
-            raise ValueError(f"{pair!r} is not NAME=COLUMN")
-        if name not in COLUMN_NAMES:
-            raise ValueError(f"{name!r} is not a field of any format (those are {', '.join(COLUMN_NAMES)})")
-        if name in mapping or column in mapping.values():
-            raise ValueError(f"{name if name in mapping else column!r} is mapped twice")
-        mapping[name] = column
-    return mapping
-
 
 def load_rows(source: str, *, label: str = "dataset", config: str | None = None, split: str = "train",
               columns: str | None = None, fmt: Format = Format.AUTO, text_unit: TextUnit = TextUnit.DOCUMENT,

@@ -8,26 +8,22 @@ import torch
 from .. import optim
 from ..offload import default_compute_dtype
 from .config import Dtype, OptimizerName, RunConfig, StorageDtype
+from .optimizer_args import optimizer_class, optimizer_kwargs
 
 __all__ = ["compute_dtype", "make_optimizer", "quantize_frozen"]
 
 _DTYPES = {Dtype.AUTO: None, Dtype.FLOAT32: torch.float32, Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16}
 
-_OPTIMIZERS = {
-    OptimizerName.ADAMW: optim.AdamW,
-    OptimizerName.ADAMW8BIT: optim.AdamW8bit,
-    OptimizerName.GALORE: optim.GaLore,
-    OptimizerName.FRUGAL: optim.Frugal,
-}
-
 
 def make_optimizer(config: RunConfig) -> optim.ChunkOptimizer | optim.MeZO:
-    """The optimizer --optimizer names, with --lr and --weight-decay (and MeZO's --storage-dtype): the run's and the
-    planner's, so both count the same state."""
+    """The optimizer --optimizer names, with --lr and --weight-decay (and MeZO's --seed and --storage-dtype) and the
+    settings of --optimizer-args: the run's and the planner's, so both count the same state."""
+    settings = optimizer_kwargs(config.optimizer.value, config.optimizer_args)
     if config.optimizer is OptimizerName.MEZO:
         storage = torch.bfloat16 if config.storage_dtype is StorageDtype.BF16 else torch.float32
-        return optim.MeZO(lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, storage_dtype=storage)
-    return _OPTIMIZERS[config.optimizer](lr=config.lr, weight_decay=config.weight_decay)
+        return optim.MeZO(lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, storage_dtype=storage,
+                          **settings)
+    return optimizer_class(config.optimizer.value)(lr=config.lr, weight_decay=config.weight_decay, **settings)
 
 
 def quantize_frozen(config: RunConfig) -> str | None:

@@ -51,7 +51,10 @@ checkpoint in the manifest intact (cli/checkpoints.py).
     resume: LoRA adapters on another base         train.py, lora.py  tests/cli/test_lora_cli.py
     invalid option values, nan/inf (exit 2)       config.py          usage-*, test_options.py
     usage errors as one `Error:` line (exit 2)    main.py            usage-*, test_options.py
-    Ctrl-C while importing (exit 130, one line)   entry.py           test_options.py
+    Ctrl-C while importing (exit 130, one line)   startup.py         test_options.py
+    --optimizer-args: unknown name, bad value     optimizer_args.py  test_optimizer_args.py
+    engine refusals in its API's words (names     api_words.py,      test_api_words.py
+      Budget.nvme): passed on with the flags      train.py
 
 Usage errors (exit 2) come from typer (click) and from `ConfigError`; the console script (cli/entry.py, then
 `main.run_script`) prints them as one `Error:` line too, so a script reads every failure from the last line of

@@ -11,15 +11,25 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from ..offload import Budget, DiskRates, format_bytes, parse_size, refresh_disk_rates
-from .config import RunConfig, flag
+from .config import flag
 from .errors import FinetuneError
 
-__all__ = ["disk_bandwidth", "run_budget"]
+__all__ = ["BudgetOptions", "disk_bandwidth", "run_budget"]
 
 
-def run_budget(config: RunConfig, need_device: int, need_host: int) -> Budget:
+class BudgetOptions(Protocol):
+    """The memory flags of a command (`run`'s RunConfig, `generate`'s and `chat`'s options)."""
+
+    memory: str | None
+    device_memory: str | None
+    host_memory: str | None
+    nvme: str | None
+
+
+def run_budget(config: BudgetOptions, need_device: int, need_host: int) -> Budget:
     """The tier budgets of `config`, checked against the engine's minimum (`need_device`, `need_host` bytes).
 
     --memory alone gives each tier its minimum and splits the rest evenly, so any --memory above the sum of
@@ -27,11 +37,10 @@ def run_budget(config: RunConfig, need_device: int, need_host: int) -> Budget:
     them the engine takes its budgets from the machine.
 
     Raises:
-        FinetuneError: a budget below the minimum (the message gives the minimum), or an --nvme that cannot be
-            written.
+        FinetuneError: a size that is not one, a budget below the minimum (the message gives the minimum), or an
+            --nvme that cannot be written.
     """
-    memory, device, host = (parse_size(v) if v is not None else None
-                            for v in (config.memory, config.device_memory, config.host_memory))
+    memory, device, host = (_size(config, name) for name in ("memory", "device_memory", "host_memory"))
     if memory is not None:
         if memory < need_device + need_host:
             raise FinetuneError(
@@ -51,6 +60,16 @@ def run_budget(config: RunConfig, need_device: int, need_host: int) -> Budget:
     if config.nvme:
         _check_writable(Path(config.nvme))
     return Budget(device=device, host=host, nvme=config.nvme)
+
+
+def _size(config: BudgetOptions, name: str) -> int | None:
+    """The bytes of a memory flag, or None when not given. `run` has checked its sizes already (RunConfig); a
+    command that has not gets the same words here rather than parse_size's."""
+    value = getattr(config, name)
+    try:
+        return parse_size(value) if value is not None else None
+    except ValueError:
+        raise FinetuneError(f"{flag(name)} {value!r} is not a size; use e.g. 512MB or 8GB") from None
 
 
 def _check_writable(directory: Path) -> None:

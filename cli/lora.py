@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import FinetuneError
 
-__all__ = ["ALL_LINEAR", "base_fingerprint", "lora_description", "resolve_targets", "wrap_lora"]
+__all__ = ["ALL_LINEAR", "base_fingerprint", "lora_description", "resolve_targets", "wrap_lora", "wrap_saved_adapter"]
 
 ALL_LINEAR = "all-linear"
 """--lora-targets value for every linear layer except the output layer (attention and MLP projections)."""
@@ -54,6 +54,22 @@ def wrap_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, targ
         wrapped = peft.get_peft_model(model, config)
     wrapped.peft_config[wrapped.active_adapter].base_model_name_or_path = base_name
     _materialise_adapters(wrapped, seed)
+    return wrapped
+
+
+def wrap_saved_adapter(model: nn.Module, adapter: Path) -> nn.Module:
+    """`model` (on the meta device) wrapped as the peft adapter in `adapter` describes it, its adapters
+    materialised (their values are then read from the adapter's file: `Engine.load_adapter`). Trainable, not
+    peft's inference mode, so that the engine gives them chunks of their own instead of looking for them in the
+    base's files."""
+    import peft
+
+    config = peft.PeftConfig.from_pretrained(adapter)
+    config.inference_mode = False
+    with warnings.catch_warnings():  # as in wrap_lora
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        wrapped = peft.get_peft_model(model, config)
+    _materialise_adapters(wrapped, seed=0)
     return wrapped
 
 

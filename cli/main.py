@@ -1,6 +1,7 @@
 """`finetune`: the command-line face of the engine. Commands stay thin: parse, build a dataclass, call the library.
 
-Commands: `run` (cli/train.py), `plan` (cli/plan.py; also `run --dry-run`), `export` (cli/export.py), `info`.
+Commands: `run` (cli/train.py), `plan` (cli/plan.py; also `run --dry-run`), `export` (cli/export.py), `info`,
+`generate` and `chat` (cli/generate.py).
 `run`'s options are the fields of RunConfig (cli/config.py), which holds their types, defaults, help and panels.
 Exit codes: 0 success, 1 an expected failure (one `Error:` line on stderr), 2 a usage error (one `Error:` line
 too, from `run_script`), 130 a run stopped by Ctrl-C after saving its checkpoint, or stopped while starting.
@@ -10,22 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import inspect
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..offload import detect_hardware, format_bytes, parse_size
+from ..offload import format_bytes, parse_size
 from .config import ConfigError, Dtype, Panel, RunConfig, field_help, field_types, flag
 from .config_file import load_config_file
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, FinetuneError, exit_on_failure, one_line
+from .generation_options import Decoding, GenerateOptions
+from .startup import importing
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -33,8 +37,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="Fine-tune Hugging Face models far larger than your GPU or RAM.",
 )
-
-HELP = field_help(RunConfig)
 
 RUN_EPILOG = """[bold]Examples[/bold]
 
@@ -78,29 +80,42 @@ def run_script(args: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0  # standalone_mode=False returns typer.Exit's code
 
 
-def _config_options(command: Callable[..., None]) -> Callable[..., None]:
-    """`command` with one typer parameter per RunConfig field in place of its `**fields`, so that each option's
-    type, default, help and panel are read from the dataclass rather than written out a second time here.
+Command = Callable[..., None]
+
+
+def _options_of(*classes: type) -> Callable[[Command], Command]:
+    """A decorator: `command` with one typer parameter per field of the dataclasses `classes` in place of its
+    `**fields`, so that each option's type, default, help and panel are read from the dataclass rather than
+    written out a second time here.
 
     Each of those parameters defaults to None, meaning "not typed", so a flag overrides the --config file only
     when given, and the file or else the field's default applies otherwise.
     """
-    signature = inspect.signature(command, eval_str=True)
-    own = [parameter for parameter in signature.parameters.values() if parameter.kind is not parameter.VAR_KEYWORD]
-    fields = [_config_parameter(field) for field in dataclasses.fields(RunConfig)]
-    # typer builds its options from inspect.signature(command), which returns __signature__ when it is set.
-    command.__signature__ = signature.replace(parameters=[*own, *fields])  # type: ignore[attr-defined]
-    return command
+    def decorate(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        fields = [_field_parameter(cls, field) for cls in classes for field in dataclasses.fields(cls)]
+        # typer builds its options from inspect.signature(command), which returns __signature__ when it is set.
+        command.__signature__ = signature.replace(parameters=[*own, *fields])  # type: ignore[attr-defined]
+        return command
+
+    return decorate
 
 
-def _config_parameter(field: dataclasses.Field[Any]) -> inspect.Parameter:
-    """`name: Annotated[Optional[T], typer.Option(...)] = None` for one RunConfig field (option() metadata)."""
-    kind, _ = field_types()[field.name]
-    if field.metadata["argument"]:
-        info = typer.Argument(help=HELP[field.name], show_default=False)
+@functools.cache
+def _help(cls: type) -> dict[str, str]:
+    return field_help(cls)
+
+
+def _field_parameter(cls: type, field: dataclasses.Field[Any]) -> inspect.Parameter:
+    """`name: Annotated[Optional[T], typer.Option(...)] = None` for one field (RunConfig's option() metadata:
+    its panel, flags, or a positional argument)."""
+    kind, _ = field_types(cls)[field.name]
+    if field.metadata.get("argument"):
+        info = typer.Argument(help=_help(cls)[field.name], show_default=False)
     else:
-        info = typer.Option(*field.metadata["flags"] or [flag(field.name)], help=HELP[field.name],
-                            rich_help_panel=field.metadata["panel"], show_default=_shown_default(field.default))
+        info = typer.Option(*field.metadata.get("flags") or [flag(field.name)], help=_help(cls)[field.name],
+                            rich_help_panel=field.metadata.get("panel"), show_default=_shown_default(field.default))
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[kind], info])
 
@@ -117,12 +132,13 @@ def _shown_default(default: Any) -> str | bool:
 
 ConfigFile = Annotated[Optional[Path], typer.Option(
     "--config", exists=True, dir_okay=False,
-    help="YAML or TOML file with run's options by their names (seq_len: 1024); flags override it.")]
+    help="YAML or TOML file with run's options by their names (seq_len: 1024), or Hugging Face Trainer's "
+    "(learning_rate: 2e-5); flags override it.")]
 """`--config` of `run` and `plan`."""
 
 
 @app.command(epilog=RUN_EPILOG)
-@_config_options
+@_options_of(RunConfig)
 def run(
     config_file: ConfigFile = None,
     resume: Annotated[bool, typer.Option(
@@ -141,8 +157,9 @@ def run(
     **fields: Any,
 ) -> None:
     """Fine-tune MODEL on DATASET, streaming its training state through memory and NVMe."""
-    from .plan import make_plan, summary_line
-    from .train import configure, prepare, train
+    with importing():
+        from .plan import make_plan, summary_line
+        from .train import configure, prepare, train
 
     if hardware is not None and not dry_run:
         raise typer.BadParameter("--hardware plans for another machine; add --dry-run", param_hint="--hardware")
@@ -195,7 +212,7 @@ PLAN_EPILOG = """[bold]Examples[/bold]
 
 
 @app.command(epilog=PLAN_EPILOG)
-@_config_options
+@_options_of(RunConfig)
 def plan(
     config_file: ConfigFile = None,
     hardware: Annotated[Optional[str], typer.Option("--hardware", help=HARDWARE_HELP, show_default=False)] = None,
@@ -204,7 +221,8 @@ def plan(
 ) -> None:
     """Predict what `finetune run` with these options will cost: memory per tier, disk, I/O and time per step,
     the bottleneck; exits 1 when the run cannot fit. MODEL may hold only config.json; DATASET is not read."""
-    from .plan import NO_DATASET, make_plan, plan_model
+    with importing():
+        from .plan import NO_DATASET, make_plan, plan_model
 
     given = {name: value for name, value in fields.items() if value is not None}
     with exit_on_failure():
@@ -270,7 +288,10 @@ def export(
 ) -> None:
     """Write a checkpoint as a Hugging Face model directory that from_pretrained loads (or, for a LoRA run, a peft
     adapter directory), with its tokenizer."""
-    from .export import export_checkpoint, is_adapter
+    with importing():
+        import torch
+
+        from .export import export_checkpoint, is_adapter
 
     if base is not None and not merge:
         raise typer.BadParameter("--base is the base model for --merge; add --merge, or drop --base",
@@ -301,7 +322,11 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")] = False,
 ) -> None:
     """Show the hardware the engine sees: cores, RAM, GPU memory, free disk (and disk speed on request)."""
-    from .hardware import disk_bandwidth
+    with importing():
+        import torch
+
+        from ..offload import detect_hardware
+        from .hardware import disk_bandwidth
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hardware = detect_hardware(device)
@@ -331,3 +356,79 @@ def info(
     for key, value in rows.items():
         table.add_row(key, value)
     Console().print(table)
+
+
+GENERATE_EPILOG = """[bold]Examples[/bold]
+
+  finetune generate finetune-out --prompt "Once upon a time" --max-new-tokens 64     [dim]# a run's final model[/dim]
+
+  finetune generate ./Llama-2-13b --prompt "Why is the sky blue?" --chat-template --memory 8GB --temperature 0.7
+
+  finetune generate lora-run --prompt "2 + 2 =" --json     [dim]# a LoRA run: the adapter on its streamed base[/dim]
+"""
+
+MODEL_OR_RUN = Annotated[str, typer.Argument(
+    help="A model directory or hub id, a run directory (its final model, else its latest portable checkpoint), a "
+         "checkpoint, or a peft adapter directory.", show_default=False)]
+
+
+@app.command(epilog=GENERATE_EPILOG)
+@_options_of(Decoding, GenerateOptions)
+def generate(
+    model_or_run: MODEL_OR_RUN,
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", help="The text to continue ('-': read it from stdin).", show_default=False)] = None,
+    chat_template: Annotated[bool, typer.Option(
+        "--chat-template", help="Send the prompt as a user turn through the tokenizer's chat template (for chat "
+        "models) instead of continuing it as text.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON (no streaming).")] = False,
+    **fields: Any,
+) -> None:
+    """Generate text from a model or a run's result, streaming its weights through the engine within the budget
+    (a model larger than RAM works); the text is printed as it comes."""
+    if prompt is None:
+        raise typer.BadParameter("give the text to continue", param_hint="--prompt")
+    text = sys.stdin.read() if prompt == "-" else prompt
+    decoding, options = _generation_settings(fields)
+    with importing():
+        from .generate import generate as generate_text
+    with exit_on_failure():
+        result = generate_text(model_or_run, text, decoding, options, chat_template=chat_template,
+                               out=None if as_json else sys.stdout)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"{result['new_tokens']} tokens at {result['tokens_per_s']:.1f} tokens/s · peak memory "
+                   f"{format_bytes(result['peak_rss'])}", err=True)
+
+
+CHAT_EPILOG = """[bold]Examples[/bold]
+
+  finetune chat finetune-out --memory 8GB     [dim]# type a message, Enter; /reset forgets, /exit ends[/dim]
+
+  printf 'Hi\\nWhat is 2 + 2?\\n' | finetune chat ./model --max-new-tokens 32     [dim]# turns from a pipe[/dim]
+"""
+
+
+@app.command(epilog=CHAT_EPILOG)
+@_options_of(Decoding, GenerateOptions)
+def chat(model_or_run: MODEL_OR_RUN, **fields: Any) -> None:
+    """Talk to a model or a run's result through its chat template, one line a turn (/reset forgets the
+    conversation, /exit or Ctrl-D ends it), its weights streamed through the engine within the budget."""
+    decoding, options = _generation_settings(fields)
+    with importing():
+        from .generate import chat as chat_with
+    with exit_on_failure():
+        chat_with(model_or_run, decoding, options, lines=sys.stdin, out=sys.stdout,
+                  prompt_to=sys.stderr if sys.stdin.isatty() else None)
+
+
+def _generation_settings(fields: dict[str, Any]) -> tuple[Decoding, GenerateOptions]:
+    """`generate`'s and `chat`'s options as the two dataclasses (a bad value: a usage error, exit 2)."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    names = {field.name for field in dataclasses.fields(Decoding)}
+    try:
+        return (Decoding(**{k: v for k, v in given.items() if k in names}),
+                GenerateOptions(**{k: v for k, v in given.items() if k not in names}))
+    except ConfigError as error:
+        raise typer.BadParameter(str(error)) from None

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..offload import (
     DEFAULT_PREFETCH,
+    ActivationMode,
     Budget,
     ClipMode,
     Engine,
@@ -52,9 +53,6 @@ __all__ = ["NO_DATASET", "Plan", "load_profile", "make_plan", "plan_dict", "plan
 
 NO_DATASET = "(none: a plan reads no data)"
 """DATASET for `finetune plan` without one: the plan needs only --batch-size and --seq-len."""
-
-RECOMPUTE = True  # the engine always checkpoints activations (RunConfig has no switch yet)
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -120,7 +118,10 @@ def make_plan(config: RunConfig, model: nn.Module, model_dir: Path, profile: Mac
     _check_memory(config, model, optimizer, dtype, quantize, device_bytes, host_bytes, (device_min, host_min))
     workload = Workload(
         batch_size=config.batch_size, seq_len=config.seq_len, accumulation_steps=config.accumulation_steps,
-        recompute=RECOMPUTE, prefetch=DEFAULT_PREFETCH if config.prefetch is None else config.prefetch,
+        # --activations keep: no recompute, every layer's activations in memory. offload and auto are predicted as
+        # recompute for now: the cost model has no activation I/O yet (its memory is about recompute's, bounded).
+        recompute=config.activations is not ActivationMode.KEEP,
+        prefetch=DEFAULT_PREFETCH if config.prefetch is None else config.prefetch,
         updates_in_backward=config.max_grad_norm == 0 or config.clip_mode is ClipMode.PER_BLOCK,
         frozen_file_dtype=stored_dtype(model) if config.lora and has_safetensors(model_dir) else None,
         quantize_frozen=quantize,
@@ -210,11 +211,13 @@ def _checkpoint_bytes(model: nn.Module, optimizer: Any, dtype: torch.dtype, quan
 
 def _checkpoints_kept(plan: Plan) -> tuple[int, int]:
     """How many kept checkpoints are in swap and how many portable, at most, at any moment: in swap (with --nvme,
-    without --portable-checkpoints) all but a finished run's last, which is portable."""
+    without --portable-checkpoints) all but a finished run's last, which is portable. --keep-checkpoints 0 keeps
+    the newest until the end; --keep-best keeps one more, portable."""
     config = plan.config
+    keep, best = max(config.keep_checkpoints, 1), int(config.keep_best)
     if config.nvme is None or config.portable_checkpoints:
-        return 0, config.keep_checkpoints
-    return config.keep_checkpoints, 1
+        return 0, keep + best
+    return keep, 1 + best
 
 
 def problems(plan: Plan) -> list[str]:

@@ -1,13 +1,12 @@
 """Byte budgets per memory tier, and what the machine actually has.
 
 A budget is what the user allows the engine to use, not what it will use: the engine plans within it and
-refuses at construction when the model's working set cannot fit. Sizes use binary units ("8GB" is 8 * 2**30
-bytes) because that is how RAM and GPU memory are sold and reported by `free` and `nvidia-smi`.
+refuses at construction when the model's working set cannot fit. Sizes are read by sizes.py's `parse_size` ("8GB"
+is 8 * 2**30 bytes).
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,39 +14,9 @@ from pathlib import Path
 import psutil
 import torch
 
-__all__ = ["Budget", "Hardware", "detect_hardware", "format_bytes", "parse_size"]
+from .sizes import parse_size
 
-_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(value: int | float | str) -> int:
-    """Bytes from an int or a string such as "512MB", "8GB", "1.5GiB" or "4096".
-
-    Raises:
-        ValueError: the string is not a size; the message shows the accepted forms.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}; use bytes or a string like '512MB' or '8GB'")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"a size cannot be negative: {value!r}")
-        return int(value)
-    match = _SIZE.match(value)
-    if match is None:
-        raise ValueError(f"not a size: {value!r}; use bytes or a string like '512MB' or '8GB'")
-    number, unit = match.groups()
-    return int(float(number) * _UNITS[unit.upper()])
-
-
-def format_bytes(nbytes: int | float) -> str:
-    """Human-readable binary size, the inverse of `parse_size` up to rounding (e.g. '1.50 GB')."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(nbytes) < 1024:
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.2f} TB"
-
+__all__ = ["Budget", "Hardware", "detect_hardware"]
 
 @dataclass
 class Budget:

@@ -15,9 +15,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import xxhash
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CHECKSUMS_FILE", "ChecksumMismatch", "checksum_file", "checksum_json", "checksum_tensor",
            "verify_checksums", "write_checksums"]
@@ -41,6 +44,8 @@ def checksum_json(value: object) -> str:
 
 def checksum_tensor(t: torch.Tensor) -> str:
     """The checksum of a contiguous tensor's bytes (one in device memory is copied to the host first)."""
+    import torch  # here, not at the top: the checks of checkpoint files (the CLI's manifest) need no torch
+
     if t.device.type != "cpu":
         t = t.cpu()
     return xxhash.xxh3_64_hexdigest(memoryview(t.reshape(-1).view(torch.uint8).numpy()))

@@ -7,27 +7,12 @@ so EXACT clipping equals it to the bit.
 
 from __future__ import annotations
 
-import enum
-
 import torch
 
 from .block_state import BlockState
+from .clip_mode import ClipMode
 
-__all__ = ["ClipMode", "Clipping", "updates_in_backward"]
-
-
-class ClipMode(str, enum.Enum):
-    """How `max_grad_norm` is applied.
-
-    EXACT: the norm of the whole model's gradient, as torch.nn.utils.clip_grad_norm_; every update waits for the
-    end of backward (gradient chunks are kept, on NVMe if need be, and read again for the update).
-    PER_BLOCK: each block's gradient is clipped to its share of `max_grad_norm` (max_grad_norm * sqrt(block
-    numel / model numel)) as soon as the block's backward ends, so updates overlap backward. If every block
-    sits at its threshold the global norm is exactly max_grad_norm; a spike in one block is clipped there.
-    """
-
-    EXACT = "exact"
-    PER_BLOCK = "per-block"
+__all__ = ["Clipping", "updates_in_backward"]
 
 
 def updates_in_backward(max_grad_norm: float | None, mode: ClipMode) -> bool:

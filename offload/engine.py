@@ -14,7 +14,9 @@ Threads (what each owns; the notes named here are in those modules):
 - "optimizer": block updates, Note [The worker owns a block's chunks] (updates.py);
 - "chunk-stage": the store's prefetches, whose waits for room never block compute (store.py);
 - "nvme-io" (or kvikio's): swap-file reads and writes, each published under the store's lock when done (store.py);
-- "frozen-read": frozen chunks read from the model's safetensors (frozen.py).
+- "frozen-read": frozen chunks read from the model's safetensors (frozen.py);
+- "activation-spill" (CUDA, activations="offload"): writes of offloaded activations, each after its copy's event
+  (activations.py; on CPU they go straight to the NVMe threads).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from torch import nn
 
 from ..optim.base import ChunkOptimizer
 from ..optim.mezo import MeZO
+from .activation_choice import resolve
+from .activation_mode import ActivationMode, activation_mode
+from .activations import ACTIVATION_MEMORY, ActivationStore, OffloadedLayer, OffloadRunner
 from .binding import bind_parameters, copy_weights_in
 from .block_layout import block_layouts, compute_copies_nbytes
 from .block_state import BlockState, block_states
@@ -48,24 +53,27 @@ from .checkpoint import (
     write_swap_checkpoint,
 )
 from .chunks import Chunk, Tier
-from .clipping import ClipMode, Clipping, updates_in_backward
+from .clip_mode import ClipMode
+from .clipping import Clipping, updates_in_backward
+from .cost_model import Machine
 from .device import default_compute_dtype, make_transport
 from .first_order import FirstOrderStep, micro_batches, to_device
 from .floors import check_budget, floors, model_floors
 from .head_grad import outer_gradients_into_chunks
-from .meta_model import meta_model
+from .meta_device import meta_model
 from .model_export import adapter_tensors, export_model, is_peft, save_adapter
 from .nvme import open_backend
 from .quantized import QUANTIZATIONS
-from .recompute import StreamedCheckpoint, StreamedLayer
+from .recompute import LayerRunner, StreamedCheckpoint, StreamedLayer
 from .residency import DEFAULT_PREFETCH, Residency
+from .sizes import parse_size
 from .store import ChunkStore
 from .swap_area import AREA_PREFIX, SwapArea
 from .timers import NO_TIMERS, Timers
 from .updates import UpdateWorker, queue_depth
 from .zeroth_order import ZerothOrderStep
 
-__all__ = ["ClipMode", "Engine"]
+__all__ = ["Engine"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -85,10 +93,21 @@ class Engine:
         accumulation_steps: micro-batches per optimizer step; `train_step` splits its batch into this many.
         max_grad_norm: clip gradients to this norm (None: no clipping).
         clip_mode: see `ClipMode`.
-        checkpoint_activations: recompute each layer in backward and keep only its input (activation memory of
-            one layer). False keeps every layer's activations until its backward, as plain PyTorch does: no
-            recompute (about a third less compute), but activation memory grows with batch x sequence x layers,
-            and it is not counted in the budget.
+        activations: what each decoder layer keeps for its backward (activation_mode.py). "recompute": only its
+            input, its forward run again in backward (activation memory of one layer). "keep": every layer's
+            activations until its backward, as plain PyTorch does: no recompute (about a third less compute), but
+            activation memory grows with batch x sequence x layers, outside the budget. "offload": as "keep", with
+            each layer's saved tensors written to the swap directory (on CUDA through pinned host memory) as forward
+            makes them and read back ahead of its backward, within `activation_memory` (needs `budget.nvme`).
+            "auto": "offload" where moving the bytes costs less than recomputing, at `machine`'s rates, else
+            "recompute". MeZO has no backward: "offload" and "auto" run it as "recompute". `engine.activations`
+            says which mode runs ("auto" resolved).
+        checkpoint_activations: the older spelling: True is activations="recompute", False "keep".
+        activation_memory: host memory (bytes, or a size such as "256MB") that offloaded activations may hold at
+            once: copies waiting for their writes and tensors read back ahead. A layer's backward takes its own
+            tensors whatever this says.
+        machine: the rates activations="auto" decides from (`offload.measure_machine`, `offload.hardware_profile`);
+            None measures this machine's (cached).
         device: where to compute; default CUDA when available, else CPU.
         compute_dtype: dtype of weights in compute; default bfloat16 on CUDA, float32 on CPU (bf16 matrix
             products are far slower than fp32 on most CPUs). Master weights and optimizer math are fp32.
@@ -123,7 +142,10 @@ class Engine:
         accumulation_steps: int = 1,
         max_grad_norm: float | None = None,
         clip_mode: ClipMode | str = ClipMode.EXACT,
-        checkpoint_activations: bool = True,
+        activations: ActivationMode | str = ActivationMode.RECOMPUTE,
+        checkpoint_activations: bool | None = None,
+        activation_memory: int | str = ACTIVATION_MEMORY,
+        machine: Machine | None = None,
         device: torch.device | str | None = None,
         compute_dtype: torch.dtype | None = None,
         weights: str | Path | None = None,
@@ -138,7 +160,9 @@ class Engine:
         self.model, self.optimizer = model, optimizer
         self.budget = budget or Budget()
         self.accumulation_steps = accumulation_steps
-        self.checkpoint_activations = checkpoint_activations
+        self.activations = activation_mode(activations, checkpoint_activations, self.budget.nvme)
+        self._activation_memory = parse_size(activation_memory)
+        self._saved: ActivationStore | None = None  # offloaded activations, once the steps are built
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         zeroth_order = isinstance(optimizer, MeZO)
         self.compute_dtype = compute_dtype or default_compute_dtype(self.device, zeroth_order=zeroth_order)
@@ -168,6 +192,11 @@ class Engine:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
         self._updates = None
         try:
+            if zeroth_order and self.activations in (ActivationMode.OFFLOAD, ActivationMode.AUTO):
+                self.activations = ActivationMode.RECOMPUTE  # no backward, nothing to offload for
+            else:  # before the parameters are bound to the chunks: "auto" reads their shapes
+                self.activations = resolve(self.activations, model, machine, self.compute_dtype,
+                                           self.swap_directory, self.device)
             self._blocks = block_states(layouts, self.store, optimizer, self.compute_dtype, plan=self.plan,
                                         weights=self._weights_dir, reader=self._reader, timers=timers)
             self._build_steps(prefetch, max_grad_norm, ClipMode(clip_mode), timers)
@@ -192,11 +221,20 @@ class Engine:
                                          release_spilled_grads=self._grads_consumed,
                                          queued=queue_depth(self._blocks, self._spare_bytes))
             self._first = FirstOrderStep(self.model, self.residency, self._updates, clipping, timers)
-        _install_hooks(self.plan, self._blocks, self.residency, self._zeroth,
-                       StreamedCheckpoint if self.checkpoint_activations else StreamedLayer, self._first)
+        layer_call, runner = self._layer_call()
+        _install_hooks(self.plan, self._blocks, self.residency, self._zeroth, layer_call, runner)
         if self._first is not None:
             outer = [p.module for p in self.plan.hook_points if not self._blocks[p.blocks[0]].block.is_layer]
             outer_gradients_into_chunks(outer, self.model, self.device, self.accumulation_steps, self.compute_dtype)
+
+    def _layer_call(self) -> tuple[type[torch.autograd.Function], LayerRunner | None]:
+        """The streamed call the decoder layers run through, and the runner it reports their backward to."""
+        if self.activations is ActivationMode.KEEP:
+            return StreamedLayer, self._first
+        if self.activations is ActivationMode.RECOMPUTE:
+            return StreamedCheckpoint, self._first
+        self._saved = ActivationStore(self.store.backend, self.device, limit_bytes=self._activation_memory)
+        return OffloadedLayer, OffloadRunner(self._first, self._saved)
 
     @classmethod
     def from_pretrained(
@@ -255,6 +293,26 @@ class Engine:
         self.model.eval()
         loss = self.model(**to_device(batch, self.device), use_cache=False).loss
         return float(loss)  # host sync: the loss value
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
+        """`model.generate(input_ids, **options)` (transformers' decoding: greedy, sampling, streamers) on the
+        current weights, each block held only while its forward runs, so a model larger than memory decodes
+        within the budget. The KV cache grows outside the chunks: leave it room (`without_kv_cache`)."""
+        self._settle()
+        training = self.model.training
+        self.model.eval()
+        try:
+            return self.model.generate(input_ids.to(self.device), **options)
+        finally:
+            self.model.train(training)
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Fill a peft model's adapter weights from an adapter directory (`save_adapter`'s or peft's layout); the
+        frozen base stays as read from its files."""
+        self._settle()
+        copy_weights_in(self._blocks, self.plan, Path(directory), self.residency.in_host,
+                        adapter_tensors=partial(adapter_tensors, self.model))
 
     def _settle(self) -> None:
         """Every update so far applied to the weights: before they are read outside a step."""
@@ -424,12 +482,14 @@ class Engine:
         return self.store.resident_bytes()
 
     def stats(self) -> dict[str, int]:
-        """Bytes moved and peak bytes per tier so far."""
+        """Bytes moved and peak bytes per tier so far; with activations="offload", also the activations' bytes
+        written and read back and the most host memory they held at once (activations.py)."""
         return {
             "bytes_read": self.store.bytes_read,
             "bytes_written": self.store.bytes_written,
             "peak_device": self.store.peak[Tier.DEVICE],
             "peak_host": self.store.peak[Tier.HOST],
+            **(self._saved.stats() if self._saved is not None else {}),
         }
 
     def close(self) -> None:
@@ -438,6 +498,8 @@ class Engine:
             self._updates.close()
         self.store.close()
         self._reader.shutdown(wait=True)
+        if self._saved is not None:
+            self._saved.close()  # its file is in the backend's directory: before the backend closes
         if self.store.backend is not None:
             self.store.backend.close()
         if self.swap_area is not None:
@@ -510,8 +572,8 @@ def _install_hooks(
     blocks: list[BlockState],
     residency: Residency,
     zeroth: ZerothOrderStep | None,
-    layer_call: type[StreamedCheckpoint] | type[StreamedLayer],
-    runner: FirstOrderStep | None,
+    layer_call: type[torch.autograd.Function],
+    runner: LayerRunner | None,
 ) -> None:
     """Hold each module's blocks around its forward; stream each layer's backward through `layer_call`.
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from .budget import format_bytes
 from .chunks import Chunk, Tier
+from .sizes import format_bytes
 
 __all__ = ["BudgetExceeded", "choose_victim", "may_free_later", "no_room"]
 

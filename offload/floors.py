@@ -16,7 +16,8 @@ from ..optim.layout import chunk_nbytes
 from ..optim.mezo import MeZO
 from .block_layout import BlockLayout, block_layouts, chunk_specs, compute_copies_nbytes
 from .blocks import BlockPlan, find_blocks
-from .budget import detect_hardware, format_bytes
+from .budget import detect_hardware
+from .sizes import format_bytes
 from .updates import QUEUED
 
 __all__ = ["Floors", "check_budget", "floors", "model_floors"]

@@ -47,7 +47,7 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _detached_inputs(ctx: Any, args: Sequence[Any], tensors: Sequence[torch.Tensor]) -> list[Any]:
+def detached_inputs(ctx: Any, args: Sequence[Any], tensors: Sequence[torch.Tensor]) -> list[Any]:
     """`args` with each tensor replaced by a detached leaf (requiring grad as before); the leaves go in ctx.inputs."""
     ctx.inputs = [tensor.detach().requires_grad_(tensor.requires_grad) for tensor in tensors]
     call_args = list(args)
@@ -56,7 +56,8 @@ def _detached_inputs(ctx: Any, args: Sequence[Any], tensors: Sequence[torch.Tens
     return call_args
 
 
-def _backward_through(outputs: Any, grad_outputs: Sequence[torch.Tensor | None]) -> None:
+def backward_through(outputs: Any, grad_outputs: Sequence[torch.Tensor | None]) -> None:
+    """Back-propagate `grad_outputs` through a layer call's kept `outputs` (here and in activations.py)."""
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     pairs = [
         (output, grad)
@@ -67,16 +68,18 @@ def _backward_through(outputs: Any, grad_outputs: Sequence[torch.Tensor | None])
     torch.autograd.backward([output for output, _ in pairs], [grad for _, grad in pairs])
 
 
-def _input_grads(ctx: Any, nargs: int) -> tuple[torch.Tensor | None, ...]:
+def input_grads(ctx: Any, nargs: int) -> tuple[torch.Tensor | None, ...]:
+    """What a streamed call's backward returns: None for (runner, index, device, function), then each input's grad."""
     grads: list[torch.Tensor | None] = [None] * nargs
     for position, tensor in zip(ctx.tensor_positions, ctx.inputs):
         grads[position] = tensor.grad if tensor.requires_grad else None
     return (None, None, None, None, *grads)
 
 
-def _remember_call(
+def remember_call(
     ctx: Any, runner: LayerRunner, index: int, device: torch.device, function: Callable, args: Sequence[Any]
 ) -> None:
+    """Keep in `ctx` what a streamed call's backward needs of its call, its tensor arguments apart."""
     ctx.runner, ctx.index, ctx.device, ctx.function = runner, index, device, function
     ctx.tensor_positions = [i for i, arg in enumerate(args) if torch.is_tensor(arg)]
     ctx.args = [None if torch.is_tensor(arg) else arg for arg in args]
@@ -89,7 +92,7 @@ class StreamedCheckpoint(torch.autograd.Function):
     def forward(
         ctx: Any, runner: LayerRunner, index: int, device: torch.device, function: Callable[..., Any], *args: Any
     ) -> Any:
-        _remember_call(ctx, runner, index, device, function, args)
+        remember_call(ctx, runner, index, device, function, args)
         ctx.rng = _rng_state(device)  # replayed in backward so dropout masks match the forward
         ctx.save_for_backward(*[arg for arg in args if torch.is_tensor(arg)])
         with torch.no_grad():
@@ -99,16 +102,16 @@ class StreamedCheckpoint(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         ctx.runner.begin_layer_backward(ctx.index)
         try:
-            args = _detached_inputs(ctx, ctx.args, ctx.saved_tensors)
+            args = detached_inputs(ctx, ctx.args, ctx.saved_tensors)
             outer_rng = _rng_state(ctx.device)
             _set_rng_state(ctx.rng, ctx.device)
             with torch.enable_grad():
                 outputs = ctx.function(*args)
             _set_rng_state(outer_rng, ctx.device)
-            _backward_through(outputs, grad_outputs)
+            backward_through(outputs, grad_outputs)
         finally:
             ctx.runner.end_layer_backward(ctx.index)
-        return _input_grads(ctx, len(ctx.args))
+        return input_grads(ctx, len(ctx.args))
 
 
 class StreamedLayer(torch.autograd.Function):
@@ -118,8 +121,8 @@ class StreamedLayer(torch.autograd.Function):
     def forward(
         ctx: Any, runner: LayerRunner, index: int, device: torch.device, function: Callable[..., Any], *args: Any
     ) -> Any:
-        _remember_call(ctx, runner, index, device, function, args)
-        call_args = _detached_inputs(ctx, args, [arg for arg in args if torch.is_tensor(arg)])
+        remember_call(ctx, runner, index, device, function, args)
+        call_args = detached_inputs(ctx, args, [arg for arg in args if torch.is_tensor(arg)])
         with torch.enable_grad(), runner.saved_weights():
             ctx.outputs = function(*call_args)  # the layer's own graph, kept until backward
         if isinstance(ctx.outputs, tuple):
@@ -130,8 +133,8 @@ class StreamedLayer(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         ctx.runner.begin_layer_backward(ctx.index)
         try:
-            _backward_through(ctx.outputs, grad_outputs)
+            backward_through(ctx.outputs, grad_outputs)
         finally:
             ctx.outputs = None  # frees the graph's activations now, not when autograd drops ctx
             ctx.runner.end_layer_backward(ctx.index)
-        return _input_grads(ctx, len(ctx.args))
+        return input_grads(ctx, len(ctx.args))

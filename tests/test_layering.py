@@ -21,15 +21,15 @@ PACKAGES = ["optim", "offload", "cli"]  # bottom up
 OFFLOAD_HIGH = {
     "block_layout", "floors", "block_state", "binding", "residency", "clipping", "updates", "recompute",
     "first_order", "outer_holds", "zeroth_order", "model_export", "checkpoint", "engine", "merge", "traffic",
-    "cost_model", "rates", "load_stall", "tuning",
+    "cost_model", "rates", "load_stall", "tuning", "generation", "activations", "activation_choice",
 }
 """offload's high-level modules; every other offload module is low-level and may not import these."""
 
 PRIVATE_ALLOWED = {
     # transformers' GradientCheckpointingLayer takes its checkpoint function in this attribute and offers no setter.
     ("offload/engine.py", "_gradient_checkpointing_func"),
-    # os._exit is the standard library's public exit-without-unwinding (a Ctrl-C while importing: cli/entry.py).
-    ("cli/entry.py", "_exit"),
+    # os._exit is the standard library's public exit-without-unwinding (a Ctrl-C while importing: cli/startup.py).
+    ("cli/startup.py", "_exit"),
 }
 
 NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make"}  # public methods that start with "_" to avoid field names

@@ -115,6 +115,30 @@ def test_export_adapter_and_merged_model_match_the_engine(lora_run, tiny: Tiny, 
     torch.testing.assert_close(from_merged, with_adapter, atol=1e-5, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_generate_puts_the_adapter_on_the_streamed_base(lora_run, tiny: Tiny, env) -> None:
+    """`generate` on the run's last checkpoint (the adapter) and on the run (its final/, merged by --merge-at-end)
+    equals model.generate in memory: PeftModel on the base, and the merged model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output, _ = lora_run
+    tokenizer = AutoTokenizer.from_pretrained(tiny.model)
+    ids = tokenizer("four five six", return_tensors="pt").input_ids
+    budget = ["--device-memory", str(tiny.device_bytes + (1 << 20)), "--host-memory", str(tiny.host_bytes)]
+    with torch.no_grad():
+        with_adapter = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny.model), output / FINAL)
+        merged = AutoModelForCausalLM.from_pretrained(output / "final")
+    for source, model in ((output / FINAL, with_adapter), (output, merged)):
+        result = run_finetune(env, "generate", source, "--prompt", "four five six", "--max-new-tokens", "8", *budget,
+                              "--json")
+        assert result.returncode == 0, result.stderr
+        want = model.eval().generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        generated = json.loads(result.stdout)
+        assert generated["token_ids"] == want, source
+        assert (generated["adapter"] is None) == (source == output)  # the merged final/ needs no adapter
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (lambda out, tiny: [out, "--merge", "--base", tiny.model.parent / "missing"], "--base"),
     (lambda out, tiny: [out / FINAL, "--merge", "--dtype", "bfloat16"], None),  # a checkpoint: run-config.yaml there
@@ -187,6 +211,9 @@ def test_qlora_run_trains(tiny: Tiny, learnable: Path, env, tmp_path: Path) -> N
     assert evals == sorted(evals, reverse=True) and evals[-1] < evals[0] - 0.2, evals
     assert yaml.safe_load((output / "run-config.yaml").read_text())["qlora"] is True
     assert (output / FINAL / "adapter_model.safetensors").exists()
+    generated = run_finetune(env, "generate", output, "--prompt", "one two", "--max-new-tokens", "4", "--json")
+    assert generated.returncode == 0, generated.stderr  # the adapter of final/ on the base stored as NF4
+    assert json.loads(generated.stdout)["adapter"] == str(output / "final")
 
 
 def test_targets_are_checked_against_the_model(tiny: Tiny) -> None:

@@ -71,6 +71,9 @@ def test_each_format_trains_end_to_end(make, expected, extra, tiny: Tiny, env, t
     result = summary(run_finetune(env, *args))
     assert result["status"] == "completed" and result["format"] == expected
     assert result["step"] == 3 and torch.isfinite(torch.tensor(result["train_loss"]))
+    assert not {"eval_loss", "eval_perplexity"} & result.keys()  # no validation set: no eval rows
+    assert result["wall_seconds"] > result["train_seconds"] > 0  # the wall time holds checkpoints, the final model
+    assert result["train_seconds"] == pytest.approx(3 * result["step_seconds"])
     assert (output / "loss.png").stat().st_size > 0 and (output / "run-config.yaml").exists()
     assert len((output / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((output / "checkpoints" / "manifest.json").read_text())["checkpoints"][-1]["step"] == 3

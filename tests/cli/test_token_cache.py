@@ -30,7 +30,7 @@ from finetune.cli.token_cache import TOKEN_SETTINGS, TokenCache
 NOT_TOKENS = RESUMABLE_CHANGES | {
     "dtype", "trust_remote_code", "eval_every", "steps", "epochs", "batch_size", "accumulation_steps", "lr",
     "schedule", "warmup_steps", "min_lr", "weight_decay", "max_grad_norm", "clip_mode", "optimizer", "lora",
-    "qlora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "storage_dtype",
+    "qlora", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "storage_dtype", "keep_best", "optimizer_args",
 }
 """RunConfig fields that do not change what is tokenized (model, dataset, val_file and tokenizer are paths: the
 cache keys the files and the tokenizer by content instead)."""

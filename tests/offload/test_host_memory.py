@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from finetune.offload.host_memory import MALLOC_ARENAS
+from finetune.offload.heap import MALLOC_ARENAS
 
 THREADS = """
 import ctypes, sys, threading

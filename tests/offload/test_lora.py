@@ -205,7 +205,7 @@ def test_qlora_equals_peft_on_a_bitsandbytes_4bit_base(recompute, tmp_path):
     assert device + host < base_bytes / 4, (device, host, base_bytes)
     budget = offload.Budget(device=device, host=host, nvme=tmp_path / "swap")
     with offload.Engine(model, optimizer, budget, weights=path, quantize_frozen="nf4", device="cpu",
-                        checkpoint_activations=recompute) as engine:
+                        activations="recompute" if recompute else "keep") as engine:
         quantized = [s for s in engine.blocks if s.quantized is not None]
         assert len(quantized) == 24  # every decoder layer; the embedding and head stay fp32
         stored = sum(s.frozen.nbytes for s in quantized)
