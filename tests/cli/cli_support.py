@@ -3,8 +3,11 @@ data, and the tiny model's description. Fixtures built from them are in conftest
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -51,6 +54,31 @@ def run_finetune(env: dict[str, str], *args: str | Path, timeout: float = 180,
     """`finetune ARGS` as a subprocess; returns its exit code, stdout and stderr."""
     return subprocess.run([FINETUNE, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout,
                           **options)
+
+
+def run_in_process(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess:
+    """`finetune ARGS` run by the console script's own function in this process, without the seconds a new
+    interpreter spends importing torch: for inputs refused before training. Of `env` only what the CLI reads at
+    call time applies (its cache directory, the terminal width); the hub's settings are read when it is imported,
+    so a check that needs the hub offline runs as a subprocess (`run_finetune`)."""
+    from finetune.cli.main import run_script
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved = {name: os.environ.get(name) for name in _CALL_TIME_ENV}
+    os.environ.update({name: env[name] for name in _CALL_TIME_ENV if name in env})
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = run_script([str(arg) for arg in args])
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return subprocess.CompletedProcess(["finetune", *map(str, args)], code, stdout.getvalue(), stderr.getvalue())
+
+
+_CALL_TIME_ENV = ("FINETUNE_CACHE_DIR", "COLUMNS")
 
 
 def summary(result: subprocess.CompletedProcess) -> dict:
