@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,33 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default=None, help="results file benchmarks/results/<name>.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    shapes = memory_bound.parse_args(["--quick"] if args.quick else [])
-    for key in ("hidden", "intermediate", "heads", "vocab", "untied", "device_budget", "host_budget", "batch", "seq",
-                "prefetch", "seed", "min_ratio"):
-        setattr(args, key, getattr(shapes, key))
-    args.layers = None
+    memory_bound.take_shapes(args)
     return args
 
 
 def main_parent(args: argparse.Namespace) -> None:
-    from finetune import offload
-
-    common.quiet_transformers()
-    budget = offload.parse_size(args.device_budget) + offload.parse_size(args.host_budget)
-    layers, params = memory_bound.choose_layers(args, budget)
-    workdir = Path(tempfile.mkdtemp(prefix="checkpoint_cost-", dir=args.workdir))
-    try:
-        config = common.llama_config(hidden=args.hidden, intermediate=args.intermediate, layers=layers,
-                                     heads=args.heads, vocab=args.vocab, tie=not args.untied)
-        print(f"building a {params / 1e6:.1f}M-param model ({layers} layers) in {workdir} ...", flush=True)
-        common.save_random_model(config, workdir / "model", args.seed)
-        spec = {"workdir": str(workdir), "result_path": str(workdir / "result.json"), "steps": args.steps,
-                **{key: getattr(args, key) for key in ("device_budget", "host_budget", "batch", "seq", "vocab",
-                                                       "prefetch", "seed")}}
-        result = common.run_child(__file__, spec)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    result.update(layers=layers, params=params)
+    result = memory_bound.run_on_saved_model(args, __file__, "checkpoint_cost-")
     report(result)
     common.write_results(args.name or ("checkpoint_cost_quick" if args.quick else "checkpoint_cost"),
                          {"benchmark": "checkpoint_cost", "quick": args.quick, **result})

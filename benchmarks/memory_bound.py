@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the measured ones")
     parser.add_argument("--steps", type=int, default=3, help="measured train steps")
     parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (--batch must divide)")
+    parser.add_argument("--vertical", choices=("auto", "on", "off"), default="auto",
+                        help="Engine(vertical=): each block runs all micro-batches while resident (auto: where exact; "
+                             "not with a tied embedding, so pass --untied)")
     parser.add_argument("--workdir", default="/tmp", help="where the saved model and the NVMe swap files go")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -117,7 +121,8 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     print(f"Machine: {common.hardware_line(result['hardware'])}")
     print(f"Model:   Llama {result['layers']} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
           f"vocab {args.vocab}, {'untied' if args.untied else 'tied'} embeddings, "
-          f"{result['params'] / 1e6:.1f}M params; batch {args.batch} x {args.seq} tokens, AdamW fp32")
+          f"{result['params'] / 1e6:.1f}M params; batch {args.batch} x {args.seq} tokens in {args.accumulation} "
+          f"micro-batch(es){', vertical schedule' if result['vertical'] else ''}, AdamW fp32")
     threshold = result["thread_env"].get("MALLOC_MMAP_THRESHOLD_")
     print(f"glibc:   MALLOC_MMAP_THRESHOLD_={threshold}" + ("" if threshold else
           " (not set; `import offload` fixes the threshold at 4 MiB, see offload/heap.py)"))
@@ -172,6 +177,7 @@ def main_parent(args: argparse.Namespace) -> None:
             "model_dir": str(model_dir), "nvme_dir": str(nvme_dir), "result_path": str(workdir / "result.json"),
             "device_budget": args.device_budget, "host_budget": args.host_budget, "prefetch": args.prefetch,
             "batch": args.batch, "seq": args.seq, "vocab": args.vocab, "warmup": args.warmup,
+            "accumulation": args.accumulation, "vertical": {"auto": None, "on": True, "off": False}[args.vertical],
             "steps": args.steps, "seed": args.seed,
             "malloc_mmap_threshold": (
                 None if args.malloc_mmap_threshold is None else offload.parse_size(args.malloc_mmap_threshold)
@@ -193,6 +199,8 @@ def main_parent(args: argparse.Namespace) -> None:
         **summary,
     }
     name = "memory_bound_quick" if args.quick else "memory_bound"
+    if args.accumulation > 1:
+        name += f"_accumulation-{args.accumulation}" + ("" if result["vertical"] else "-horizontal")
     if args.malloc_mmap_threshold is not None:
         name += f"_mmap-threshold-{args.malloc_mmap_threshold}"
     common.write_results(args.name or name, payload)
@@ -211,7 +219,8 @@ def main_child(spec: dict[str, Any]) -> None:
         budget = offload.Budget(device=spec["device_budget"], host=spec["host_budget"], nvme=spec["nvme_dir"])
         optimizer = optim.AdamW(lr=1e-4, weight_decay=0.0)
         start = time.perf_counter()
-        engine = offload.Engine.from_pretrained(Path(spec["model_dir"]), optimizer, budget, prefetch=spec["prefetch"])
+        engine = offload.Engine.from_pretrained(Path(spec["model_dir"]), optimizer, budget, prefetch=spec["prefetch"],
+                                                accumulation_steps=spec["accumulation"], vertical=spec["vertical"])
         load_s = time.perf_counter() - start
         # Parameters the engine trains, from its chunk layouts (the module's parameters are empty placeholders).
         engine_params = sum(slot.numel for streamed in engine.blocks for slot in streamed.layout.slots)
@@ -236,6 +245,7 @@ def main_child(spec: dict[str, Any]) -> None:
     result = {
         "hardware": common.hardware(),
         "engine_params": engine_params,
+        "vertical": engine.vertical,
         "rss_after_imports": rss_after_imports,
         "peak_rss_sampled": peak_sampled,
         "peak_rss_ru_maxrss": common.max_rss_rusage(),
@@ -249,6 +259,42 @@ def main_child(spec: dict[str, Any]) -> None:
         "thread_env": common.environment_threads(),
     }
     Path(spec["result_path"]).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------- for benchmarks on memory_bound's model
+
+
+def take_shapes(args: argparse.Namespace) -> None:
+    """Give `args` memory_bound's model shapes, budget and batch (its --quick ones with `args.quick`)."""
+    shapes = parse_args(["--quick"] if args.quick else [])
+    for key in ("hidden", "intermediate", "heads", "vocab", "untied", "device_budget", "host_budget", "batch", "seq",
+                "prefetch", "seed", "min_ratio"):
+        setattr(args, key, getattr(shapes, key))
+    args.layers = None
+
+
+def run_on_saved_model(args: argparse.Namespace, script: str, prefix: str) -> dict[str, Any]:
+    """Build and save memory_bound's model (`take_shapes`) in a fresh directory under `args.workdir`, run `script`
+    as the measuring child on it (spec: workdir, result_path, steps, shapes), remove the directory; the result."""
+    from finetune import offload
+
+    common.quiet_transformers()
+    budget = offload.parse_size(args.device_budget) + offload.parse_size(args.host_budget)
+    layers, params = choose_layers(args, budget)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=args.workdir))
+    try:
+        config = common.llama_config(hidden=args.hidden, intermediate=args.intermediate, layers=layers,
+                                     heads=args.heads, vocab=args.vocab, tie=not args.untied)
+        print(f"building a {params / 1e6:.1f}M-param model ({layers} layers) in {workdir} ...", flush=True)
+        common.save_random_model(config, workdir / "model", args.seed)
+        spec = {"workdir": str(workdir), "result_path": str(workdir / "result.json"), "steps": args.steps,
+                **{key: getattr(args, key) for key in ("device_budget", "host_budget", "batch", "seq", "vocab",
+                                                       "prefetch", "seed")}}
+        result = common.run_child(script, spec)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result.update(layers=layers, params=params)
+    return result
 
 
 def main() -> None:

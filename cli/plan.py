@@ -36,10 +36,12 @@ from ..offload import (
     Workload,
     choose_settings,
     detect_hardware,
+    find_blocks,
     format_bytes,
     hardware_profile,
     measure_machine,
     profile_names,
+    vertical_blocker,
 )
 from .config import ConfigError, OptimizerName, RunConfig, StorageDtype
 from .engine_options import compute_dtype, make_optimizer, quantize_frozen
@@ -100,6 +102,14 @@ def plan_model(config: RunConfig) -> tuple[nn.Module, Path]:
     return model, model_dir
 
 
+def _vertical(config: RunConfig, model: nn.Module) -> bool:
+    """Whether the run's engine takes the vertical schedule, as `Engine(vertical=None)` decides: where it is exact
+    (activations "auto" are predicted as recompute, as below)."""
+    activations = ActivationMode.RECOMPUTE if config.activations is ActivationMode.AUTO else config.activations
+    return config.accumulation_steps > 1 and config.optimizer is not OptimizerName.MEZO and \
+        vertical_blocker(model, find_blocks(model), activations) is None
+
+
 def make_plan(config: RunConfig, model: nn.Module, model_dir: Path, profile: Machine | None, *,
               progress: Console | None = None) -> Plan:
     """Predict `config`'s run of `model` on `profile`, or on this machine (its rates measured, or cached).
@@ -123,8 +133,11 @@ def make_plan(config: RunConfig, model: nn.Module, model_dir: Path, profile: Mac
         recompute=config.activations is not ActivationMode.KEEP,
         prefetch=DEFAULT_PREFETCH if config.prefetch is None else config.prefetch,
         updates_in_backward=config.max_grad_norm == 0 or config.clip_mode is ClipMode.PER_BLOCK,
+        # Engine: exact clipping speculates where there are swap files to keep the versions it may roll back to.
+        speculative=config.max_grad_norm != 0 and config.clip_mode is ClipMode.EXACT and config.nvme is not None,
         frozen_file_dtype=stored_dtype(model) if config.lora and has_safetensors(model_dir) else None,
         quantize_frozen=quantize,
+        vertical=_vertical(config, model),
     )
     # One total on CPU (device and host are one RAM): the planner splits it. Typed tiers are the user's.
     split = not machine.cuda and config.memory is not None and config.device_memory is None and \

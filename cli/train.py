@@ -20,6 +20,8 @@ import math
 import shutil
 import signal
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
@@ -295,7 +297,7 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
                 engine.optimizer.lr = schedule(step)
                 micro_batches = prepared.batches.step(step)
                 tokens = prepared.batches.tokens(step)
-                last_loss = _step(engine, micro_batches, step, checkpoints, clock, tokens)
+                last_loss = _step(engine, micro_batches, step, checkpoints, clock, tokens, progress.note)
                 metrics.write({"step": step, "loss": last_loss, "lr": engine.optimizer.lr, "tokens": tokens,
                                "epoch": round(prepared.batches.epoch_of(step), 4), "tokens_per_s": clock.rate,
                                **memory_record(engine)})
@@ -507,11 +509,15 @@ def _go_back(engine: Engine, checkpoints: Checkpoints, resumed: Entry | None) ->
 
 
 def _step(engine: Engine, micro_batches: list[dict[str, torch.Tensor]], step: int, checkpoints: Checkpoints,
-          clock: Clock, tokens: int) -> float:
-    """One engine step; a full disk or a diverged loss ends the run with the last checkpoint named."""
+          clock: Clock, tokens: int, note: Callable[[str], None]) -> float:
+    """One engine step; a full disk or a diverged loss ends the run with the last checkpoint named. A step the
+    engine skipped (a finite loss, a gradient norm that is not finite) is noted once, and the run goes on."""
     started = time.perf_counter()
+    skipped = engine.stats()["skipped_steps"]
     try:
-        loss = engine.train_step(micro_batches)
+        with warnings.catch_warnings():  # the engine's own warning of a skipped step: noted below in the CLI's words
+            warnings.filterwarnings("ignore", message=r"Engine: step \d+ was skipped", category=RuntimeWarning)
+            loss = engine.train_step(micro_batches)
     except OSError as error:
         if not disk_full(error):
             raise
@@ -524,6 +530,9 @@ def _step(engine: Engine, micro_batches: list[dict[str, torch.Tensor]], step: in
     if not math.isfinite(loss):
         raise FinetuneError(f"the loss is {loss} at step {step}; lower --lr or raise --warmup-steps and start a new "
                             "run")
+    if engine.stats()["skipped_steps"] > skipped:
+        note(f"warning: step {step} skipped: its gradient norm is not finite (loss {loss:.4f}); the weights and "
+             "optimizer state are as before it, the run goes on")
     return loss
 
 

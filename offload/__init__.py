@@ -42,6 +42,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "store": ("BudgetExceeded",),
     "swap_area": ("SwapArea",),
     "tuning": ("Settings", "choose_settings"),
+    "vertical": ("vertical_blocker",),
 }
 """Module (of this package) -> the public names it defines."""
 

@@ -143,6 +143,28 @@ class ChunkFiles:
             self._refs[name] += 1
         return refs
 
+    def pin(self, chunk: Chunk) -> VersionRef:
+        """Reference `chunk`'s current version (it must be whole in its file, or the chunk all zeros) for a speculative
+        update, which may be rolled back (updates.py): as under `commit`, the chunk's next write goes to a new version
+        and leaves this one as it is. Unlike a checkpoint's, the file stays the backend's, removed on close: nothing
+        outlives the step. `drop` unpins it, `restore` makes it current again."""
+        if chunk.zero:
+            return None
+        name = self._names[chunk.key]
+        self._refs[name] += 1
+        return name, self._checksums.get(chunk.key, "")  # none only in a replay (traffic.py): its files hold no bytes
+
+    def restore(self, chunk: Chunk, ref: tuple[str, str]) -> None:
+        """Make the pinned version `ref` `chunk`'s current one again, unpinned, and give back the disk space of the
+        version written since (if one was): the rollback of a speculative update."""
+        self.release(chunk)  # a version written since is removed; `ref`'s own file, still pinned, is only closed
+        name, checksum = ref
+        self._files[chunk.key] = self.backend.open(name, chunk.nbytes)  # type: ignore[union-attr]
+        self._names[chunk.key] = name
+        if checksum:
+            self._checksums[chunk.key] = checksum
+        self.drop([name])  # now current and unreferenced: rewritten in place again
+
     def hold(self, names: Iterable[str]) -> None:
         """Reference versions a kept checkpoint of an earlier process left (found in the directory at start)."""
         for name in names:

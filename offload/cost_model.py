@@ -84,8 +84,16 @@ class Workload:
     recompute: bool = True
     prefetch: int = 2
     updates_in_backward: bool = False  # per-block clipping or none: updates overlap backward
+    speculative: bool = False  # exact clipping with a swap directory: updates in backward, validated after it
     frozen_file_dtype: torch.dtype | None = None  # LoRA on a model directory: the dtype the frozen base is read in
     quantize_frozen: str | None = None
+    vertical: bool = False  # the vertical schedule (vertical.py): each block runs every micro-batch while held
+
+    @property
+    def holds_per_pass(self) -> int:
+        """How often each block is held in each of forward and backward per step: once per micro-batch, or once
+        with the vertical schedule (whose traffic is then one micro-batch's)."""
+        return 1 if self.vertical else self.accumulation_steps
 
     @property
     def tokens(self) -> int:
@@ -176,6 +184,8 @@ def activation_bytes(model: nn.Module, workload: Workload, compute_dtype: torch.
         largest = max((p.numel() for p in model.parameters()), default=0)
         return {"activations": one_layer, "logits": tokens * vocab * 4, "perturbation": largest * 4}
     kept = layers * tokens * hidden * size + one_layer if workload.recompute else layers * one_layer
+    if workload.vertical:  # every micro-batch's layer inputs, until the layer's backward
+        kept += (workload.accumulation_steps - 1) * layers * tokens * hidden * size
     embedding = model.get_input_embeddings()
     shared = shared_parameters(model) if workload.accumulation_steps > 1 else set()  # tied: one Parameter
     rows = takes_row_gradient(embedding, shared, device)
@@ -211,11 +221,13 @@ def predict(
     plan = find_blocks(model)
     layouts = block_layouts(model, plan, workload.quantize_frozen, compute_dtype)
     need = floors(layouts, plan, optimizer, compute_dtype, workload.accumulation_steps)
+    passes = workload.holds_per_pass
     dequantized = compute_copies_nbytes(layouts, plan, optimizer, compute_dtype)  # residency's Note [Compute copies]
     traffic = simulate_traffic(
         layouts, plan, optimizer, compute_dtype, device_bytes=device_budget - dequantized, host_bytes=host_budget,
         nvme=nvme, shares_memory=not machine.cuda, prefetch=workload.prefetch,
-        accumulation_steps=workload.accumulation_steps, updates_in_backward=workload.updates_in_backward,
+        accumulation_steps=passes, updates_in_backward=workload.updates_in_backward,
+        speculative=workload.speculative,
         frozen_file_dtype=workload.frozen_file_dtype,
     )
     outside = activation_bytes(model, workload, compute_dtype, zeroth_order, samples,
@@ -240,9 +252,9 @@ def predict(
     busy = _busy_times(traffic, flops, layouts, optimizer, compute_dtype, machine, zeroth_order, held_s)
     holds = step_holds(plan, layouts, compute_dtype, layer_flops=layer_flops, head_flops=head_flops,
                        recompute=workload.recompute, zeroth_order=zeroth_order,
-                       accumulation_steps=workload.accumulation_steps, file_ratio=_file_ratio(workload, compute_dtype))
+                       accumulation_steps=passes, file_ratio=_file_ratio(workload, compute_dtype))
     read_s = max(traffic.disk_read / machine.disk_read, busy.get("host-device link", 0.0))
-    block = prefetch_bytes(layouts, compute_dtype, workload.accumulation_steps)
+    block = prefetch_bytes(layouts, compute_dtype, passes)
     depth = min(workload.prefetch, prefetch_fits(device_budget, need.device, block))  # the store drops the rest
     busy["load wait"] = load_wait(holds, read_s, busy["compute"], update_reads(layouts, optimizer, compute_dtype),
                                   depth, fixed_s=len(layouts) * machine.block_overhead_s)
@@ -287,7 +299,7 @@ def dequantized_bytes(layouts: list, workload: Workload, compute_dtype: torch.dt
     every time it is held (residency.hold), once in forward and once in backward (for its recompute, or to remake
     its saved weight views), per micro-batch."""
     per_hold = sum(b.frozen.nbytes(compute_dtype) for b in layouts if b.quantized is not None)
-    return 2 * per_hold * workload.accumulation_steps
+    return 2 * per_hold * workload.holds_per_pass
 
 
 def _file_ratio(workload: Workload, compute_dtype: torch.dtype) -> float:

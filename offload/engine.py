@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -71,6 +72,7 @@ from .store import ChunkStore
 from .swap_area import AREA_PREFIX, SwapArea
 from .timers import NO_TIMERS, Timers
 from .updates import UpdateWorker, queue_depth
+from .vertical import VerticalCheckpoint, VerticalStep, vertical_blocker
 from .zeroth_order import ZerothOrderStep
 
 __all__ = ["Engine"]
@@ -91,7 +93,14 @@ class Engine:
         prefetch: how many blocks ahead to start loading. The best depth depends on the model, the budget and the
             machine's rates: `offload.choose_settings` predicts it (as `finetune run` does without --prefetch).
         accumulation_steps: micro-batches per optimizer step; `train_step` splits its batch into this many.
-        max_grad_norm: clip gradients to this norm (None: no clipping).
+        vertical: with accumulation, run each block for all micro-batches while it is resident (vertical.py), so
+            its weights, gradients and optimizer state are read and written once per step, not once per
+            micro-batch; the results are the same to the bit. None (default): wherever that holds (not with a tied
+            embedding, active dropout, or activations other than "recompute"); True: insist (ValueError saying why
+            not); False: one micro-batch after another. `engine.vertical` says which runs.
+        max_grad_norm: clip gradients to this norm (None: no clipping). With exact clipping (and a swap directory)
+            the updates run inside backward as if unclipped and are rolled back and redone when the norm says so;
+            a step whose gradient norm is not finite is skipped, with a warning (`stats()["skipped_steps"]`).
         clip_mode: see `ClipMode`.
         activations: what each decoder layer keeps for its backward (activation_mode.py). "recompute": only its
             input, its forward run again in backward (activation memory of one layer). "keep": every layer's
@@ -140,6 +149,7 @@ class Engine:
         *,
         prefetch: int = DEFAULT_PREFETCH,
         accumulation_steps: int = 1,
+        vertical: bool | None = None,
         max_grad_norm: float | None = None,
         clip_mode: ClipMode | str = ClipMode.EXACT,
         activations: ActivationMode | str = ActivationMode.RECOMPUTE,
@@ -173,9 +183,13 @@ class Engine:
         layouts = block_layouts(model, self.plan, quantize_frozen, self.compute_dtype)
         device_bytes, host_bytes = self.budget.resolved(self.device)
         self._grads_consumed = accumulation_steps == 1 and updates_in_backward(max_grad_norm, ClipMode(clip_mode))
+        # Exact clipping speculates where it has swap files to keep the bytes it may roll back to (clipping.py).
+        self._speculative = (max_grad_norm is not None and ClipMode(clip_mode) is ClipMode.EXACT
+                             and self.budget.nvme is not None)
         need = floors(layouts, self.plan, optimizer, self.compute_dtype, accumulation_steps)
         check_budget(need, device_bytes, host_bytes, self.budget.nvme, frozen_in_files=self._weights_dir is not None,
-                     grads_in_swap=not self._grads_consumed)
+                     grads_in_swap=not self._grads_consumed, speculative=self._speculative)
+        self._warned_skip = False  # a skipped step (gradient norm not finite) is warned about once
         self._spare_bytes = device_bytes + host_bytes - need.device - need.host  # updates.queue_depth
         self._keep_swap = keep_swap
         held = _held_versions(checkpoints, self.budget.nvme, run_name)
@@ -197,6 +211,7 @@ class Engine:
             else:  # before the parameters are bound to the chunks: "auto" reads their shapes
                 self.activations = resolve(self.activations, model, machine, self.compute_dtype,
                                            self.swap_directory, self.device)
+            self.vertical = _vertical(vertical, model, self.plan, self.activations, zeroth_order, accumulation_steps)
             self._blocks = block_states(layouts, self.store, optimizer, self.compute_dtype, plan=self.plan,
                                         weights=self._weights_dir, reader=self._reader, timers=timers)
             self._build_steps(prefetch, max_grad_norm, ClipMode(clip_mode), timers)
@@ -216,19 +231,23 @@ class Engine:
         if isinstance(self.optimizer, MeZO):
             self._zeroth = ZerothOrderStep(self.model, self.residency, self.optimizer, timers, self.plan)
         else:
-            clipping = Clipping(max_grad_norm, clip_mode, self._blocks)
+            clipping = Clipping(max_grad_norm, clip_mode, self._blocks, speculative=self._speculative)
             self._updates = UpdateWorker(self._blocks, self.store, self.optimizer, clipping, timers,
                                          release_spilled_grads=self._grads_consumed,
                                          queued=queue_depth(self._blocks, self._spare_bytes))
-            self._first = FirstOrderStep(self.model, self.residency, self._updates, clipping, timers)
+            step = partial(VerticalStep, plan=self.plan) if self.vertical else FirstOrderStep
+            self._first = step(self.model, self.residency, self._updates, clipping, timers)
         layer_call, runner = self._layer_call()
         _install_hooks(self.plan, self._blocks, self.residency, self._zeroth, layer_call, runner)
         if self._first is not None:
             outer = [p.module for p in self.plan.hook_points if not self._blocks[p.blocks[0]].block.is_layer]
             outer_gradients_into_chunks(outer, self.model, self.device, self.accumulation_steps, self.compute_dtype)
 
-    def _layer_call(self) -> tuple[type[torch.autograd.Function], LayerRunner | None]:
-        """The streamed call the decoder layers run through, and the runner it reports their backward to."""
+    def _layer_call(self) -> tuple[Any, LayerRunner | None]:
+        """The streamed call the decoder layers run through (its `apply`), and the runner it reports their backward
+        to."""
+        if self.vertical:
+            return VerticalCheckpoint, self._first
         if self.activations is ActivationMode.KEEP:
             return StreamedLayer, self._first
         if self.activations is ActivationMode.RECOMPUTE:
@@ -275,7 +294,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------- the step
 
     def train_step(self, batch: Batch | list[Batch]) -> float:
-        """One optimizer step over `batch` (split into `accumulation_steps` micro-batches); returns the mean loss."""
+        """One optimizer step over `batch` (split into `accumulation_steps` micro-batches); returns the mean loss.
+
+        Under exact clipping a step whose gradient norm is not finite changes nothing and is not counted in
+        `step_count` (it warns once; `stats()["skipped_steps"]` counts them)."""
         micro = micro_batches(batch, self.accumulation_steps, self.device)
         if self._zeroth is not None:
             if len(micro) != 1:
@@ -284,7 +306,18 @@ class Engine:
             self.step_count += 1
             return loss
         self.step_count += 1
-        return self._first(micro, self.step_count)
+        loss = self._first(micro, self.step_count)
+        if self._first.skipped:  # the gradient norm was not finite: nothing changed, the step is not counted
+            if not self._warned_skip:
+                warnings.warn(
+                    f"Engine: step {self.step_count} was skipped: its gradient norm is not finite (inf or NaN) with "
+                    f"loss {loss}; the weights and optimizer state are as before it. stats()['skipped_steps'] "
+                    "counts such steps (this is warned about once)",
+                    RuntimeWarning, stacklevel=2,
+                )
+                self._warned_skip = True
+            self.step_count -= 1
+        return loss
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> float:
@@ -482,13 +515,17 @@ class Engine:
         return self.store.resident_bytes()
 
     def stats(self) -> dict[str, int]:
-        """Bytes moved and peak bytes per tier so far; with activations="offload", also the activations' bytes
-        written and read back and the most host memory they held at once (activations.py)."""
+        """Bytes moved and peak bytes per tier so far; the steps exact clipping skipped (gradient norm not finite:
+        `skipped_steps`) and rolled back and redone clipped (`redone_steps`, clipping.py); with
+        activations="offload", also the activations' bytes written and read back and the most host memory they held
+        at once (activations.py)."""
         return {
             "bytes_read": self.store.bytes_read,
             "bytes_written": self.store.bytes_written,
             "peak_device": self.store.peak[Tier.DEVICE],
             "peak_host": self.store.peak[Tier.HOST],
+            "skipped_steps": self._first.skipped_steps if self._first is not None else 0,
+            "redone_steps": self._first.redone_steps if self._first is not None else 0,
             **(self._saved.stats() if self._saved is not None else {}),
         }
 
@@ -510,6 +547,20 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _vertical(asked: bool | None, model: nn.Module, plan: BlockPlan, activations: ActivationMode,
+              zeroth_order: bool, accumulation_steps: int) -> bool:
+    """Whether the vertical schedule runs (`Engine`'s `vertical`).
+
+    Raises:
+        ValueError: `vertical=True` where it would not be exact.
+    """
+    blocker = "MeZO has no backward to schedule" if zeroth_order else vertical_blocker(model, plan, activations)
+    if asked and blocker is not None:
+        raise ValueError(f"Engine: vertical=True, but {blocker}; drop vertical=True to run one micro-batch "
+                         "after another")
+    return asked is not False and blocker is None and accumulation_steps > 1
 
 
 def _held_versions(checkpoints: Iterable[str | Path], nvme: str | Path | None,
@@ -572,7 +623,7 @@ def _install_hooks(
     blocks: list[BlockState],
     residency: Residency,
     zeroth: ZerothOrderStep | None,
-    layer_call: type[torch.autograd.Function],
+    layer_call: Any,
     runner: LayerRunner | None,
 ) -> None:
     """Hold each module's blocks around its forward; stream each layer's backward through `layer_call`.

@@ -7,8 +7,9 @@
 
 The embedding and head blocks run under ordinary autograd: they are held again, just before their backward, by a
 hook on their output's gradient, and released once their own backward is done (outer_holds.py). With exact
-clipping every update waits for the whole-model gradient norm, so the updates run after backward instead of
-inside it.
+clipping the updates still run inside backward, as if no clipping were needed, and `finish_updates` validates them
+against the whole-model gradient norm once it is known: kept, or rolled back and redone clipped (updates.py, Note
+[Speculative updates]). Without a swap directory to keep the rolled-back bytes in, they wait for that norm instead.
 
 Threads: the step and every hook run on the compute thread (autograd runs backward hooks on the thread that
 called backward, on CPU and CUDA alike). Updates run on the worker: Note [The worker owns a block's chunks].
@@ -24,6 +25,7 @@ from torch import nn
 
 from .block_state import BlockState
 from .chunks import Tier
+from .clip_mode import ClipMode
 from .clipping import Clipping
 from .outer_holds import OuterHolds
 from .residency import Residency, tensors_of
@@ -51,6 +53,8 @@ class FirstOrderStep:
         self._last_micro = True  # the micro-batch whose backward finishes the gradients
         self._outer = OuterHolds(residency, self._outer_complete, self._outer_released)
         self._step = 0  # the optimizer step being computed: what the updates it starts are numbered
+        self.skipped = False  # the last step's gradient norm was not finite: it changed nothing (`finish_updates`)
+        self.skipped_steps = self.redone_steps = 0  # exact clipping's steps skipped, and rolled back and redone
         residency.observers.append(self._after_outer_forward)
 
     def __call__(self, micro_batches: list[Batch], step: int) -> float:
@@ -72,16 +76,42 @@ class FirstOrderStep:
                 self.timers.add("forward", forward_end - start)
                 self.timers.add("backward", time.perf_counter() - forward_end)
                 losses.append(loss.detach())
-            if not self.clipping.updates_in_backward:
-                coefficient = self.clipping.global_coefficient(self.blocks)
-                for index, state in enumerate(self.blocks):
-                    if state.trainable:
-                        self.updates.submit(index, step, coefficient)
-            self.updates.wait()  # the next forward must not see half-updated weights
+            self.finish_updates(step)
         finally:
             self._training = self.residency.prefetch_grads = False
         self.residency.prefetch(range(self.residency.prefetch_depth))  # the next step's first blocks
         return float(torch.stack(losses).mean())  # host sync: the loss value
+
+    def finish_updates(self, step: int) -> None:
+        """After the whole backward: settle the step's updates, and end them all before the next forward, which must
+        not see half-updated weights.
+
+        Exact clipping: the global norm decides (Note [Speculative updates], updates.py). Speculative, a coefficient
+        of exactly 1.0 keeps the updates made in backward; any other rolls them back and redoes them clipped
+        (`redone_steps`). Not speculative (no swap directory), the updates start only now. A norm that is not
+        finite skips the step: no update, every block as it was before it (`skipped`, `skipped_steps`)."""
+        self.skipped = False
+        exact = self.clipping.max_grad_norm is not None and self.clipping.mode is ClipMode.EXACT
+        if exact:
+            self.updates.wait()  # the speculative updates are done: their kept versions are complete
+            total = self.clipping.global_norm(self.blocks)
+            coefficient = self.clipping.coefficient(total)
+            if not bool(torch.isfinite(total)):  # host sync: the norm
+                if self.clipping.speculative:
+                    self.updates.roll_back()
+                self.updates.discard_grads()
+                self.skipped = True
+                self.skipped_steps += 1
+            elif self.clipping.speculative and bool(coefficient == 1.0):  # host sync: the coefficient
+                self.updates.commit()
+            else:
+                if self.clipping.speculative:
+                    self.updates.roll_back()
+                    self.redone_steps += 1
+                for index, state in enumerate(self.blocks):
+                    if state.trainable:
+                        self.updates.submit(index, step, coefficient)
+        self.updates.wait()
 
     def saved_weights(self) -> torch.autograd.graph.saved_tensors_hooks:
         """For StreamedLayer's kept graphs: Note [Saved weight views] (residency.py)."""

@@ -34,6 +34,7 @@ class Floors:
     frozen_in_files: int = 0  # of `state`, frozen weights that a model directory's safetensors hold (not swapped)
     grads: int = 0  # of `state`, the gradient chunks (not swapped when each is consumed inside backward)
     grads_waiting: int = 0  # the most gradient bytes waiting for their updates at once (updates.QUEUED)
+    updated: int = 0  # of `state`, the chunks an update writes (weights, masters, optimizer states)
 
 
 def floors(
@@ -77,7 +78,8 @@ def floors(
     host = max(max(update.values()), max(frozen.values()))
     in_files = sum(b.frozen.nbytes(compute_dtype) for b in layouts if b.frozen is not None and not b.quantized)
     return Floors(working_sets[setter] + copies, host, setter, sum(update.values()) + sum(frozen.values()), in_files,
-                  grads=sum(grads), grads_waiting=sum(sorted(grads)[-(QUEUED + 2):]))
+                  grads=sum(grads), grads_waiting=sum(sorted(grads)[-(QUEUED + 2):]),
+                  updated=sum(update.values()) - sum(grads))
 
 
 def model_floors(
@@ -92,13 +94,16 @@ def model_floors(
 
 def check_budget(
     need: Floors, device_bytes: int, host_bytes: int, nvme: Path | None, *, frozen_in_files: bool = False,
-    grads_in_swap: bool = True,
+    grads_in_swap: bool = True, speculative: bool = False,
 ) -> None:
     """Refuse now, with the numbers, rather than fail mid-step. `frozen_in_files`: the frozen weights are read
     from the model's safetensors (a model directory), so they are dropped, never swapped, when memory is short.
     `grads_in_swap` False: updates run inside backward and nothing accumulates (`clipping.updates_in_backward`,
     one micro-batch), so each gradient chunk is consumed by its block's update right after the block's backward
-    and discarded: the disk check counts only those that may wait for their updates at once.
+    and discarded: the disk check counts only those that may wait for their updates at once. `speculative`: exact
+    clipping's updates run in backward and may be rolled back (updates.py, Note [Speculative updates]): until the
+    step is validated each chunk an update wrote keeps its previous version in the swap files too, so they can grow
+    by `need.updated` more (no memory: the kept bytes live only in the files).
 
     Raises:
         ValueError: every problem found, each with the value to raise or the directory to change.
@@ -128,10 +133,15 @@ def check_budget(
     # updates.QUEUED of them wait, beside the one updating and the one just finished), and its file is removed
     # once it is used.
     written = swapped - (0 if grads_in_swap else need.grads - need.grads_waiting)
-    if nvme is not None and in_memory < written:
+    if speculative:  # every chunk an update writes has its bytes in a file then, the kept version beside the newest
+        written = (written if in_memory < written else need.updated) + need.updated
+    if nvme is not None and (speculative or in_memory < written):
         free = detect_hardware().disk_free(nvme)
         if free < written:
             which = "every chunk of the training state" if grads_in_swap else "every chunk but the gradients"
+            if speculative:
+                which += (", and a kept version of each chunk an update writes (exact clipping's rollback: "
+                          "clip_mode='per-block' keeps none)")
             problems.append(
                 f"Budget.nvme={nvme} has {format_bytes(free)} free but the swap files can grow to "
                 f"{format_bytes(written)} ({which} may be evicted); free space there "

@@ -66,8 +66,14 @@ class OuterHolds:
         self._complete: set[int] = set()
 
     def begin(self) -> None:
-        """A micro-batch's forward starts: forget the last backward."""
-        self._holds, self._accumulated, self._active, self._touched, self._complete = [], set(), {}, {}, set()
+        """A micro-batch's forward starts (the vertical schedule's: all of them): forget the last step's holds."""
+        self._holds = []
+        self.begin_backward()
+
+    def begin_backward(self) -> None:
+        """A backward call starts: forget what the last one accumulated and completed. The holds tracked in forward
+        stay: the vertical schedule runs a backward call per micro-batch and layer, each of which ends some of them."""
+        self._accumulated, self._active, self._touched, self._complete = set(), {}, {}, set()
 
     def track(self, blocks: tuple[int, ...], module: nn.Module, args: Any, output: torch.Tensor) -> None:
         """Forward, after an outer module that produced `output` (which takes a gradient): hook its backward."""
@@ -83,18 +89,33 @@ class OuterHolds:
         for tensor in inputs:
             tensor.register_hook(partial(self._input_gradient, hold))
 
-    def end_backward(self) -> None:
-        """Backward is over: every gradient is complete. End the holds still active, then complete the blocks
-        that were released before all their parameters had accumulated (held again for that)."""
+    def end_backward(self, *, complete: bool = True) -> None:
+        """A backward call is over. End the holds still active; with `complete` (the backward's last call) every
+        gradient is complete then, so also complete the blocks that were released before all their parameters had
+        accumulated (held again for that). Holds whose backward has not come stay for a later call (the vertical
+        schedule's), until `begin`."""
         for hold in [hold for hold in self._holds if hold.held]:
-            self._release(hold, at_end=True)
-        for index in [i for i in self._touched if i not in self._complete and self.blocks[i].trainable]:
-            self.residency.hold(index, grads=True)
-            self._complete.add(index)
-            self.on_complete(index)
-            self.residency.release(index, grads=True)
-            self.on_released(index)
-        self._holds = []
+            self._release(hold, at_end=complete)
+        if complete:
+            for index in [i for i in self._touched if i not in self._complete and self.blocks[i].trainable]:
+                self.complete_now(index)
+
+    def touched(self) -> list[int]:
+        """The blocks held since `begin_backward`, and which of them completed: for a caller that completes
+        blocks across several backward calls."""
+        return list(self._touched)
+
+    def completed(self, index: int) -> bool:
+        return index in self._complete
+
+    def complete_now(self, index: int) -> None:
+        """Complete trainable block `index`, released while some of what views it was still to accumulate (held
+        again for that)."""
+        self.residency.hold(index, grads=True)
+        self._complete.add(index)
+        self.on_complete(index)
+        self.residency.release(index, grads=True)
+        self.on_released(index)
 
     # --------------------------------------------------------------------------------------- autograd hooks
 

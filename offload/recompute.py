@@ -36,12 +36,12 @@ class LayerRunner(Protocol):
     def saved_weights(self) -> torch.autograd.graph.saved_tensors_hooks: ...
 
 
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+def set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
@@ -93,7 +93,7 @@ class StreamedCheckpoint(torch.autograd.Function):
         ctx: Any, runner: LayerRunner, index: int, device: torch.device, function: Callable[..., Any], *args: Any
     ) -> Any:
         remember_call(ctx, runner, index, device, function, args)
-        ctx.rng = _rng_state(device)  # replayed in backward so dropout masks match the forward
+        ctx.rng = rng_state(device)  # replayed in backward so dropout masks match the forward
         ctx.save_for_backward(*[arg for arg in args if torch.is_tensor(arg)])
         with torch.no_grad():
             return function(*args)
@@ -103,11 +103,11 @@ class StreamedCheckpoint(torch.autograd.Function):
         ctx.runner.begin_layer_backward(ctx.index)
         try:
             args = detached_inputs(ctx, ctx.args, ctx.saved_tensors)
-            outer_rng = _rng_state(ctx.device)
-            _set_rng_state(ctx.rng, ctx.device)
+            outer_rng = rng_state(ctx.device)
+            set_rng_state(ctx.rng, ctx.device)
             with torch.enable_grad():
                 outputs = ctx.function(*args)
-            _set_rng_state(outer_rng, ctx.device)
+            set_rng_state(outer_rng, ctx.device)
             backward_through(outputs, grad_outputs)
         finally:
             ctx.runner.end_layer_backward(ctx.index)

@@ -191,6 +191,47 @@ class ChunkStore:
                 raise RuntimeError(f"chunks {changed[:3]} changed during a checkpoint; this is a bug")
             return self._files.commit(chunks)
 
+    def keep_version(self, chunk: Chunk) -> VersionRef:
+        """Keep `chunk`'s present bytes in its swap file until `restore_version` or `drop`: called by the thread that
+        holds it in host memory, before it changes them (a speculative update, updates.py). Bytes only in memory are
+        written first (and waited for, on the caller's thread); bytes already in the file cost nothing. From now on
+        the chunk's writes go to a new version (`ChunkFiles.pin`).
+
+        Raises:
+            OSError: the write failed (disk full).
+        """
+        with self._lock:
+            while id(chunk) in self._writing:
+                self._lock.wait(timeout=1.0)
+            if not chunk.zero and not chunk.on_nvme:
+                self._write_back(chunk, Tier.HOST, drop=False)  # the caller holds it there: the newest copy
+                while id(chunk) in self._writing:
+                    self._lock.wait(timeout=1.0)
+                self._raise_write_error()
+            return self._files.pin(chunk)
+
+    def restore_version(self, chunk: Chunk, ref: VersionRef) -> None:
+        """Make `chunk`'s contents those `keep_version` kept (`ref`), dropping what is in memory: the rollback of a
+        speculative update. Nobody may hold the chunk.
+
+        Ordering: one lock section from the wait to the swap of files, so no load of the chunk (a late prefetch)
+        starts between them and reads the bytes being rolled back."""
+        with self._lock:
+            while id(chunk) in self._writing or id(chunk) in self._moving or chunk.loading:
+                self._lock.wait(timeout=1.0)
+            if any(chunk.pins.values()):
+                raise RuntimeError(f"chunk {chunk.key} is rolled back while still held")
+            for tier in list(chunk.buffers):
+                self._drop(chunk, tier)
+            chunk.dirty, chunk.prefetched = None, False
+            if ref is None:  # it was all zeros
+                self._files.release(chunk)
+                chunk.zero, chunk.on_nvme = True, False
+            else:
+                self._files.restore(chunk, ref)
+                chunk.zero, chunk.on_nvme = False, True
+            self._lock.notify_all()
+
     def hold(self, names: list[str]) -> None:
         """Keep swap file versions a checkpoint of an earlier process references (see `ChunkFiles.hold`)."""
         with self._lock:

@@ -5,7 +5,8 @@ Benchmarks pass one in (`Engine(timers=...)`) instead of replacing the engine's 
 - "forward", "backward": the first-order step's passes over a micro-batch (compute thread; they include load waits).
 - "load wait": the compute thread waiting for a chunk to arrive in device memory (I/O prefetch did not hide).
 - "wait for updates": the end of a step waiting for the optimizer worker.
-- "update": the worker's whole update of one block (overlaps backward unless clipping is exact).
+- "update": the worker's whole update of one block (overlaps backward, but for exact clipping's redone updates and
+  exact clipping without a swap directory, which run after it).
 - "optimizer math": the optimizer's arithmetic inside "update" (MeZO: its update when a block is loaded).
 - "frozen read": reading and converting a frozen chunk from the model's safetensors (the frozen-read thread).
 """

@@ -103,6 +103,15 @@ class _CountingBackend:
     def remove(self, swap: _CountingFile) -> None:
         pass  # the replay never spills a gradient its update consumes: the worker runs inline
 
+    def detach(self, swap: _CountingFile) -> None:
+        pass  # a version kept by a speculative update (chunk_files.py): its size stays counted
+
+    def own(self, swap: _CountingFile) -> None:
+        pass
+
+    def delete(self, name: str) -> None:
+        pass
+
 
 class _MetaTransport(Transport):
     """Buffers on the meta device; copies between device and host counted by direction."""
@@ -155,6 +164,8 @@ class _Replay:
     def __init__(self, store: ChunkStore, blocks: list[_Block], plan: BlockPlan, prefetch: int) -> None:
         self.store, self.blocks, self.plan, self.depth = store, blocks, plan, prefetch
         self.first_layer = min(i for i, b in enumerate(blocks) if b.is_layer)
+        self._speculative = False  # this step's updates are exact clipping's speculative ones
+        self._kept: list[str] = []  # the swap versions they keep
 
     def _parts(self, index: int) -> list[Chunk]:
         block = self.blocks[index]
@@ -188,18 +199,34 @@ class _Replay:
                 self.store.acquire(chunk, Tier.HOST)
                 self.store.release(chunk, Tier.HOST, dirty=True)
 
-    def update(self, index: int) -> None:
-        """updates.UpdateWorker._update: weights, master, gradients, states in host memory; gradients discarded."""
+    def update(self, index: int, speculative: bool = False) -> None:
+        """updates.UpdateWorker._update: weights, master, gradients, states in host memory; gradients discarded.
+        `speculative`: exact clipping's (Note [Speculative updates]): what it writes is kept as swap versions first,
+        and the gradients wait for the step's validation (`commit`)."""
         block = self.blocks[index]
         chunks = [block.weights, *block.update, block.grads]
         for chunk in chunks:
             self.store.acquire(chunk, Tier.HOST)
+        if speculative:
+            self._kept += [ref[0] for ref in map(self.store.keep_version, chunks[:-1]) if ref is not None]
         for chunk in chunks[:-1]:
             self.store.release(chunk, Tier.HOST, dirty=True)
         self.store.release(block.grads, Tier.HOST)
-        self.store.discard(block.grads)
+        if not speculative:
+            self.store.discard(block.grads)
 
-    def first_order_step(self, accumulation: int, updates_in_backward: bool) -> None:
+    def commit(self) -> None:
+        """updates.UpdateWorker.commit: a speculative step that needed no clipping stands."""
+        self.store.drop(self._kept)
+        self._kept = []
+        for block in self.blocks:
+            if block.trainable:
+                self.store.discard(block.grads)
+
+    def first_order_step(self, accumulation: int, updates_in_backward: bool, speculative: bool = False) -> None:
+        """`speculative`: exact clipping with a swap directory, replayed as a step that needed no clipping."""
+        self._speculative = speculative
+        updates_in_backward = updates_in_backward or speculative
         points = [point.blocks for point in self.plan.hook_points]
         layer_points = [i for i, blocks in enumerate(points) if self.blocks[blocks[0]].is_layer]
         before, after = points[: layer_points[0]], points[layer_points[-1] + 1 :]
@@ -230,6 +257,8 @@ class _Replay:
             for index, block in enumerate(self.blocks):
                 if block.trainable:
                     self.update(index)
+        if speculative:
+            self.commit()
         self.prefetch(range(self.depth))
 
     def _outer_backward(self, held: list[int], completing: list[int], last: bool, updates_in_backward: bool) -> None:
@@ -241,7 +270,7 @@ class _Replay:
         if last and updates_in_backward:
             for index in completing:
                 if self.blocks[index].trainable:
-                    self.update(index)
+                    self.update(index, self._speculative)
 
     def _layer_backward(self, index: int, last: bool, updates_in_backward: bool) -> None:
         """first_order.FirstOrderStep.begin_layer_backward / end_layer_backward."""
@@ -255,7 +284,7 @@ class _Replay:
                 self.store.prefetch(chunk, Tier.HOST)
         self.release(index, grads=block.trainable)
         if last and block.trainable and updates_in_backward:
-            self.update(index)
+            self.update(index, self._speculative)
 
     def zeroth_order_step(self, first: bool) -> None:
         """zeroth_order.ZerothOrderStep.step: a block both ends use held throughout; each block updated once (not
@@ -316,6 +345,7 @@ def simulate_traffic(
     prefetch: int = 2,
     accumulation_steps: int = 1,
     updates_in_backward: bool = False,
+    speculative: bool = False,
     frozen_file_dtype: torch.dtype | None = None,
     steps: int = 3,
 ) -> Traffic:
@@ -324,7 +354,8 @@ def simulate_traffic(
     `device_bytes` is the device tier's room for chunks (the engine's budget less the held compute copies,
     `block_layout.compute_copies_nbytes`); `frozen_file_dtype`: the dtype of the model's safetensors when frozen
     chunks are read from them (a model directory; `disk_read` counts the files' bytes), else None: frozen chunks
-    are copied in and swapped like any chunk.
+    are copied in and swapped like any chunk. `speculative`: exact clipping with a swap directory (clipping.py),
+    each step replayed as one that needed no clipping (its speculative updates stand).
     """
     from ..optim.mezo import MeZO
 
@@ -347,7 +378,7 @@ def simulate_traffic(
         if isinstance(optimizer, MeZO):
             replay.zeroth_order_step(first=step == 0)
         else:
-            replay.first_order_step(accumulation_steps, updates_in_backward)
+            replay.first_order_step(accumulation_steps, updates_in_backward, speculative)
     store.close()
     swap = sum(backend.sizes.values()) if backend is not None else 0
     return Traffic(

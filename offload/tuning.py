@@ -80,7 +80,7 @@ def choose_settings(model: nn.Module, optimizer: Any, workload: Workload, machin
     plan = find_blocks(model)
     layouts = block_layouts(model, plan, workload.quantize_frozen, compute_dtype)
     need = floors(layouts, plan, optimizer, compute_dtype, workload.accumulation_steps)
-    block = prefetch_bytes(layouts, compute_dtype, workload.accumulation_steps)
+    block = prefetch_bytes(layouts, compute_dtype, workload.holds_per_pass)
     tried = 0
 
     def settings(depth: int, device: int, host: int) -> Settings:

@@ -3,7 +3,18 @@
 Note [The worker owns a block's chunks]: from `submit` until the update finishes, the block's weights, masters,
 gradients and states belong to the worker thread: the compute thread does not touch them (the block's backward is
 over, and its next use is the next step's forward, which starts only after `wait`). The store's lock orders the
-two threads' acquires and releases; nothing else is shared but `BlockState.norms` (see block_state.py).
+two threads' acquires and releases; nothing else is shared but `BlockState.norms` (see block_state.py) and the
+versions a speculative update keeps (below).
+
+Note [Speculative updates]: under exact clipping (with a swap directory) each block's update runs in backward as
+if no clipping were needed, SuperOffload's speculation: before it changes a chunk the worker keeps the chunk's
+present bytes as a version of its swap file (`ChunkStore.keep_version`; bytes only in memory are written there
+first), and it keeps the block's gradient instead of discarding it. Once backward is over the global norm decides
+(first_order.py `finish_updates`): a coefficient of exactly 1.0 commits (`commit`: the kept versions and the
+gradients are dropped; clip_grad_norm_ multiplies by 1.0, and x * 1.0 == x, so this is exact), anything else rolls
+every block back (`roll_back`: each chunk's kept version becomes its contents again) and redoes its update with the
+coefficient, and a norm that is not finite rolls back and skips the step. The kept versions are written by the
+worker inside the update and read by the compute thread only after `wait`, whose `Future.result` orders the two.
 """
 
 from __future__ import annotations
@@ -16,7 +27,8 @@ import torch
 
 from ..optim.base import ChunkOptimizer
 from .block_state import BlockState
-from .chunks import Tier
+from .chunk_files import VersionRef
+from .chunks import Chunk, Tier
 from .clipping import Clipping
 from .store import ChunkStore
 from .timers import Timers
@@ -54,6 +66,8 @@ class UpdateWorker:
         self.queued = queued  # at most this many updates wait behind the running one (`queue_depth`)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="optimizer")
         self._pending: list[Future] = []  # compute thread only
+        # Note [Speculative updates]: block index -> (chunk, its kept version) of each chunk its update wrote.
+        self._kept: dict[int, list[tuple[Chunk, VersionRef]]] = {}
 
     def submit(self, index: int, step: int, coefficient: torch.Tensor | None = None) -> None:
         """Start block `index`'s update for optimizer step `step`: Note [The worker owns a block's chunks].
@@ -85,6 +99,38 @@ class UpdateWorker:
     def close(self) -> None:
         self.wait()
         self._pool.shutdown(wait=True)
+        if self._kept:  # a step that raised between its updates and its validation: its pins go with the files
+            self.commit()
+
+    # ------------------------------------------------------ Note [Speculative updates], compute thread, after wait
+
+    def commit(self) -> None:
+        """The speculative updates stand: forget the versions they kept, and the gradients."""
+        kept, self._kept = self._kept, {}
+        self.store.drop([ref[0] for chunks in kept.values() for _, ref in chunks if ref is not None])
+        for index in kept:
+            self._discard_grads(self.blocks[index])
+            self.blocks[index].norms = None
+
+    def roll_back(self) -> list[int]:
+        """Undo every speculative update: each chunk it wrote gets its kept bytes back, bit for bit. The gradients
+        stay, for a redo. Returns the blocks rolled back."""
+        kept, self._kept = self._kept, {}
+        for chunks in kept.values():
+            for chunk, ref in chunks:
+                self.store.restore_version(chunk, ref)
+        return list(kept)
+
+    def discard_grads(self) -> None:
+        """A skipped step: every trainable block's gradient is dropped unused (the next step starts from zeros)."""
+        for state in self.blocks:
+            if state.grads is not None and state.trainable:
+                self._discard_grads(state)
+            state.norms = None
+
+    def _discard_grads(self, state: BlockState) -> None:
+        # Used up: the next step starts from zeros without reading anything.
+        self.store.discard(state.grads, release_file=self.release_spilled_grads)
 
     def _update(self, index: int, coefficient: torch.Tensor | None, step: int) -> None:
         """One block's optimizer step, on the worker thread, in host memory."""
@@ -96,6 +142,10 @@ class UpdateWorker:
         master = self.store.acquire(state.master, Tier.HOST) if state.master is not None else weights
         grads = self.store.acquire(state.grads, Tier.HOST)
         optimizer_states = {name: self.store.acquire(chunk, Tier.HOST) for name, chunk in state.states.items()}
+        speculative = coefficient is None and self.clipping.speculative
+        if speculative:  # Note [Speculative updates]: keep what the update overwrites, before it does
+            written = [state.weights, *([state.master] if state.master is not None else []), *state.states.values()]
+            self._kept[index] = [(chunk, self.store.keep_version(chunk)) for chunk in written]
         grads = grads if grads.dtype == torch.float32 else grads.float()
         if coefficient is not None:
             grads.mul_(coefficient)
@@ -109,7 +159,7 @@ class UpdateWorker:
         for chunk in state.states.values():
             self.store.release(chunk, Tier.HOST, dirty=True)
         self.store.release(state.grads, Tier.HOST)
-        # Used up: the next step starts from zeros without reading anything.
-        self.store.discard(state.grads, release_file=self.release_spilled_grads)
-        state.norms = None
+        if not speculative:  # a speculative update's gradient and norms wait for the step's validation
+            self._discard_grads(state)
+            state.norms = None
         self.timers.add("update", time.perf_counter() - start)

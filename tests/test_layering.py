@@ -21,7 +21,7 @@ PACKAGES = ["optim", "offload", "cli"]  # bottom up
 OFFLOAD_HIGH = {
     "block_layout", "floors", "block_state", "binding", "residency", "clipping", "updates", "recompute",
     "first_order", "outer_holds", "zeroth_order", "model_export", "checkpoint", "engine", "merge", "traffic",
-    "cost_model", "rates", "load_stall", "tuning", "generation", "activations", "activation_choice",
+    "cost_model", "rates", "load_stall", "tuning", "generation", "activations", "activation_choice", "vertical",
 }
 """offload's high-level modules; every other offload module is low-level and may not import these."""
 

@@ -46,8 +46,9 @@ def _engine_bytes(path, tmp_path, optimizer, scale: float, **options):
     [
         ("adamw", 1.0, {}),
         ("adamw", 2.0, {}),
-        ("adamw", 1.5, {"max_grad_norm": 1.0}),  # exact clipping: every update after backward
-        ("adamw", 1.5, {"accumulation_steps": 2}),
+        ("adamw", 1.5, {"max_grad_norm": 1e9}),  # exact clipping, speculative, never reached: every step commits
+        ("adamw", 1.5, {"accumulation_steps": 2}),  # the vertical schedule: one micro-batch's traffic
+        ("adamw", 1.5, {"accumulation_steps": 2, "vertical": False}),
         ("adamw8bit", 1.5, {}),
         ("mezo", 1.0, {}),
     ],
@@ -62,8 +63,9 @@ def test_simulated_traffic_is_what_the_engine_moves(tmp_path, name, scale, optio
     traffic = simulate_traffic(
         block_layouts(meta, plan, None, torch.float32), plan, make(), torch.float32,
         device_bytes=limits[Tier.DEVICE], host_bytes=limits[Tier.HOST], nvme=True, shares_memory=True,
-        accumulation_steps=options.get("accumulation_steps", 1),
-        updates_in_backward=options.get("max_grad_norm") is None, steps=4,
+        # Workload.holds_per_pass: the vertical schedule (the default, on this untied model) moves one micro-batch's
+        accumulation_steps=options.get("accumulation_steps", 1) if options.get("vertical") is False else 1,
+        updates_in_backward=options.get("max_grad_norm") is None, speculative="max_grad_norm" in options, steps=4,
     )
     assert read > 0 and written > 0  # the budget is below the state: it streams
     assert traffic.disk_read == pytest.approx(read, rel=TOLERANCE), (traffic, read)
