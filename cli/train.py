@@ -300,6 +300,7 @@ def train(prepared: Prepared, *, console: Console, quiet: bool) -> dict[str, Any
                 last_loss = _step(engine, micro_batches, step, checkpoints, clock, tokens, progress.note)
                 metrics.write({"step": step, "loss": last_loss, "lr": engine.optimizer.lr, "tokens": tokens,
                                "epoch": round(prepared.batches.epoch_of(step), 4), "tokens_per_s": clock.rate,
+                               **({} if engine.grad_norm is None else {"grad_norm": engine.grad_norm}),
                                **memory_record(engine)})
                 progress.update(step, last_loss, clock.rate, memory_line(engine), engine.optimizer.lr)
                 last = step == prepared.total_steps

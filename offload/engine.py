@@ -182,10 +182,11 @@ class Engine:
         self._weights_dir = Path(weights) if weights is not None else None
         layouts = block_layouts(model, self.plan, quantize_frozen, self.compute_dtype)
         device_bytes, host_bytes = self.budget.resolved(self.device)
-        self._grads_consumed = accumulation_steps == 1 and updates_in_backward(max_grad_norm, ClipMode(clip_mode))
         # Exact clipping speculates where it has swap files to keep the bytes it may roll back to (clipping.py).
         self._speculative = (max_grad_norm is not None and ClipMode(clip_mode) is ClipMode.EXACT
                              and self.budget.nvme is not None)
+        self._grads_consumed = accumulation_steps == 1 and (
+            self._speculative or updates_in_backward(max_grad_norm, ClipMode(clip_mode)))
         need = floors(layouts, self.plan, optimizer, self.compute_dtype, accumulation_steps)
         check_budget(need, device_bytes, host_bytes, self.budget.nvme, frozen_in_files=self._weights_dir is not None,
                      grads_in_swap=not self._grads_consumed, speculative=self._speculative)
@@ -513,6 +514,12 @@ class Engine:
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of chunks in memory now, per tier ("device", "host"), for progress displays."""
         return self.store.resident_bytes()
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The last step's gradient norm over the whole model, as `clip_grad_norm_` returns it (before clipping),
+        where exact clipping computes it; None otherwise (no clipping, per-block clipping, MeZO)."""
+        return self._first.grad_norm if self._first is not None else None
 
     def stats(self) -> dict[str, int]:
         """Bytes moved and peak bytes per tier so far; the steps exact clipping skipped (gradient norm not finite:

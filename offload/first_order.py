@@ -8,8 +8,9 @@
 The embedding and head blocks run under ordinary autograd: they are held again, just before their backward, by a
 hook on their output's gradient, and released once their own backward is done (outer_holds.py). With exact
 clipping the updates still run inside backward, as if no clipping were needed, and `finish_updates` validates them
-against the whole-model gradient norm once it is known: kept, or rolled back and redone clipped (updates.py, Note
-[Speculative updates]). Without a swap directory to keep the rolled-back bytes in, they wait for that norm instead.
+against the whole-model gradient norm once it is known: kept, or rolled back, and then the step's passes run again
+from the same RNG state with the known coefficient (updates.py, Note [Speculative updates]). Without a swap
+directory to keep the rolled-back bytes in, they wait for that norm instead.
 
 Threads: the step and every hook run on the compute thread (autograd runs backward hooks on the thread that
 called backward, on CPU and CUDA alike). Updates run on the worker: Note [The worker owns a block's chunks].
@@ -17,6 +18,7 @@ called backward, on CPU and CUDA alike). Updates run on the worker: Note [The wo
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -28,6 +30,7 @@ from .chunks import Tier
 from .clip_mode import ClipMode
 from .clipping import Clipping
 from .outer_holds import OuterHolds
+from .recompute import rng_state, set_rng_state
 from .residency import Residency, tensors_of
 from .timers import Timers
 from .updates import UpdateWorker
@@ -53,8 +56,10 @@ class FirstOrderStep:
         self._last_micro = True  # the micro-batch whose backward finishes the gradients
         self._outer = OuterHolds(residency, self._outer_complete, self._outer_released)
         self._step = 0  # the optimizer step being computed: what the updates it starts are numbered
+        self._coefficient: torch.Tensor | None = None  # a redone step's clipping coefficient (`finish_updates`)
         self.skipped = False  # the last step's gradient norm was not finite: it changed nothing (`finish_updates`)
         self.skipped_steps = self.redone_steps = 0  # exact clipping's steps skipped, and rolled back and redone
+        self.grad_norm: float | None = None  # exact clipping: the last step's global gradient norm
         residency.observers.append(self._after_outer_forward)
 
     def __call__(self, micro_batches: list[Batch], step: int) -> float:
@@ -62,41 +67,59 @@ class FirstOrderStep:
         self.model.train()
         self._step = step
         self._training = self.residency.prefetch_grads = True
-        losses = []
         try:
-            for k, micro in enumerate(micro_batches):
-                self._last_micro = k == len(micro_batches) - 1
-                self._outer.begin()
-                start = time.perf_counter()
-                with self.residency.saved_weights():
-                    loss = self.model(**micro, use_cache=False).loss
-                forward_end = time.perf_counter()
-                (loss / len(micro_batches)).backward()
-                self._outer.end_backward()
-                self.timers.add("forward", forward_end - start)
-                self.timers.add("backward", time.perf_counter() - forward_end)
-                losses.append(loss.detach())
-            self.finish_updates(step)
+            rng = rng_state(self.residency.device)
+            losses = self._passes(micro_batches)
+            redo = self.finish_updates(step)
+            if redo is not None:  # rolled back: the same passes, the same dropout masks, clipped updates in backward
+                set_rng_state(rng, self.residency.device)
+                self._coefficient = redo
+                self._passes(micro_batches)
+                self.updates.wait()
+        except BaseException:
+            self.updates.abandon()
+            raise
         finally:
             self._training = self.residency.prefetch_grads = False
+            self._coefficient = None
         self.residency.prefetch(range(self.residency.prefetch_depth))  # the next step's first blocks
-        return float(torch.stack(losses).mean())  # host sync: the loss value
+        return float(torch.stack([loss.detach() for loss in losses]).mean())  # host sync: the loss value
 
-    def finish_updates(self, step: int) -> None:
+    def _passes(self, micro_batches: list[Batch]) -> list[torch.Tensor]:
+        """Forward and backward of each micro-batch, one after another (the updates they start run on); the losses."""
+        losses = []
+        for k, micro in enumerate(micro_batches):
+            self._last_micro = k == len(micro_batches) - 1
+            self._outer.begin()
+            start = time.perf_counter()
+            with self.residency.saved_weights():
+                loss = self.model(**micro, use_cache=False).loss
+            forward_end = time.perf_counter()
+            (loss / len(micro_batches)).backward()
+            self._outer.end_backward()
+            self.timers.add("forward", forward_end - start)
+            self.timers.add("backward", time.perf_counter() - forward_end)
+            losses.append(loss.detach())
+        return losses
+
+    def finish_updates(self, step: int) -> torch.Tensor | None:
         """After the whole backward: settle the step's updates, and end them all before the next forward, which must
-        not see half-updated weights.
+        not see half-updated weights. Returns the clipping coefficient to run the step again with, or None.
 
         Exact clipping: the global norm decides (Note [Speculative updates], updates.py). Speculative, a coefficient
-        of exactly 1.0 keeps the updates made in backward; any other rolls them back and redoes them clipped
-        (`redone_steps`). Not speculative (no swap directory), the updates start only now. A norm that is not
-        finite skips the step: no update, every block as it was before it (`skipped`, `skipped_steps`)."""
+        of exactly 1.0 keeps the updates made in backward; any other rolls them back, and the step runs again with
+        the coefficient (`redone_steps`): its gradients were consumed by the speculative updates, so they are made
+        again rather than kept. Not speculative (no swap directory), the updates start only now, from the gradients
+        kept. A norm that is not finite skips the step: no update, every block as it was before it (`skipped`,
+        `skipped_steps`)."""
         self.skipped = False
         exact = self.clipping.max_grad_norm is not None and self.clipping.mode is ClipMode.EXACT
         if exact:
             self.updates.wait()  # the speculative updates are done: their kept versions are complete
             total = self.clipping.global_norm(self.blocks)
             coefficient = self.clipping.coefficient(total)
-            if not bool(torch.isfinite(total)):  # host sync: the norm
+            self.grad_norm = float(total)  # host sync: the norm
+            if not math.isfinite(self.grad_norm):
                 if self.clipping.speculative:
                     self.updates.roll_back()
                 self.updates.discard_grads()
@@ -104,14 +127,16 @@ class FirstOrderStep:
                 self.skipped_steps += 1
             elif self.clipping.speculative and bool(coefficient == 1.0):  # host sync: the coefficient
                 self.updates.commit()
+            elif self.clipping.speculative:
+                self.updates.roll_back()
+                self.redone_steps += 1
+                return coefficient
             else:
-                if self.clipping.speculative:
-                    self.updates.roll_back()
-                    self.redone_steps += 1
                 for index, state in enumerate(self.blocks):
                     if state.trainable:
                         self.updates.submit(index, step, coefficient)
         self.updates.wait()
+        return None
 
     def saved_weights(self) -> torch.autograd.graph.saved_tensors_hooks:
         """For StreamedLayer's kept graphs: Note [Saved weight views] (residency.py)."""
@@ -155,7 +180,7 @@ class FirstOrderStep:
             self.clipping.finish_block(self.blocks[index])
         self.residency.release(index, grads=trainable)
         if self._last_micro and trainable and self.clipping.updates_in_backward:
-            self.updates.submit(index, self._step)
+            self.updates.submit(index, self._step, self._coefficient)
 
     def _outer_complete(self, index: int) -> None:
         """An embedding or head block's gradient is complete for this micro-batch (it is still held)."""
@@ -165,7 +190,7 @@ class FirstOrderStep:
     def _outer_released(self, index: int) -> None:
         """...and released: on the last micro-batch its update may start, unless updates wait for backward's end."""
         if self._last_micro and self.clipping.updates_in_backward:
-            self.updates.submit(index, self._step)
+            self.updates.submit(index, self._step, self._coefficient)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

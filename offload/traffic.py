@@ -202,7 +202,7 @@ class _Replay:
     def update(self, index: int, speculative: bool = False) -> None:
         """updates.UpdateWorker._update: weights, master, gradients, states in host memory; gradients discarded.
         `speculative`: exact clipping's (Note [Speculative updates]): what it writes is kept as swap versions first,
-        and the gradients wait for the step's validation (`commit`)."""
+        until the step's validation (`commit`)."""
         block = self.blocks[index]
         chunks = [block.weights, *block.update, block.grads]
         for chunk in chunks:
@@ -212,16 +212,12 @@ class _Replay:
         for chunk in chunks[:-1]:
             self.store.release(chunk, Tier.HOST, dirty=True)
         self.store.release(block.grads, Tier.HOST)
-        if not speculative:
-            self.store.discard(block.grads)
+        self.store.discard(block.grads)
 
     def commit(self) -> None:
         """updates.UpdateWorker.commit: a speculative step that needed no clipping stands."""
         self.store.drop(self._kept)
         self._kept = []
-        for block in self.blocks:
-            if block.trainable:
-                self.store.discard(block.grads)
 
     def first_order_step(self, accumulation: int, updates_in_backward: bool, speculative: bool = False) -> None:
         """`speculative`: exact clipping with a swap directory, replayed as a step that needed no clipping."""

@@ -9,12 +9,15 @@ versions a speculative update keeps (below).
 Note [Speculative updates]: under exact clipping (with a swap directory) each block's update runs in backward as
 if no clipping were needed, SuperOffload's speculation: before it changes a chunk the worker keeps the chunk's
 present bytes as a version of its swap file (`ChunkStore.keep_version`; bytes only in memory are written there
-first), and it keeps the block's gradient instead of discarding it. Once backward is over the global norm decides
-(first_order.py `finish_updates`): a coefficient of exactly 1.0 commits (`commit`: the kept versions and the
-gradients are dropped; clip_grad_norm_ multiplies by 1.0, and x * 1.0 == x, so this is exact), anything else rolls
-every block back (`roll_back`: each chunk's kept version becomes its contents again) and redoes its update with the
-coefficient, and a norm that is not finite rolls back and skips the step. The kept versions are written by the
-worker inside the update and read by the compute thread only after `wait`, whose `Future.result` orders the two.
+first); the gradient is consumed as without clipping (only its per-tensor norms stay). Once backward is over the
+global norm decides (first_order.py `finish_updates`): a coefficient of exactly 1.0 commits (`commit`: the kept
+versions are dropped; clip_grad_norm_ multiplies by 1.0, and x * 1.0 == x, so this is exact); anything else rolls
+every block back (`roll_back`: each chunk's kept version becomes its contents again) and the step runs again from
+its RNG state, its updates in backward with the coefficient: the gradients are made again, bit for bit, rather
+than kept (keeping them wrote them to swap under the budget, 0.9 GiB a step on memory_bound's model, for the steps
+that needed no clipping). A norm that is not finite rolls back and skips the step. The kept versions are written
+by the worker inside the update and read by the compute thread only after `wait`, whose `Future.result` orders
+the two.
 """
 
 from __future__ import annotations
@@ -96,6 +99,12 @@ class UpdateWorker:
             future.result()
         self.timers.add("wait for updates", time.perf_counter() - start)
 
+    def abandon(self) -> None:
+        """A step failed (a full disk while backward evicted a chunk): let its submitted updates end, dropping their
+        own failures (often the same full disk), so the step's error is the one raised, not one from `close`."""
+        pending, self._pending = self._pending, []
+        futures.wait(pending)
+
     def close(self) -> None:
         self.wait()
         self._pool.shutdown(wait=True)
@@ -105,20 +114,20 @@ class UpdateWorker:
     # ------------------------------------------------------ Note [Speculative updates], compute thread, after wait
 
     def commit(self) -> None:
-        """The speculative updates stand: forget the versions they kept, and the gradients."""
+        """The speculative updates stand: forget the versions they kept, and the gradient norms."""
         kept, self._kept = self._kept, {}
         self.store.drop([ref[0] for chunks in kept.values() for _, ref in chunks if ref is not None])
         for index in kept:
-            self._discard_grads(self.blocks[index])
             self.blocks[index].norms = None
 
     def roll_back(self) -> list[int]:
-        """Undo every speculative update: each chunk it wrote gets its kept bytes back, bit for bit. The gradients
-        stay, for a redo. Returns the blocks rolled back."""
+        """Undo every speculative update: each chunk it wrote gets its kept bytes back, bit for bit. Returns the
+        blocks rolled back."""
         kept, self._kept = self._kept, {}
-        for chunks in kept.values():
+        for index, chunks in kept.items():
             for chunk, ref in chunks:
                 self.store.restore_version(chunk, ref)
+            self.blocks[index].norms = None
         return list(kept)
 
     def discard_grads(self) -> None:
@@ -159,7 +168,7 @@ class UpdateWorker:
         for chunk in state.states.values():
             self.store.release(chunk, Tier.HOST, dirty=True)
         self.store.release(state.grads, Tier.HOST)
-        if not speculative:  # a speculative update's gradient and norms wait for the step's validation
-            self._discard_grads(state)
+        self._discard_grads(state)
+        if not speculative:  # a speculative update's norms wait for the step's validation
             state.norms = None
         self.timers.add("update", time.perf_counter() - start)

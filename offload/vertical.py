@@ -232,21 +232,15 @@ class VerticalStep(FirstOrderStep):
         for point in plan.hook_points:  # before the residency's hold: Note [Micro-batch turns]
             point.module.register_forward_pre_hook(partial(self._at_boundary, point.blocks), prepend=True)
 
-    def __call__(self, micro_batches: list[Batch], step: int) -> float:
+    def _passes(self, micro_batches: list[Batch]) -> list[torch.Tensor]:
         if len(micro_batches) == 1:
-            return super().__call__(micro_batches, step)
-        self.model.train()
-        self._step = step
-        self._training = self.residency.prefetch_grads = True
+            return super()._passes(micro_batches)
         try:
             losses = self._forward(micro_batches)
             self._backward(losses)
-            self.finish_updates(step)
         finally:
-            self._training = self.residency.prefetch_grads = False
             self._calls, self.turns = {}, None
-        self.residency.prefetch(range(self.residency.prefetch_depth))  # the next step's first blocks
-        return float(torch.stack([loss.detach() for loss in losses]).mean())  # host sync: the loss value
+        return losses
 
     def keep_call(self, index: int, device: torch.device, function: Callable[..., Any], args: tuple[Any, ...]
                   ) -> Any:

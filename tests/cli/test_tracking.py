@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import struct
 import sys
 from pathlib import Path
@@ -57,8 +58,9 @@ def test_metrics_hold_perplexity_and_memory(tracked_run) -> None:
     assert all(r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-12) for r in evals)
     assert f"eval loss {evals[-1]['eval_loss']:.4f} · perplexity {evals[-1]['eval_perplexity']:.2f}" in stdout
     steps = [r for r in records if "loss" in r]
-    assert all(r.keys() >= {"lr", "tokens_per_s", "device_bytes", "host_bytes", "nvme_read", "nvme_written"}
-               for r in steps)
+    assert all(r.keys() >= {"lr", "grad_norm", "tokens_per_s", "device_bytes", "host_bytes", "nvme_read",
+                            "nvme_written"} for r in steps)
+    assert all(r["grad_norm"] > 0 for r in steps)
     assert steps[-1]["host_bytes"] > 0 and steps[-1]["nvme_read"] > 0  # the budget is below the state
 
 
@@ -81,7 +83,8 @@ def test_tensorboard_event_files(tracked_run) -> None:
     output, _, records = tracked_run
     events = EventAccumulator(str(output / "tensorboard"))
     events.Reload()
-    for key in ("loss", "lr", "eval_loss", "eval_perplexity", "tokens_per_s", "device_bytes", "nvme_read"):
+    for key in ("loss", "lr", "grad_norm", "eval_loss", "eval_perplexity", "tokens_per_s", "device_bytes",
+                "nvme_read"):
         logged = [(event.step, event.value) for event in events.Scalars(key)]
         _assert_same_series(logged, _series(records, key), 1e-6, key)
 
@@ -197,7 +200,10 @@ def test_resume_continues_each_target(tmp_path: Path, monkeypatch: pytest.Monkey
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(event.step, event.value) for event in events.Scalars("loss")] == [(1, 3.0), (2, 2.0), (3, 0.5)]
-    assert len({path.name.rsplit("-", 1)[1] for path in (tmp_path / "wandb").glob("offline-run-*")}) == 1
+    # offline-run-<time>-<run id>, with "-1" after it when the second process starts within the same second
+    runs = {re.match(r"offline-run-\d{8}_\d{6}-([0-9a-z]+)", path.name)[1]
+            for path in (tmp_path / "wandb").glob("offline-run-*")}
+    assert len(runs) == 1, runs
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("finetune").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.1"}
