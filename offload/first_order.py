@@ -69,12 +69,12 @@ class FirstOrderStep:
         self._training = self.residency.prefetch_grads = True
         try:
             rng = rng_state(self.residency.device)
-            losses = self._passes(micro_batches)
+            losses = self.run_passes(micro_batches)
             redo = self.finish_updates(step)
             if redo is not None:  # rolled back: the same passes, the same dropout masks, clipped updates in backward
                 set_rng_state(rng, self.residency.device)
                 self._coefficient = redo
-                self._passes(micro_batches)
+                self.run_passes(micro_batches)
                 self.updates.wait()
         except BaseException:
             self.updates.abandon()
@@ -85,7 +85,7 @@ class FirstOrderStep:
         self.residency.prefetch(range(self.residency.prefetch_depth))  # the next step's first blocks
         return float(torch.stack([loss.detach() for loss in losses]).mean())  # host sync: the loss value
 
-    def _passes(self, micro_batches: list[Batch]) -> list[torch.Tensor]:
+    def run_passes(self, micro_batches: list[Batch]) -> list[torch.Tensor]:
         """Forward and backward of each micro-batch, one after another (the updates they start run on); the losses."""
         losses = []
         for k, micro in enumerate(micro_batches):

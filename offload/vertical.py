@@ -232,9 +232,9 @@ class VerticalStep(FirstOrderStep):
         for point in plan.hook_points:  # before the residency's hold: Note [Micro-batch turns]
             point.module.register_forward_pre_hook(partial(self._at_boundary, point.blocks), prepend=True)
 
-    def _passes(self, micro_batches: list[Batch]) -> list[torch.Tensor]:
+    def run_passes(self, micro_batches: list[Batch]) -> list[torch.Tensor]:
         if len(micro_batches) == 1:
-            return super()._passes(micro_batches)
+            return super().run_passes(micro_batches)
         try:
             losses = self._forward(micro_batches)
             self._backward(losses)
