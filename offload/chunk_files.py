@@ -9,6 +9,12 @@ checkpoint of state that already lives in swap files writes nothing but what is 
 at any moment leaves every committed version whole. A version is deleted once no kept checkpoint references it
 and no chunk uses it as current (`drop`).
 
+A speculative update pins its chunks' versions the same way for one step (`pin`): every step then moves each chunk
+it writes to another version, and the pinned one is dropped when the step commits. Making and deleting those files
+every step cost about a fifth of a step on memory_bound's model (creating and preallocating a file is far slower
+than rewriting one), so a dropped pinned version stays on disk as the chunk's spare (`_spares`), the file its next
+version is written to: each such chunk alternates between two files.
+
 Every write's bytes are hashed (XXH3, checksums.py) on the I/O thread once the write completes, before the write
 counts as done: a checkpoint reads its checksums from here, never from the disk. With `verify`, each read is also
 checked against the hash of what was written. Frozen chunks' files are their sources (the model's own
@@ -52,6 +58,8 @@ class ChunkFiles:
         self._checksums: dict[str, str] = {}  # chunk key -> checksum of the bytes its current version holds
         self._refs: Counter[str] = Counter()  # file name -> kept checkpoints referencing it (read-only while > 0)
         self._counter = itertools.count()
+        self._pinned: dict[str, str] = {}  # file name -> chunk key, of the versions `pin` referenced
+        self._spares: dict[str, str] = {}  # chunk key -> a closed version file of its own nothing references
 
     # --------------------------------------------------------------------------------------------- I/O
 
@@ -107,7 +115,7 @@ class ChunkFiles:
         file = self._files.get(chunk.key)
         if file is None:
             assert self.backend is not None, "a chunk without a swap backend never leaves memory"
-            name = self._new_name(chunk.key)
+            name = self._spares.pop(chunk.key, None) or self._new_name(chunk.key)
             file = self._files[chunk.key] = self.backend.open(name, chunk.nbytes)
             self._names[chunk.key] = name
         return file
@@ -124,6 +132,9 @@ class ChunkFiles:
         are no longer needed (a gradient chunk its update consumed). Its next write opens a new version."""
         if chunk.key in self._files:
             self._retire(chunk.key)
+        spare = self._spares.pop(chunk.key, None)
+        if spare is not None:
+            self.backend.delete(spare)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------------------------------ versions
 
@@ -141,7 +152,12 @@ class ChunkFiles:
             if not self._refs[name]:
                 self.backend.keep(self._files[chunk.key])  # type: ignore[union-attr]  # survives close
             self._refs[name] += 1
+            self._pinned.pop(name, None)  # a checkpoint's now: never a spare
         return refs
+
+    def spares(self) -> list[str]:
+        """The spare versions on disk (see the module docstring): files no checkpoint references."""
+        return list(self._spares.values())
 
     def pin(self, chunk: Chunk) -> VersionRef:
         """Reference `chunk`'s current version (it must be whole in its file, or the chunk all zeros) for a speculative
@@ -151,6 +167,8 @@ class ChunkFiles:
         if chunk.zero:
             return None
         name = self._names[chunk.key]
+        if not self._refs[name]:  # a version a checkpoint also references is never a spare
+            self._pinned[name] = chunk.key
         self._refs[name] += 1
         return name, self._checksums.get(chunk.key, "")  # none only in a replay (traffic.py): its files hold no bytes
 
@@ -179,8 +197,11 @@ class ChunkFiles:
             if self._refs[name] > 0:
                 continue
             del self._refs[name]
+            pinned_by = self._pinned.pop(name, None)
             if name in current:
                 self.backend.own(self._files[current[name]])  # type: ignore[union-attr]  # removed on close again
+            elif pinned_by is not None and pinned_by not in self._spares and pinned_by in self._names:
+                self._spares[pinned_by] = name  # never a checkpoint's: still the backend's, removed on close
             else:
                 self.backend.delete(name)  # type: ignore[union-attr]
 

@@ -250,6 +250,11 @@ class ChunkStore:
                 self._files.adopt(chunk, ref)
                 chunk.zero, chunk.on_nvme = False, True
 
+    def spare_versions(self) -> list[str]:
+        """Swap files kept for the next version of a chunk a speculative update writes (chunk_files.py)."""
+        with self._lock:
+            return self._files.spares()
+
     def version_path(self, name: str) -> Path:
         """The file of swap version `name`."""
         return self._files.path(name)

@@ -30,7 +30,8 @@ def _engine(path, swap, **options) -> offload.Engine:
 
 
 def _versions(engine: offload.Engine) -> set[str]:
-    return {p.name for p in engine.swap_directory.iterdir()} - {".lock"}
+    """The swap files in use: current versions and the kept ones (not the spares speculative clipping reuses)."""
+    return {p.name for p in engine.swap_directory.iterdir()} - {".lock"} - set(engine.store.spare_versions())
 
 
 def _chunks(engine: offload.Engine) -> list:
