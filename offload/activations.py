@@ -266,11 +266,11 @@ class ActivationStore:
                 self._error = self._error or write_failed(self.backend.directory, error)
             else:
                 self.bytes_written += len(entry.host)
-                if entry.released or not entry.wanted:
+                if entry.wanted:  # its backward came first: the copy in memory served it (or will), never read
+                    self.bytes_unread += len(entry.host)
+                if entry.released or not entry.wanted:  # released: its backward is over, whenever the write ended
                     entry.place = Place.DISK
                     self._free(entry)
-                else:  # its backward came first: the copy in memory serves it, these bytes are never read
-                    self.bytes_unread += len(entry.host)
             self._rewind()
             self._lock.notify_all()
 
