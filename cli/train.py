@@ -371,6 +371,7 @@ def _summary(prepared: Prepared, checkpoints: Checkpoints, stats: dict[str, int]
         "peak_host": stats["peak_host"],
         "nvme_read": stats["bytes_read"],
         "nvme_written": stats["bytes_written"],
+        **({"skipped_steps": stats["skipped_steps"]} if stats["skipped_steps"] else {}),  # gradients not finite
         "checkpoint": str(checkpoints.path(saved)) if saved else None,
         "metrics": str(output / "metrics.jsonl"),
         "loss_curve": str(output / "loss.png"),

@@ -188,3 +188,29 @@ def test_mezo_with_bf16_storage_trains(tiny: Tiny, env, tmp_path: Path) -> None:
     assert torch.isfinite(torch.tensor(result["train_loss"]))
     weights = load_file(output / "checkpoints" / "step-00000003" / "model.safetensors")
     assert all(w.dtype == torch.float32 and torch.equal(w, w.to(torch.bfloat16).float()) for w in weights.values())
+
+
+def test_a_step_with_gradients_not_finite_is_skipped_and_the_run_goes_on(run_args, env, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact clipping (the default --max-grad-norm 1.0) finds step 2's gradient norm not finite: the engine rolls the
+    step back, the run says so once and finishes (in process, so the norm can be made infinite)."""
+    from cli_support import run_in_process
+
+    from finetune.offload.clipping import Clipping
+
+    norms = Clipping.global_norm
+    calls = []
+
+    def global_norm(self, blocks):
+        calls.append(None)
+        return torch.tensor(float("inf")) if len(calls) == 2 else norms(self, blocks)
+
+    monkeypatch.setattr(Clipping, "global_norm", global_norm)
+    output = tmp_path / "run"
+    result = run_in_process(env, *run_args(output))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("skipped: its gradient norm is not finite") + \
+        result.stderr.count("skipped: its gradient norm is not finite") == 1
+    assert "skipped steps" in result.stdout  # the summary's row
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["grad_norm"] for r in records if "loss" in r][1] == float("inf")
