@@ -16,7 +16,9 @@ Threads (what each owns; the notes named here are in those modules):
 - "nvme-io" (or kvikio's): swap-file reads and writes, each published under the store's lock when done (store.py);
 - "frozen-read": frozen chunks read from the model's safetensors (frozen.py);
 - "activation-spill" (CUDA, activations="offload"): writes of offloaded activations, each after its copy's event
-  (activations.py; on CPU they go straight to the NVMe threads).
+  (activations.py; on CPU they go straight to the NVMe threads);
+- "micro-batch-j" (the vertical schedule's forward, one per micro-batch): each runs its micro-batch's forward, one
+  at a time, taking turns with the compute thread waiting: Note [Micro-batch turns] (vertical.py).
 """
 
 from __future__ import annotations
