@@ -1,7 +1,7 @@
 """The CUDA path, on a machine with a GPU (skipped elsewhere; benchmarks/gpu_check.sh runs these there): pinned host
 buffers, the copy stream and its events, kvikio where it is installed, the engine computing on the GPU with every
-chunk through NVMe (fp32 against plain PyTorch on the same GPU, bf16 against fp32), and a checkpoint in swap
-resumed on the GPU.
+chunk through NVMe (fp32 against plain PyTorch on the same GPU, bf16 against fp32; the vertical schedule and
+speculative clipping too), and a checkpoint in swap resumed on the GPU.
 
 References: plain PyTorch on the same device with the same kernels (TF32 off), so fp32 results agree to float
 rounding (the engine's reductions run in the same order; only cuBLAS's choice of algorithm per shape could
@@ -83,16 +83,22 @@ def _batches(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
     return [random_batch(128, batch=4, seq=32, generator=generator) for _ in range(count)]
 
 
-def _plain_cuda(path, batches) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _plain_cuda(path, batches, accumulation: int = 1, max_grad_norm: float | None = None
+                ) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = AutoModelForCausalLM.from_pretrained(path).to(CUDA)
     adamw = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     losses = []
     for batch in batches:
-        loss = model(**{k: v.to(CUDA) for k, v in batch.items()}).loss
-        loss.backward()
+        micro = []
+        for values in zip(*(v.chunk(accumulation) for v in batch.values())):
+            loss = model(**{k: v.to(CUDA) for k, v in zip(batch, values)}).loss
+            (loss / accumulation).backward()
+            micro.append(loss.detach())
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         adamw.step()
         adamw.zero_grad()
-        losses.append(loss.item())
+        losses.append(torch.stack(micro).mean().item())
     return losses, {name: p.detach().cpu() for name, p in model.named_parameters()}
 
 
@@ -112,6 +118,23 @@ def test_engine_on_cuda_through_nvme_equals_plain_pytorch_on_cuda(arch, tmp_path
     with _engine(path, tmp_path / "swap", torch.float32) as engine:
         losses = [engine.train_step(b) for b in batches]
         assert engine.stats()["bytes_written"] > 0  # everything went through NVMe
+        engine.export(tmp_path / "out")
+    trained = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out").named_parameters())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5, atol=1e-6)
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_vertical_schedule_and_speculative_clipping_on_cuda_equal_plain_pytorch_on_cuda(tmp_path):
+    """Accumulation 2 with the vertical schedule (micro-batch threads in forward, backward driven per layer on the
+    CUDA autograd threads) and exact clipping whose steps are all clipped (rolled back and run again)."""
+    path = save_tiny_model("llama", tmp_path / "model", seed=2)
+    batches = _batches(int(torch.randint(0, 2**31, ())), 3)
+    expected_losses, expected = _plain_cuda(path, batches, accumulation=2, max_grad_norm=1e-2)
+    with _engine(path, tmp_path / "swap", torch.float32, accumulation_steps=2, max_grad_norm=1e-2) as engine:
+        assert engine.vertical
+        losses = [engine.train_step(b) for b in batches]
+        assert engine.stats()["redone_steps"] == len(batches)
         engine.export(tmp_path / "out")
     trained = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out").named_parameters())
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected_losses), rtol=1e-5, atol=1e-6)
