@@ -111,8 +111,9 @@ class Engine:
             each layer's saved tensors written to the swap directory (on CUDA through pinned host memory) as forward
             makes them and read back ahead of its backward, within `activation_memory` (needs `budget.nvme`).
             "auto": "offload" where moving the bytes costs less than recomputing, at `machine`'s rates, else
-            "recompute". MeZO has no backward: "offload" and "auto" run it as "recompute". `engine.activations`
-            says which mode runs ("auto" resolved).
+            "recompute"; with accumulation, "recompute" wherever the vertical schedule then applies. MeZO has no
+            backward: "offload" and "auto" run it as "recompute". `engine.activations` says which mode runs ("auto"
+            resolved).
         checkpoint_activations: the older spelling: True is activations="recompute", False "keep".
         activation_memory: host memory (bytes, or a size such as "256MB") that offloaded activations may hold at
             once: copies waiting for their writes and tensors read back ahead. A layer's backward takes its own
@@ -211,6 +212,11 @@ class Engine:
         try:
             if zeroth_order and self.activations in (ActivationMode.OFFLOAD, ActivationMode.AUTO):
                 self.activations = ActivationMode.RECOMPUTE  # no backward, nothing to offload for
+            elif self.activations is ActivationMode.AUTO and accumulation_steps > 1 and vertical is not False and \
+                    vertical_blocker(model, self.plan, ActivationMode.RECOMPUTE) is None:
+                # The vertical schedule (recompute only) reads every block once a step instead of once per
+                # micro-batch: that saves more than offloading's avoided recompute wherever the state streams.
+                self.activations = ActivationMode.RECOMPUTE
             else:  # before the parameters are bound to the chunks: "auto" reads their shapes
                 self.activations = resolve(self.activations, model, machine, self.compute_dtype,
                                            self.swap_directory, self.device)

@@ -110,10 +110,11 @@ def test_offload_pays_when_the_disk_keeps_up(disk, expected, tmp_path):
 def test_auto_follows_the_rates(tmp_path):
     path = save_tiny_model("llama", tmp_path / "model")
     fast = dataclasses.replace(MACHINE, disk_read=1e12, disk_write=1e12)
-    with _engine(path, tmp_path, activations="auto", machine=fast) as engine:
+    # One micro-batch: with accumulation "auto" takes the vertical schedule first (test_vertical.py)
+    with _engine(path, tmp_path, activations="auto", machine=fast, accumulation_steps=1) as engine:
         assert engine.activations is ActivationMode.OFFLOAD
     slow = dataclasses.replace(MACHINE, disk_read=1e3, disk_write=1e3)
-    with _engine(path, tmp_path, activations="auto", machine=slow) as engine:
+    with _engine(path, tmp_path, activations="auto", machine=slow, accumulation_steps=1) as engine:
         assert engine.activations is ActivationMode.RECOMPUTE
 
 

@@ -137,3 +137,15 @@ def test_a_failing_micro_batch_raises_on_the_caller_thread(tmp_path):
     batch["input_ids"][3, 0] = 10**6  # the second micro-batch's token is outside the vocabulary
     with pytest.raises(IndexError):
         engine.train_step(batch)
+
+
+def test_auto_activations_take_the_vertical_schedule_under_accumulation(tmp_path):
+    """"auto" with accumulation recomputes where that allows the vertical schedule (one read of every block a step),
+    whatever offloading would have saved; a tied model, which cannot take it, is decided as before."""
+    untied = save_tiny_model("llama", tmp_path / "untied")
+    engine = _engine(untied, tmp_path / "a", accumulation_steps=2, activations="auto")
+    assert engine.vertical and engine.activations.value == "recompute"
+    engine.close()
+    engine = _engine(untied, tmp_path / "b", accumulation_steps=2, activations="auto", vertical=False)
+    assert not engine.vertical
+    engine.close()
