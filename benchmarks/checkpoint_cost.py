@@ -31,22 +31,12 @@ from common import fmt_bytes  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="memory_bound --quick's shapes and budget")
-    parser.add_argument("--steps", type=int, default=3, help="measured steps of each engine (after one warm-up)")
-    parser.add_argument("--workdir", default="/tmp", help="model, swap files and checkpoints (a real disk)")
-    parser.add_argument("--name", default=None, help="results file benchmarks/results/<name>.json")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    memory_bound.take_shapes(args)
-    return args
+    return memory_bound.saved_model_args(__doc__, argv, steps=3,
+                                         workdir_help="model, swap files and checkpoints (a real disk)")
 
 
 def main_parent(args: argparse.Namespace) -> None:
-    result = memory_bound.run_on_saved_model(args, __file__, "checkpoint_cost-")
-    report(result)
-    common.write_results(args.name or ("checkpoint_cost_quick" if args.quick else "checkpoint_cost"),
-                         {"benchmark": "checkpoint_cost", "quick": args.quick, **result})
+    memory_bound.measure_on_saved_model(args, __file__, "checkpoint_cost", report)
 
 
 def report(result: dict[str, Any]) -> None:

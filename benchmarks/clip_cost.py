@@ -30,22 +30,11 @@ ENGINES = {"(a) no clipping": None, "(b) exact, never clipped": 1e9, "(c) exact,
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="memory_bound --quick's shapes and budget")
-    parser.add_argument("--steps", type=int, default=5, help="measured steps of each engine (after one warm-up)")
-    parser.add_argument("--workdir", default="/tmp", help="model and swap files (a real disk)")
-    parser.add_argument("--name", default=None, help="results file benchmarks/results/<name>.json")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    memory_bound.take_shapes(args)
-    return args
+    return memory_bound.saved_model_args(__doc__, argv, steps=5, workdir_help="model and swap files (a real disk)")
 
 
 def main_parent(args: argparse.Namespace) -> None:
-    result = memory_bound.run_on_saved_model(args, __file__, "clip_cost-")
-    report(result)
-    common.write_results(args.name or ("clip_cost_quick" if args.quick else "clip_cost"),
-                         {"benchmark": "clip_cost", "quick": args.quick, **result})
+    memory_bound.measure_on_saved_model(args, __file__, "clip_cost", report)
 
 
 def report(result: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,28 @@ def main_child(spec: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------- for benchmarks on memory_bound's model
+
+
+def saved_model_args(doc: str | None, argv: list[str] | None, *, steps: int, workdir_help: str) -> argparse.Namespace:
+    """The command line of a benchmark on memory_bound's model (`measure_on_saved_model`), its shapes taken."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="memory_bound --quick's shapes and budget")
+    parser.add_argument("--steps", type=int, default=steps, help="measured steps of each engine (after one warm-up)")
+    parser.add_argument("--workdir", default="/tmp", help=workdir_help)
+    parser.add_argument("--name", default=None, help="results file benchmarks/results/<name>.json")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    take_shapes(args)
+    return args
+
+
+def measure_on_saved_model(args: argparse.Namespace, script: str, name: str,
+                           report: Callable[[dict[str, Any]], None]) -> None:
+    """The parent of such a benchmark: `run_on_saved_model`, then `report` and the results file `name`(_quick)."""
+    result = run_on_saved_model(args, script, f"{name}-")
+    report(result)
+    common.write_results(args.name or (f"{name}_quick" if args.quick else name),
+                         {"benchmark": name, "quick": args.quick, **result})
 
 
 def take_shapes(args: argparse.Namespace) -> None:
