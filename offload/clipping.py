@@ -49,12 +49,6 @@ class Clipping:
         if self.max_grad_norm is not None:
             state.norms = [torch.linalg.vector_norm(p.grad, 2) for p in state.params]
 
-    def global_coefficient(self, blocks: list[BlockState]) -> torch.Tensor | None:
-        """clip_grad_norm_'s coefficient over every block; None without clipping. After the whole backward."""
-        if self.max_grad_norm is None:
-            return None
-        return self.coefficient(self.global_norm(blocks))
-
     def global_norm(self, blocks: list[BlockState]) -> torch.Tensor:
         """The whole model's gradient norm, as clip_grad_norm_ returns it. After the whole backward."""
         # model.parameters() order, as torch stacks them

@@ -104,12 +104,12 @@ class UpdateWorker:
         own failures (often the same full disk), so the step's error is the one raised, not one from `close`."""
         pending, self._pending = self._pending, []
         futures.wait(pending)
+        self.commit()  # its speculative updates stay as they ran (the run resumes from a checkpoint): no pin is left
+        # for the next step's rollback to restore
 
     def close(self) -> None:
         self.wait()
         self._pool.shutdown(wait=True)
-        if self._kept:  # a step that raised between its updates and its validation: its pins go with the files
-            self.commit()
 
     # ------------------------------------------------------ Note [Speculative updates], compute thread, after wait
 
@@ -120,15 +120,13 @@ class UpdateWorker:
         for index in kept:
             self.blocks[index].norms = None
 
-    def roll_back(self) -> list[int]:
-        """Undo every speculative update: each chunk it wrote gets its kept bytes back, bit for bit. Returns the
-        blocks rolled back."""
+    def roll_back(self) -> None:
+        """Undo every speculative update: each chunk it wrote gets its kept bytes back, bit for bit."""
         kept, self._kept = self._kept, {}
         for index, chunks in kept.items():
             for chunk, ref in chunks:
                 self.store.restore_version(chunk, ref)
             self.blocks[index].norms = None
-        return list(kept)
 
     def discard_grads(self) -> None:
         """A skipped step: every trainable block's gradient is dropped unused (the next step starts from zeros)."""
