@@ -13,7 +13,8 @@ autograd saves for backward to an `ActivationStore`:
   once (host memory is the same RAM: only the disk frees it); on CUDA the pinned copy stays in host memory and is
   written only when the store's bytes pass its limit, oldest first.
 
-The store's memory (host copies waiting for their writes, and tensors read back) is kept within `limit_bytes`:
+The store's memory (host copies waiting for their writes, tensors read back, and on CPU the freed buffers it
+keeps for the next tensor of their size) is kept within `limit_bytes`:
 a save waits for earlier writes to finish when there is no room. Backward visits layers in reverse, so when a
 layer's backward starts its own tensors and those of the layer before it are read back, as far as the limit has
 room, and the reads overlap this layer's backward; what is not read ahead is read when autograd asks for it
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 
 from ..optim.layout import round_up
+from .buffer_pool import BufferPool
 from .host_memory import aligned_empty
 from .recompute import LayerRunner, backward_through, detached_inputs, input_grads, remember_call
 from .swap import SwapBackend, SwapFileIO, write_failed
@@ -133,6 +135,9 @@ class ActivationStore:
         self._writing = 0  # writes in flight
         self._error: BaseException | None = None  # a failed write, raised at the next pack or unpack
         self._lock = threading.Condition()
+        # CPU: freed buffers are reused (a fresh one page-faults its way in: 0.5 s a step on stream_overhead's
+        # model); CUDA's pinned buffers are left to torch's pinned allocator, which knows when copies are done.
+        self._kept = None if self.cuda else BufferPool(())
         self._stream = torch.cuda.Stream(device) if self.cuda else None
         self._spiller = ThreadPoolExecutor(1, thread_name_prefix="activation-spill") if self.cuda else None
 
@@ -178,8 +183,8 @@ class ActivationStore:
         stride = torch.empty_like(tensor, device="meta").stride()  # dense layouts keep theirs (exactness)
         entry = Saved(tensor.shape, stride, tensor.dtype, tensor.numel() * tensor.element_size())
         self._make_room(round_up(entry.nbytes))
-        entry.host = self._host_buffer(entry.nbytes)
         with self._lock:
+            entry.host = self._host_buffer(entry.nbytes)
             self._count(len(entry.host))
         self._copy_out(entry, tensor)
         group.entries.append(entry)
@@ -194,7 +199,16 @@ class ActivationStore:
                 or tensor.untyped_storage().data_ptr() in group.inputs)
 
     def _host_buffer(self, nbytes: int) -> torch.Tensor:
-        return aligned_empty(nbytes, pin_memory=self.cuda)
+        """A buffer for `nbytes` (under the lock): one kept from a freed entry of that size, else a new one, after
+        letting kept buffers go until the new one fits in the limit beside them."""
+        if self._kept is None:
+            return aligned_empty(nbytes, pin_memory=True)
+        size = round_up(nbytes)
+        buffer = self._kept.take(size)
+        if buffer is None:
+            self._kept.trim(max(self.limit - self.held - size, 0), 0)
+            buffer = aligned_empty(size)
+        return buffer
 
     def _copy_out(self, entry: Saved, tensor: torch.Tensor) -> None:
         """`tensor`'s bytes into the entry's host buffer, with the entry's strides."""
@@ -270,7 +284,9 @@ class ActivationStore:
                     self.bytes_unread += len(entry.host)
                 if entry.released or not entry.wanted:  # released: its backward is over, whenever the write ended
                     entry.place = Place.DISK
-                    self._free(entry)
+                    # Never unpacked: no view of the copy exists but the finished write's, which the I/O thread
+                    # drops after this callback (so the reference count cannot show it yet).
+                    self._free(entry, unshared=not entry.wanted)
             self._rewind()
             self._lock.notify_all()
 
@@ -369,11 +385,15 @@ class ActivationStore:
             self._rewind()
             self._lock.notify_all()
 
-    def close(self) -> None:
-        """Wait for the writes in flight, then remove the file."""
+    def wait_for_writes(self) -> None:
+        """Return once no write is in flight (each one's callback has published it)."""
         with self._lock:
             while self._writing:
                 self._lock.wait(timeout=1.0)
+
+    def close(self) -> None:
+        """Wait for the writes in flight, then remove the file."""
+        self.wait_for_writes()
         if self._spiller is not None:
             self._spiller.shutdown(wait=True)
         if self._file is not None:
@@ -393,11 +413,16 @@ class ActivationStore:
         self.held += nbytes
         self.peak = max(self.peak, self.held)
 
-    def _free(self, entry: Saved) -> None:
+    def _free(self, entry: Saved, unshared: bool = False) -> None:
         """Let go of `entry`'s host buffer (under the lock). A tensor autograd unpacked from it keeps the memory
-        until backward drops it; the count follows the store's own references."""
+        until backward drops it; the count follows the store's own references. A buffer nobody else holds
+        (`unshared`, or as its reference count shows) is kept for the next entry of its size (CPU), as long as kept
+        and held buffers fit in the limit together."""
         if entry.host is not None:
             self.held -= len(entry.host)
+            if self._kept is not None and (unshared or _held_only_here(entry.host)):
+                self._kept.give(entry.host, len(entry.host))
+                self._kept.trim(max(self.limit - self.held, 0), 0)
             entry.host = None
 
     def _live(self) -> list[SavedGroup]:
@@ -413,6 +438,12 @@ class ActivationStore:
     def _raise_error(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _held_only_here(buffer: torch.Tensor) -> bool:
+    """No view of `buffer` is alive elsewhere (autograd let go of what it unpacked): its storage's references are
+    `buffer`'s own and the one this check makes. Only such a buffer may be handed to another entry."""
+    return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) == 2
 
 
 def _typed(entry: Saved, buffer: torch.Tensor) -> torch.Tensor:

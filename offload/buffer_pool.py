@@ -6,7 +6,7 @@ buffers still occupy RAM, so the owner (`ChunkStore`) counts them against its bu
 room its tiers leave. A buffer let go of here goes back to the OS (see `host_memory.aligned_empty`). On CPU both
 tiers are one RAM and share one pool, bounded by the two budgets together (a chunk moving between them changes
 only its accounting, so separate pools would keep buffers in the wrong one). CUDA device memory is left to torch's
-caching allocator.
+caching allocator. The activation store (activations.py) keeps its CPU buffers in one too, for the same reason.
 
 Note: [Kept buffers are reused] A buffer given to the pool is handed to the next chunk of its size, so it may be
 given only once nobody holds a view of it: a stale view would read another chunk's bytes.

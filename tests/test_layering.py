@@ -28,6 +28,10 @@ OFFLOAD_HIGH = {
 PRIVATE_ALLOWED = {
     # transformers' GradientCheckpointingLayer takes its checkpoint function in this attribute and offers no setter.
     ("offload/engine.py", "_gradient_checkpointing_func"),
+    # torch has no public reference count of a storage: the activation store needs one to know that autograd let go
+    # of every view of a buffer before it hands the buffer to another tensor.
+    ("offload/activations.py", "_storage_Use_Count"),
+    ("offload/activations.py", "_cdata"),
     # os._exit is the standard library's public exit-without-unwinding (a Ctrl-C while importing: cli/startup.py).
     ("cli/startup.py", "_exit"),
 }

@@ -151,6 +151,53 @@ def test_a_group_dropped_without_backward_is_let_go(tmp_path):
         assert store.held == 0 and store.bytes_written > 0
 
 
+def test_freed_buffers_are_reused_unless_a_view_holds_them(tmp_path, monkeypatch):
+    """A host copy whose write is done, or a read-back buffer autograd let go of, serves the next entry of its size
+    (no fresh memory to page-fault); one a tensor still views is never handed out again."""
+    made = []
+    fresh = activations.aligned_empty
+    monkeypatch.setattr(activations, "aligned_empty", lambda nbytes, **kw: made.append(nbytes) or fresh(nbytes, **kw))
+    with ThreadPoolBackend(tmp_path / "swap") as backend:
+        store = activations.ActivationStore(backend, torch.device("cpu"), limit_bytes=1 << 20)
+        first, second, third = (torch.randn(128, 128) for _ in range(3))
+        group = store.begin([])
+        entry = store.pack(group, first)
+        store.wait_for_writes()  # the copy is on disk: its buffer is kept
+        held = store.unpack(entry)  # read back into that buffer
+        assert len(made) == 1 and torch.equal(held, first)
+        store.release(group)  # `held` still views the buffer: it is not kept
+        group = store.begin([])
+        entry = store.pack(group, second)
+        store.wait_for_writes()
+        assert len(made) == 2, "a buffer a live tensor views was handed out again"
+        assert torch.equal(store.unpack(entry), second)  # the unpacked tensor is dropped at once
+        store.release(group)
+        group = store.begin([])
+        entry = store.pack(group, third)
+        store.wait_for_writes()
+        assert len(made) == 2, "a buffer nobody holds was not reused"
+        assert torch.equal(store.unpack(entry), third) and torch.equal(held, first)
+        store.release(group)
+        store.close()
+
+
+def test_steady_state_offload_makes_no_new_buffers(tmp_path, monkeypatch):
+    """After its first step the store's buffers come from those freed before, not from fresh memory."""
+    made = []
+    fresh = activations.aligned_empty
+    monkeypatch.setattr(activations, "aligned_empty", lambda nbytes, **kw: made.append(nbytes) or fresh(nbytes, **kw))
+    path = save_tiny_model("llama", tmp_path / "model", seed=3, num_hidden_layers=3)
+    batches = _batches(vocab_size=128, seed=5, steps=4)
+    with _engine(path, tmp_path, activations="offload", accumulation_steps=1) as engine:
+        engine.train_step(batches[0])
+        first_step = len(made)
+        for batch in batches[1:]:
+            engine.train_step(batch)
+        assert engine.stats()["activation_bytes_written"] > 0
+    # Without reuse every save and every read would make one: 2 x first_step per step at least.
+    assert first_step > 0 and len(made) - first_step < first_step
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh runs it there)")
 def test_cuda_activations_through_pinned_host_and_nvme(tmp_path):
     """On CUDA: saved tensors go device -> pinned host on the copy stream, past the 16 KiB limit to NVMe, and back
