@@ -284,9 +284,7 @@ class ActivationStore:
                     self.bytes_unread += len(entry.host)
                 if entry.released or not entry.wanted:  # released: its backward is over, whenever the write ended
                     entry.place = Place.DISK
-                    # Never unpacked: no view of the copy exists but the finished write's, which the I/O thread
-                    # drops after this callback (so the reference count cannot show it yet).
-                    self._free(entry, unshared=not entry.wanted)
+                    self._free(entry)
             self._rewind()
             self._lock.notify_all()
 
@@ -413,14 +411,14 @@ class ActivationStore:
         self.held += nbytes
         self.peak = max(self.peak, self.held)
 
-    def _free(self, entry: Saved, unshared: bool = False) -> None:
+    def _free(self, entry: Saved) -> None:
         """Let go of `entry`'s host buffer (under the lock). A tensor autograd unpacked from it keeps the memory
-        until backward drops it; the count follows the store's own references. A buffer nobody else holds
-        (`unshared`, or as its reference count shows) is kept for the next entry of its size (CPU), as long as kept
-        and held buffers fit in the limit together."""
+        until backward drops it; the count follows the store's own references. A buffer nobody else holds (as its
+        storage's reference count shows; the I/O threads keep none past a request: nvme.py `_Once`) is kept for
+        the next entry of its size (CPU), as long as kept and held buffers fit in the limit together."""
         if entry.host is not None:
             self.held -= len(entry.host)
-            if self._kept is not None and (unshared or _held_only_here(entry.host)):
+            if self._kept is not None and _held_only_here(entry.host):
                 self._kept.give(entry.host, len(entry.host))
                 self._kept.trim(max(self.limit - self.held, 0), 0)
             entry.host = None

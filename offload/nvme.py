@@ -129,8 +129,21 @@ def _gather(pool: ThreadPoolExecutor, jobs: list[Callable[[], None]]) -> Future[
     for job in jobs:
         # Hand-off: pieces finish in any order on the pool; piece_done counts them under `lock`,
         # so `combined` is set exactly once, by whichever piece returns last.
-        pool.submit(job).add_done_callback(piece_done)
+        pool.submit(_Once(job)).add_done_callback(piece_done)
     return combined
+
+
+class _Once:
+    """A job that lets go of itself (and of the buffer piece it holds) as it returns, before its
+    future resolves: whoever sees the request done finds no reference to the buffer left on an I/O
+    thread (the activation store reuses a buffer only when its storage has no other reference)."""
+
+    def __init__(self, job: Callable[[], None]) -> None:
+        self.job: Callable[[], None] | None = job
+
+    def __call__(self) -> None:
+        job, self.job = self.job, None
+        job()
 
 
 def _direct_refusal(directory: Path) -> str | None:
