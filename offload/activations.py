@@ -38,7 +38,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -47,6 +47,7 @@ import torch
 
 from ..optim.layout import round_up
 from .buffer_pool import BufferPool
+from .helper_threads import helper_pool
 from .host_memory import aligned_empty
 from .recompute import LayerRunner, backward_through, detached_inputs, input_grads, remember_call
 from .swap import SwapBackend, SwapFileIO, write_failed
@@ -139,7 +140,7 @@ class ActivationStore:
         # model); CUDA's pinned buffers are left to torch's pinned allocator, which knows when copies are done.
         self._kept = None if self.cuda else BufferPool(())
         self._stream = torch.cuda.Stream(device) if self.cuda else None
-        self._spiller = ThreadPoolExecutor(1, thread_name_prefix="activation-spill") if self.cuda else None
+        self._spiller = helper_pool(1, "activation-spill") if self.cuda else None
 
     # ----------------------------------------------------------------------------------------------- forward
 

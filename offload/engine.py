@@ -27,7 +27,6 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -63,6 +62,7 @@ from .device import default_compute_dtype, make_transport
 from .first_order import FirstOrderStep, micro_batches, to_device
 from .floors import check_budget, floors, model_floors
 from .head_grad import outer_gradients_into_chunks
+from .helper_threads import helper_pool
 from .meta_device import meta_model
 from .model_export import adapter_tensors, export_model, is_peft, save_adapter
 from .nvme import open_backend
@@ -207,7 +207,7 @@ class Engine:
         self._held: dict[Path, list[str]] = {}  # checkpoint in swap -> the versions it references
         for directory, names in held.items():
             self._hold(directory, names)
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="frozen-read")  # loads of frozen chunks
+        self._reader = helper_pool(1, "frozen-read")  # loads of frozen chunks
         self._updates = None
         try:
             if zeroth_order and self.activations in (ActivationMode.OFFLOAD, ActivationMode.AUTO):
@@ -243,7 +243,8 @@ class Engine:
             clipping = Clipping(max_grad_norm, clip_mode, self._blocks, speculative=self._speculative)
             self._updates = UpdateWorker(self._blocks, self.store, self.optimizer, clipping, timers,
                                          release_spilled_grads=self._grads_consumed,
-                                         queued=queue_depth(self._blocks, self._spare_bytes))
+                                         queued=queue_depth(self._blocks, self._spare_bytes),
+                                         single_threaded=self.device.type == "cpu")
             step = partial(VerticalStep, plan=self.plan) if self.vertical else FirstOrderStep
             self._first = step(self.model, self.residency, self._updates, clipping, timers)
         layer_call, runner = self._layer_call()

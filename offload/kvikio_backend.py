@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from .helper_threads import helper_pool
 from .swap import InflightRequests, SwapDirectory, as_bytes
 
 __all__ = ["KvikioBackend", "KvikioSwapFile"]
@@ -76,7 +77,7 @@ class KvikioBackend(SwapDirectory[KvikioSwapFile]):
 
     def __init__(self, directory: str | Path, *, workers: int = 4, request_bytes: int = 8 << 20,
                  direct: bool = True, keep_files: bool = False) -> None:
-        waiters = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvikio-wait")
+        waiters = helper_pool(workers, "kvikio-wait")
         super().__init__(directory, keep_files, waiters)
         self.direct = direct
         self._task_size = request_bytes

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from ..optim.layout import ALIGNMENT, round_up
+from .helper_threads import helper_pool
 from .host_memory import aligned_empty
 from .kvikio_backend import KvikioBackend
 from .swap import InflightRequests, SwapDirectory, as_bytes
@@ -228,7 +229,7 @@ class ThreadPoolBackend(SwapDirectory[SwapFile]):
                  direct: bool = True, keep_files: bool = False) -> None:
         if request_bytes <= 0 or request_bytes % ALIGNMENT:
             raise ValueError(f"request_bytes must be a positive multiple of {ALIGNMENT}")
-        super().__init__(directory, keep_files, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nvme-io"))
+        super().__init__(directory, keep_files, helper_pool(workers, "nvme-io"))
         refusal = _direct_refusal(self.directory) if direct else None
         if refusal is not None:
             fallback_warning.warn(f"O_DIRECT unavailable in {self.directory} ({refusal}); using buffered I/O")

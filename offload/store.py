@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from .chunk_files import ChunkFiles, VersionRef
 from .chunks import Chunk, Tier
 from .device import Transport
 from .eviction import BudgetExceeded, choose_victim, may_free_later, no_room
+from .helper_threads import helper_pool
 from .prefetch_order import PrefetchOrder, Ticket
 from .swap import SwapBackend, completed, write_failed
 
@@ -71,7 +72,7 @@ class ChunkStore:
         self._clock = 0
         self._order = PrefetchOrder()
         self._write_error: BaseException | None = None  # a failed swap write, raised to the next demand
-        self._stager = stager or ThreadPoolExecutor(1, thread_name_prefix="chunk-stage")
+        self._stager = stager or helper_pool(1, "chunk-stage")
 
     # ----------------------------------------------------------------------------------------- public API
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
@@ -33,11 +33,15 @@ from .block_state import BlockState
 from .chunk_files import VersionRef
 from .chunks import Chunk, Tier
 from .clipping import Clipping
+from .helper_threads import helper_pool
 from .store import ChunkStore
 from .timers import Timers
 
 __all__ = ["QUEUED", "UpdateWorker"]
 
+
+_Update = tuple[int, "torch.Tensor | None", int]
+"""A submitted update's arguments: block index, clipping coefficient, optimizer step (`UpdateWorker._update`)."""
 
 QUEUED = 1
 """Updates that may wait behind the running one at the most (see `UpdateWorker.submit` and `queue_depth`)."""
@@ -59,16 +63,18 @@ class UpdateWorker:
 
     def __init__(
         self, blocks: list[BlockState], store: ChunkStore, optimizer: ChunkOptimizer, clipping: Clipping,
-        timers: Timers, *, release_spilled_grads: bool = False, queued: int = QUEUED,
+        timers: Timers, *, release_spilled_grads: bool = False, queued: int = QUEUED, single_threaded: bool = False,
     ) -> None:
+        """`single_threaded`: the worker's arithmetic runs on one core, leaving the others to the compute thread
+        (where that runs on the CPU: helper_threads.py)."""
         self.blocks, self.store, self.optimizer, self.clipping = blocks, store, optimizer, clipping
         self.timers = timers
         # Gradients consumed inside backward get no swap room (floors.check_budget): one that spilled while it
         # waited for its update gives its file's space back once used.
         self.release_spilled_grads = release_spilled_grads
         self.queued = queued  # at most this many updates wait behind the running one (`queue_depth`)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="optimizer")
-        self._pending: list[Future] = []  # compute thread only
+        self._pool = helper_pool(1, "optimizer", single_threaded=single_threaded)
+        self._pending: list[tuple[Future, _Update]] = []  # compute thread only: each update's future and arguments
         # Note [Speculative updates]: block index -> (chunk, its kept version) of each chunk its update wrote.
         self._kept: dict[int, list[tuple[Chunk, VersionRef]]] = {}
 
@@ -82,28 +88,48 @@ class UpdateWorker:
         holds no chunk the worker needs (the block it just released, nothing else). The block's chunks are marked
         as expected (`ChunkStore.expect`) so that nothing evicts them before the worker acquires them."""
         start = time.perf_counter()
-        while sum(not future.done() for future in self._pending) > self.queued:
-            futures.wait([f for f in self._pending if not f.done()], return_when=futures.FIRST_COMPLETED)
+        while sum(not future.done() for future, _ in self._pending) > self.queued:
+            futures.wait([f for f, _ in self._pending if not f.done()], return_when=futures.FIRST_COMPLETED)
         self.timers.add("wait for updates", time.perf_counter() - start)
         state = self.blocks[index]
         for chunk in (state.weights, state.master, state.grads):
             if chunk is not None:
                 self.store.expect(chunk)
-        self._pending.append(self._pool.submit(self._update, index, coefficient, step))
+        update = (index, coefficient, step)
+        self._pending.append((self._pool.submit(self._update, *update), update))
 
     def wait(self) -> None:
-        """Block until every submitted update is done; re-raises the first failure. Hands the chunks back."""
+        """Block until every submitted update is done; re-raises the first failure. Hands the chunks back.
+
+        The updates the worker has not begun run here, on the compute thread, once the worker's running one ends:
+        nothing is left for them to overlap with, and on the CPU the compute thread's OpenMP team has every core
+        where the worker has one (helper_threads.py): the tied embedding's update at the end of stream_overhead's
+        step took 0.15 s there. One update still runs at a time, as the budget's floors count."""
         start = time.perf_counter()
         pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
+        taken: list[_Update] = []
+        # The worker begins updates in submission order, so those it has not begun are the newest: cancelled newest
+        # first, each `cancel` either takes an update from the worker for good or finds it begun (and every older).
+        for future, update in reversed(pending):
+            if not future.cancel():
+                break
+            taken.append(update)
+        errors = [future.exception() for future, _ in pending[: len(pending) - len(taken)]]  # waits for each
+        for update in reversed(taken):
+            try:
+                self._update(*update)
+            except Exception as error:  # the first failure is raised below, once all have ended
+                errors.append(error)
         self.timers.add("wait for updates", time.perf_counter() - start)
+        first = next((error for error in errors if error is not None), None)
+        if first is not None:
+            raise first
 
     def abandon(self) -> None:
         """A step failed (a full disk while backward evicted a chunk): let its submitted updates end, dropping their
         own failures (often the same full disk), so the step's error is the one raised, not one from `close`."""
         pending, self._pending = self._pending, []
-        futures.wait(pending)
+        futures.wait([future for future, _ in pending])
         self.commit()  # its speculative updates stay as they ran (the run resumes from a checkpoint): no pin is left
         # for the next step's rollback to restore
 

@@ -6,6 +6,9 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
+import torch
+
 from finetune.offload.timers import NO_TIMERS
 from finetune.offload.updates import QUEUED, UpdateWorker, queue_depth
 
@@ -42,3 +45,50 @@ def test_an_update_waits_only_where_the_budgets_hold_its_chunks():
               SimpleNamespace(weights=chunk(nbytes=10**6), master=None, grads=None)]
     assert queue_depth(blocks, 1500) == QUEUED == 1
     assert queue_depth(blocks, 1499) == 0
+
+
+def test_updates_the_worker_has_not_begun_run_on_the_waiting_thread_in_order():
+    """wait: the compute thread takes the queued updates (its OpenMP team has every core, the worker one) and runs
+    them after the worker's running one, in submission order, one at a time."""
+    ran: list[tuple[int, str, int]] = []
+    no_chunks = SimpleNamespace(weights=None, master=None, grads=None)
+    worker = UpdateWorker([no_chunks] * 2, None, None, None, NO_TIMERS, single_threaded=True)  # type: ignore[arg-type]
+    submitted = threading.Event()
+    worker_futures: list = []
+
+    def update(index, coefficient, step):
+        if index == 0:  # the worker's running update: it ends only once wait has taken the queued one
+            submitted.wait(30)
+            deadline = time.monotonic() + 30
+            while not worker_futures[1].cancelled() and time.monotonic() < deadline:
+                time.sleep(0.001)
+        ran.append((index, threading.current_thread().name, torch.get_num_threads()))
+
+    worker._update = update  # type: ignore[method-assign]
+    worker.submit(0, step=1)
+    worker.submit(1, step=1)
+    worker_futures.extend(future for future, _ in worker._pending)
+    submitted.set()
+    worker.wait()
+    worker.close()
+    assert [(index, name.startswith("optimizer")) for index, name, _ in ran] == [(0, True), (1, False)]
+    assert [threads for _, _, threads in ran] == [1, torch.get_num_threads()]
+
+
+def test_a_failed_update_is_raised_by_wait_after_the_others_ran():
+    ran: list[int] = []
+    no_chunks = SimpleNamespace(weights=None, master=None, grads=None)
+    worker = UpdateWorker([no_chunks] * 3, None, None, None, NO_TIMERS)  # type: ignore[arg-type]
+
+    def update(index, coefficient, step):
+        ran.append(index)
+        if index == 0:
+            raise OSError("disk full")
+
+    worker._update = update  # type: ignore[method-assign]
+    for index in range(3):
+        worker.submit(index, step=1)
+    with pytest.raises(OSError, match="disk full"):
+        worker.wait()
+    worker.close()
+    assert sorted(ran) == [0, 1, 2]

@@ -11,7 +11,7 @@ from finetune.optim.layout import ChunkLayout
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 def test_flat_chunk_update_equals_torch_adamw(weight_decay):
-    # "d" makes the block longer than one update slice (2**20 elements), with an odd tail.
+    # "d" makes the block span several update slices (2**18 elements each), with an odd tail.
     shapes = {
         "a": torch.Size([7, 5]), "b": torch.Size([300]), "c": torch.Size([2, 3, 4]), "d": torch.Size([1031, 1033])
     }
