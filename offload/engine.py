@@ -549,6 +549,8 @@ class Engine:
         """Wait for pending work and remove the swap files (unless keep_swap)."""
         if self._updates is not None:
             self._updates.close()
+        if self._first is not None:
+            self._first.close()
         self.store.close()
         self._reader.shutdown(wait=True)
         if self._saved is not None:

@@ -85,6 +85,10 @@ class FirstOrderStep:
         self.residency.prefetch(range(self.residency.prefetch_depth))  # the next step's first blocks
         return float(torch.stack([loss.detach() for loss in losses]).mean())  # host sync: the loss value
 
+    def close(self) -> None:
+        """Remove what this step hooked into the model's parameters (OuterHolds.close)."""
+        self._outer.close()
+
     def run_passes(self, micro_batches: list[Batch]) -> list[torch.Tensor]:
         """Forward and backward of each micro-batch, one after another (the updates they start run on); the losses."""
         losses = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 from types import SimpleNamespace
 
 import pytest
@@ -47,35 +48,37 @@ def test_an_update_waits_only_where_the_budgets_hold_its_chunks():
     assert queue_depth(blocks, 1499) == 0
 
 
-def test_updates_the_worker_has_not_begun_run_on_the_waiting_thread_in_order():
+def test_updates_the_worker_has_not_begun_run_on_the_waiting_thread_in_order(monkeypatch):
     """wait: the compute thread takes the queued updates (its OpenMP team has every core, the worker one) and runs
     them after the worker's running one, in submission order, one at a time."""
     ran: list[tuple[int, str, int]] = []
     no_chunks = SimpleNamespace(weights=None, master=None, grads=None)
     worker = UpdateWorker([no_chunks] * 2, None, None, None, NO_TIMERS, single_threaded=True)  # type: ignore[arg-type]
-    submitted = threading.Event()
-    worker_futures: list = []
+    taken = threading.Event()
+    cancel = Future.cancel
+
+    def cancel_and_tell(future: Future) -> bool:
+        if cancel(future):
+            taken.set()
+            return True
+        return False
 
     def update(index, coefficient, step):
         if index == 0:  # the worker's running update: it ends only once wait has taken the queued one
-            submitted.wait(30)
-            deadline = time.monotonic() + 30
-            while not worker_futures[1].cancelled() and time.monotonic() < deadline:
-                time.sleep(0.001)
+            taken.wait(30)
         ran.append((index, threading.current_thread().name, torch.get_num_threads()))
 
-    worker._update = update  # type: ignore[method-assign]
+    monkeypatch.setattr(Future, "cancel", cancel_and_tell)
+    monkeypatch.setattr(worker, "_update", update)
     worker.submit(0, step=1)
     worker.submit(1, step=1)
-    worker_futures.extend(future for future, _ in worker._pending)
-    submitted.set()
     worker.wait()
     worker.close()
     assert [(index, name.startswith("optimizer")) for index, name, _ in ran] == [(0, True), (1, False)]
     assert [threads for _, _, threads in ran] == [1, torch.get_num_threads()]
 
 
-def test_a_failed_update_is_raised_by_wait_after_the_others_ran():
+def test_a_failed_update_is_raised_by_wait_after_the_others_ran(monkeypatch):
     ran: list[int] = []
     no_chunks = SimpleNamespace(weights=None, master=None, grads=None)
     worker = UpdateWorker([no_chunks] * 3, None, None, None, NO_TIMERS)  # type: ignore[arg-type]
@@ -85,7 +88,7 @@ def test_a_failed_update_is_raised_by_wait_after_the_others_ran():
         if index == 0:
             raise OSError("disk full")
 
-    worker._update = update  # type: ignore[method-assign]
+    monkeypatch.setattr(worker, "_update", update)
     for index in range(3):
         worker.submit(index, step=1)
     with pytest.raises(OSError, match="disk full"):
