@@ -208,7 +208,7 @@ class Engine:
         for directory, names in held.items():
             self._hold(directory, names)
         self._reader = helper_pool(1, "frozen-read")  # loads of frozen chunks
-        self._updates = None
+        self._updates = self._first = None  # what close ends, should the build fail before making them
         try:
             if zeroth_order and self.activations in (ActivationMode.OFFLOAD, ActivationMode.AUTO):
                 self.activations = ActivationMode.RECOMPUTE  # no backward, nothing to offload for
